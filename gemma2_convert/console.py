@@ -1,0 +1,56 @@
+"""Terminal output: rich tables, progress bars that stay quiet when not on a terminal."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*(str(x) for x in r))
+    return t
+
+
+class ByteProgress:
+    """Per-tensor progress in bytes; ``advance(name, nbytes)`` is the writers' ``on_tensor`` callback."""
+
+    def __init__(self, progress: Progress | None, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=nbytes, description=name[-48:])
+
+
+@contextmanager
+def byte_progress(total: int, label: str, quiet: bool = False) -> Iterator[ByteProgress]:
+    """A bytes/s + ETA bar on stderr; silent under ``quiet`` or when stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield ByteProgress(None, None)
+        return
+    cols = (TextColumn(f"{label} [dim]{{task.description}}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=err, transient=True) as p:
+        yield ByteProgress(p, p.add_task("", total=total))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

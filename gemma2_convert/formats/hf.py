@@ -1,0 +1,160 @@
+"""Hugging Face model directories: config.json + (sharded) safetensors + tokenizer files.
+
+Read lazily (mmap); written shard by shard from a stream of lazy tensors (spec §4.1–4.4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gemma2_convert import __version__
+from gemma2_convert.errors import FormatError, TensorMismatchError
+from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
+from gemma2_convert.lazy import LazyTensor
+from reference.config import Gemma2Config
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+
+
+def shard_files(d: Path) -> list[str]:
+    """Files holding the weights: the index's shards (checked to exist) or model.safetensors."""
+    if not (d / INDEX).is_file():
+        return [SINGLE]
+    try:
+        index = json.loads((d / INDEX).read_text(encoding="utf-8"))
+        files = sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"malformed index ({type(e).__name__}: {e})", d / INDEX) from None
+    bad = [f for f in files if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith(".")]
+    if bad:
+        raise FormatError(f"index names shard files outside the directory: {bad}", d / INDEX)
+    missing = [f for f in files if not (d / f).is_file()]
+    if missing:
+        raise FormatError(f"index points at missing shard(s): {', '.join(missing)}", d / INDEX)
+    return files
+
+
+def read_tensors(d: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """All tensors of the directory's shards, and the first shard's __metadata__."""
+    tensors: dict[str, LazyTensor] = {}
+    meta: dict[str, str] = {}
+    for fname in shard_files(d):
+        f = SafetensorsFile(d / fname)
+        meta = meta or f.metadata
+        dup = tensors.keys() & set(f.names())
+        if dup:
+            raise TensorMismatchError(f"tensor(s) stored twice across shards: {sorted(dup)}", d)
+        tensors.update(f.tensors())
+    return tensors, meta
+
+
+def drop_tied_head(tensors: dict[str, LazyTensor], config: Gemma2Config) -> None:
+    """A stray lm_head.weight in a tied model is ignored, as transformers and llama.cpp do."""
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+
+
+@register_reader("hf", "a Hugging Face directory with config.json and *.safetensors", _is_hf_dir)
+def open_hf_dir(path: Path, **_: object) -> Checkpoint:
+    config = Gemma2Config.from_json_file(path / "config.json")
+    raw_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    tensors, meta = read_tensors(path)
+    if "quantization_config" in raw_cfg:
+        from gemma2_convert.formats.hf_quantized import dequantizing_tensors
+
+        tensors = dequantizing_tensors(tensors, raw_cfg["quantization_config"], path)
+    drop_tied_head(tensors, config)
+    tok = path / "tokenizer.model"
+    return Checkpoint("hf", path, config, tensors, tok if tok.is_file() else None, meta)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def parse_size(s: str | int) -> int:
+    """'5GB', '500MB', '2GiB', or a byte count → bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", s, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {s!r}; use e.g. 5GB, 500MB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def plan_shards(items: list[tuple[str, LazyTensor]], max_bytes: int) -> list[list[tuple[str, LazyTensor]]]:
+    """Split in order into shards of at most max_bytes (a bigger single tensor gets its own shard)."""
+    shards: list[list[tuple[str, LazyTensor]]] = [[]]
+    size = 0
+    for name, t in items:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += t.nbytes
+    return shards
+
+
+def config_for_output(config: Gemma2Config, items: list[tuple[str, LazyTensor]]) -> Gemma2Config:
+    """The config with torch_dtype set to the dtype actually written (most tensors' dtype)."""
+    dtypes = [t.dtype for _, t in items if t.dtype in TORCH_DTYPE_NAMES]
+    if not dtypes:
+        return config
+    main = max(set(dtypes), key=dtypes.count)
+    return config.replace(torch_dtype=TORCH_DTYPE_NAMES[main])
+
+
+def generation_config(config: Gemma2Config) -> dict:
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else list(config.eos_token_id)
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id,
+            "cache_implementation": "hybrid", "transformers_version": "4.45.0"}
+
+
+def write_hf_dir(
+    out: Path, config: Gemma2Config, items: list[tuple[str, LazyTensor]], *,
+    max_shard_size: int | str = "5GB", tokenizer: Path | None = None, provenance: dict | None = None,
+    extra_config: dict | None = None, on_tensor: Callable[[str, int], None] | None = None,
+) -> list[Path]:
+    """Write an HF model directory into ``out`` (an existing empty directory); return the files."""
+    for name, t in items:
+        if t.dtype not in DTYPE_NAMES:
+            raise FormatError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+    shards = plan_shards(items, parse_size(max_shard_size))
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    written = []
+    for fname, shard in zip(names, shards):
+        write_safetensors(out / fname, shard, {"format": "pt"}, on_tensor)
+        written.append(out / fname)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for _, t in items)},
+                 "weight_map": {name: f for f, shard in zip(names, shards) for name, _ in shard}}
+        written.append(_write_json(out / INDEX, index))
+    cfg = config_for_output(config, items).to_hf_dict()
+    cfg.update(extra_config or {})
+    cfg["transformers_version"] = cfg.get("transformers_version", "4.45.0")
+    written.append(_write_json(out / "config.json", cfg))
+    written.append(_write_json(out / "generation_config.json", generation_config(config)))
+    if tokenizer is not None:
+        from gemma2_convert.tokenizer import write_hf_tokenizer
+
+        written += write_hf_tokenizer(tokenizer, out)
+    written.append(_write_json(out / "gemma2_convert.json", {"converter": f"gemma2-convert {__version__}",
+                                                              **(provenance or {})}))
+    return written
+
+
+def _write_json(path: Path, obj: object) -> Path:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

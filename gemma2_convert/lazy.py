@@ -1,0 +1,71 @@
+"""Lazy tensors: shape and dtype known up front, bytes read only when ``load()`` is called.
+
+A leaf module (torch only). Readers yield ``(name, LazyTensor)``; transforms compose with
+``map``; writers call ``load()`` one tensor at a time, so nothing holds the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+def dtype_nbytes(dtype: torch.dtype) -> int:
+    """Bytes per element of a torch dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor that is not read yet.
+
+    ``thunk()`` must return a tensor of exactly ``shape`` and ``dtype``; ``load`` checks it.
+    For quantized data ``dtype`` is the storage dtype of the returned object.
+    """
+
+    shape: Shape
+    dtype: torch.dtype
+    thunk: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_nbytes(self.dtype)
+
+    def load(self) -> torch.Tensor:
+        t = self.thunk()
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise AssertionError(
+                f"lazy tensor produced {t.dtype}{list(t.shape)}, promised {self.dtype}{list(self.shape)}"
+            )
+        return t
+
+    def map(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Shape | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LazyTensor:
+        """A new lazy tensor ``fn(self.load())`` with the given (default: unchanged) shape/dtype."""
+        return LazyTensor(
+            self.shape if shape is None else tuple(shape),
+            self.dtype if dtype is None else dtype,
+            lambda: fn(self.load()),
+        )
+
+    def to(self, dtype: torch.dtype) -> LazyTensor:
+        """Cast lazily; a no-op when the dtype already matches."""
+        if dtype == self.dtype:
+            return self
+        return self.map(lambda t: t.to(dtype), dtype=dtype)
+
+    @staticmethod
+    def of(t: torch.Tensor) -> LazyTensor:
+        """Wrap an in-memory tensor."""
+        return LazyTensor(tuple(t.shape), t.dtype, lambda: t)

@@ -1,0 +1,43 @@
+"""``from_pretrained``: open any supported checkpoint and wrap it for the reference forward pass."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gemma2_convert.lazy import dtype_nbytes
+from reference.weights import WeightStore
+
+if TYPE_CHECKING:
+    from reference.model import Gemma2ForCausalLM
+
+RESIDENT_FRACTION = 0.5  # keep weights in RAM when their compute-dtype size is below this share of RAM
+
+
+def available_memory() -> int:
+    """Bytes of physical memory currently available (MemAvailable), or total RAM as a fallback."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def open_for_reference(
+    cls: type[Gemma2ForCausalLM], path: str, dtype: torch.dtype, resident: bool | None, **options: Any,
+) -> Gemma2ForCausalLM:
+    from gemma2_convert.formats import open_checkpoint
+
+    ckpt = open_checkpoint(path, **options)
+    if resident is None:
+        size = sum(t.numel for t in ckpt.tensors.values()) * dtype_nbytes(dtype)
+        resident = size < RESIDENT_FRACTION * available_memory()
+    store = WeightStore(ckpt.tensors, ckpt.config, dtype, resident, source=str(ckpt.path))
+    model = cls(ckpt.config, store)
+    model.checkpoint = ckpt
+    return model

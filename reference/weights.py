@@ -1,0 +1,88 @@
+"""Weight access for the reference model: HF tensor names → tensors in the compute dtype.
+
+Weights arrive as lazy tensors (usually zero-copy views of mmap'd files, or packed quantized
+data whose ``load`` dequantizes). ``resident=True`` keeps each weight after its first cast
+(one copy of the model at most, none when the file dtype already is the compute dtype);
+``resident=False`` re-reads every layer on every forward, so peak memory is one layer —
+this is how a model larger than RAM is verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from gemma2_convert.errors import TensorMismatchError, check_names
+from gemma2_convert.lazy import LazyTensor
+from reference.config import Gemma2Config
+
+LAYER_TENSORS = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight",
+)
+
+
+def expected_shapes(c: Gemma2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF Gemma2ForCausalLM with its shape (spec §4.1)."""
+    H, I = c.hidden_size, c.intermediate_size
+    per_layer = dict(zip(LAYER_TENSORS, [
+        (c.q_dim, H), (c.kv_dim, H), (c.kv_dim, H), (H, c.q_dim),
+        (I, H), (I, H), (H, I), (H,), (H,), (H,), (H,),
+    ]))
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
+    for i in range(c.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, H)
+    return shapes
+
+
+class WeightStore:
+    """Named weights in one compute dtype, checked against the config when built."""
+
+    def __init__(
+        self, tensors: Mapping[str, LazyTensor], config: Gemma2Config, dtype: torch.dtype,
+        resident: bool = True, source: str | None = None,
+    ) -> None:
+        shapes = expected_shapes(config)
+        check_names(shapes, tensors, source)
+        bad = [f"{n}: expected {list(s)}, got {list(tensors[n].shape)}"
+               for n, s in shapes.items() if tuple(tensors[n].shape) != s]
+        if bad:
+            raise TensorMismatchError("shapes inconsistent with the config: " + "; ".join(sorted(bad)), source)
+        self.tensors = dict(tensors)
+        self.dtype = dtype
+        self.resident = resident
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor in the compute dtype."""
+        if name in self._cache:
+            return self._cache[name]
+        t = self.tensors[name].load().to(self.dtype)
+        if self.resident:
+            self._cache[name] = t
+        return t
+
+    def output_head(self) -> str:
+        return "model.embed_tokens.weight" if "lm_head.weight" not in self.tensors else "lm_head.weight"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows for ids [B, T] → [B, T, H], reading only those rows when streaming."""
+        name = "model.embed_tokens.weight"
+        if self.resident or name in self._cache:
+            return torch.nn.functional.embedding(ids, self.get(name))
+        raw = self.tensors[name].load()
+        return torch.nn.functional.embedding(ids, raw).to(self.dtype)
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, rows×cols slice in the compute dtype); the whole tensor at once when resident."""
+        if self.resident or name in self._cache:
+            yield 0, self.get(name)
+            return
+        raw = self.tensors[name].load()
+        for start in range(0, raw.shape[0], rows):
+            yield start, raw[start:start + rows].to(self.dtype)
