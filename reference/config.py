@@ -16,6 +16,12 @@ from typing import Any
 
 from gemma2_convert.errors import ConfigError
 
+HEADS = {
+    "Gemma2ForCausalLM": "causal_lm", "Gemma2Model": "base",
+    "Gemma2ForSequenceClassification": "sequence_classification",
+    "Gemma2ForTokenClassification": "token_classification",
+}
+CLASSIFICATION_HEADS = ("sequence_classification", "token_classification")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -80,6 +86,10 @@ class Gemma2Config:
     """transformers class names; picks the head when loading."""
     torch_dtype: str = "bfloat16"
     """dtype of the stored weights, as written to config.json."""
+    id2label: tuple[str, ...] = ()
+    """Class names of a classification head, index = class id; empty for other heads."""
+    problem_type: str | None = None
+    """Sequence-classification loss: 'regression', 'single_label_classification' or 'multi_label_classification'."""
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     """Other config.json keys (JSON-encoded values), carried through unchanged."""
 
@@ -94,6 +104,11 @@ class Gemma2Config:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}"
             )
+        if not self.architectures or self.architectures[0] not in HEADS:
+            raise ConfigError(f"architectures {list(self.architectures)} is not a Gemma 2 class; expected one of "
+                              f"{sorted(HEADS)}")
+        if self.head in CLASSIFICATION_HEADS and not self.id2label:
+            object.__setattr__(self, "id2label", ("LABEL_0", "LABEL_1"))  # transformers' default of two labels
         bad = set(self.layer_types) - {SLIDING, FULL}
         if bad:
             raise ConfigError(f"unknown layer_types {sorted(bad)}; expected {SLIDING!r} or {FULL!r}")
@@ -118,6 +133,15 @@ class Gemma2Config:
     def kv_dim(self) -> int:
         """K·D: rows of k_proj and v_proj."""
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def head(self) -> str:
+        """What sits on the decoder: 'causal_lm', 'base', 'sequence_classification' or 'token_classification'."""
+        return HEADS[self.architectures[0]]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -161,9 +185,9 @@ class Gemma2Config:
         return _from_hf_dict(d, path)
 
 
-_KNOWN_KEYS = {f.name for f in dataclasses.fields(Gemma2Config)} - {"extra"} | {
-    "rope_parameters", "model_type", "dtype", "hidden_act",
-}
+_FIELD_NAMES = {f.name for f in dataclasses.fields(Gemma2Config)}
+_KNOWN_KEYS = (_FIELD_NAMES - {"extra"}) | {"rope_parameters", "model_type", "dtype", "hidden_act", "label2id",
+                                           "num_labels"}
 
 
 def _from_hf_dict(d: Mapping[str, Any], source: str | Path | None) -> Gemma2Config:
@@ -190,9 +214,9 @@ def _from_hf_dict(d: Mapping[str, Any], source: str | Path | None) -> Gemma2Conf
             kw.pop(k, None)
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = tuple(kw["eos_token_id"])
-    for k in ("torch_dtype",):
-        if kw.get(k) is None:
-            kw.pop(k, None)
+    if kw.get("torch_dtype") is None:
+        kw.pop("torch_dtype", None)
+    kw["id2label"] = _labels(d, source)
     kw["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in _KNOWN_KEYS))
     try:
         return Gemma2Config(**kw)
@@ -200,7 +224,20 @@ def _from_hf_dict(d: Mapping[str, Any], source: str | Path | None) -> Gemma2Conf
         raise ConfigError(f"bad config value: {e}", source) from None
 
 
-_FIELD_NAMES = {f.name for f in dataclasses.fields(Gemma2Config)}
+
+def _labels(d: Mapping[str, Any], source: str | Path | None) -> tuple[str, ...]:
+    """Class names from id2label ({"0": name, ...}) or num_labels; () when neither is given."""
+    id2label = d.get("id2label")
+    if isinstance(id2label, Mapping) and id2label:
+        try:
+            ids = sorted(int(k) for k in id2label)
+        except ValueError:
+            raise ConfigError(f"id2label keys must be integers, got {sorted(id2label)}", source) from None
+        if ids != list(range(len(ids))):
+            raise ConfigError(f"id2label ids must be 0..{len(ids) - 1}, got {ids}", source)
+        return tuple(str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in ids)
+    n = d.get("num_labels")
+    return tuple(f"LABEL_{i}" for i in range(n)) if isinstance(n, int) and n > 0 else ()
 
 
 def _to_hf_dict(c: Gemma2Config) -> dict[str, Any]:
@@ -238,6 +275,11 @@ def _to_hf_dict(c: Gemma2Config) -> dict[str, Any]:
         "torch_dtype": c.torch_dtype,
     })
     d.pop("rope_parameters", None)
+    if c.id2label:
+        d["id2label"] = {str(i): name for i, name in enumerate(c.id2label)}
+        d["label2id"] = {name: i for i, name in enumerate(c.id2label)}
+    if c.problem_type is not None:
+        d["problem_type"] = c.problem_type
     return d
 
 

@@ -11,7 +11,7 @@ from gemma2_convert.lazy import dtype_nbytes
 from reference.weights import WeightStore
 
 if TYPE_CHECKING:
-    from reference.model import Gemma2ForCausalLM
+    from reference.model import Gemma2Model
 
 RESIDENT_FRACTION = 0.5  # keep weights in RAM when their compute-dtype size is below this share of RAM
 
@@ -28,12 +28,27 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+HEAD_TENSORS = ("lm_head.weight", "score.weight", "score.bias")
+
+
 def open_for_reference(
-    cls: type[Gemma2ForCausalLM], path: str, dtype: torch.dtype, resident: bool | None, **options: Any,
-) -> Gemma2ForCausalLM:
+    cls: type[Gemma2Model] | None, path: str, dtype: torch.dtype, resident: bool | None, **options: Any,
+) -> Gemma2Model:
+    """Open ``path`` as ``cls``, or as the class its config's ``architectures`` names when cls is None.
+
+    A bare ``Gemma2Model`` ignores any head tensors; other mismatches (e.g. a classification class on a
+    causal-LM checkpoint without ``score.weight``) are errors naming the missing tensors.
+    """
     from gemma2_convert.formats import open_checkpoint
+    from reference.heads import CLASSES
 
     ckpt = open_checkpoint(path, **options)
+    if cls is None:
+        cls = CLASSES[ckpt.config.head]
+    elif ckpt.config.architectures[0] != cls.__name__:
+        ckpt.config = ckpt.config.replace(architectures=(cls.__name__,))
+        if ckpt.config.head == "base":
+            ckpt.tensors = {k: v for k, v in ckpt.tensors.items() if k not in HEAD_TENSORS}
     if resident is None:
         size = sum(t.numel for t in ckpt.tensors.values()) * dtype_nbytes(dtype)
         resident = size < RESIDENT_FRACTION * available_memory()

@@ -35,8 +35,12 @@ def expected_shapes(c: Gemma2Config) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
     for i in range(c.num_hidden_layers):
         shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
-    if not c.tie_word_embeddings:
+    if c.head == "causal_lm" and not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, H)
+    if c.head in ("sequence_classification", "token_classification"):
+        shapes["score.weight"] = (c.num_labels, H)
+    if c.head == "token_classification":
+        shapes["score.bias"] = (c.num_labels,)  # transformers' token head is a Linear with bias
     return shapes
 
 

@@ -60,6 +60,19 @@ def read_tensors(d: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
     return tensors, meta
 
 
+BASE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+
+
+def canonical_names(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """A bare ``Gemma2Model`` is saved without the ``model.`` prefix; add it (canonical names)."""
+    return {("model." + k if k.startswith(BASE_PREFIXES) else k): v for k, v in tensors.items()}
+
+
+def saved_name(name: str, config: Gemma2Config) -> str:
+    """The name transformers saves for ``config``'s class (a bare Gemma2Model drops ``model.``)."""
+    return name.removeprefix("model.") if config.head == "base" else name
+
+
 def drop_tied_head(tensors: dict[str, LazyTensor], config: Gemma2Config) -> None:
     """A stray lm_head.weight in a tied model is ignored, as transformers and llama.cpp do."""
     if config.tie_word_embeddings:
@@ -71,6 +84,7 @@ def open_hf_dir(path: Path, **_: object) -> Checkpoint:
     config = Gemma2Config.from_json_file(path / "config.json")
     raw_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     tensors, meta = read_tensors(path)
+    tensors = canonical_names(tensors)
     if "quantization_config" in raw_cfg:
         from gemma2_convert.formats.hf_quantized import dequantizing_tensors
 
@@ -130,6 +144,7 @@ def write_hf_dir(
     for name, t in items:
         if t.dtype not in DTYPE_NAMES:
             raise FormatError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+    items = [(saved_name(name, config), t) for name, t in items]
     shards = plan_shards(items, parse_size(max_shard_size))
     n = len(shards)
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
