@@ -1,0 +1,62 @@
+"""Quality metrics for quantized weights and for logits (../shared/spec/QUANT_FORMATS.md §8).
+
+Weight space (cheap, for unit tests): ``sqnr_db`` (torchao's ``compute_error``) and ``rel_rmse``;
+``sqnr_db = -20·log10(rel_rmse)``. Output space (against reference logits): ``kl_divergence``
+(llama-perplexity's per-token ``Σ p_ref·(log p_ref - log p_q)``, here over the whole vocabulary
+without its log p < -16 cut-off, mean over positions),
+``top1_agreement`` ("same top p") and ``perplexity``. Everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def rel_rmse(ref: Tensor, approx: Tensor) -> float:
+    """``‖ref - approx‖ / ‖ref‖`` (0 when equal; inf for a zero ``ref`` that differs)."""
+    r, a = ref.double(), approx.double()
+    num, den = float((r - a).norm()), float(r.norm())
+    if num == 0.0:
+        return 0.0
+    return num / den if den > 0 else math.inf
+
+
+def sqnr_db(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``20·log10(‖ref‖ / ‖ref - approx‖)`` in dB (inf when equal)."""
+    e = rel_rmse(ref, approx)
+    return math.inf if e == 0.0 else -20.0 * math.log10(e)
+
+
+def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
+    """Mean over positions of ``KL(P‖Q) = Σ_v p·(log p - log q)``; logits ``[..., V]``, P = reference."""
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logit shapes differ: {list(logits_p.shape)} vs {list(logits_q.shape)}")
+    lp = torch.log_softmax(logits_p.double(), dim=-1)                     # [..., V]
+    lq = torch.log_softmax(logits_q.double(), dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(dim=-1)                                # [...]
+    return float(kl.mean())
+
+
+def top1_agreement(logits_p: Tensor, logits_q: Tensor) -> float:
+    """Fraction of positions where both argmaxes agree; logits ``[..., V]``."""
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logit shapes differ: {list(logits_p.shape)} vs {list(logits_q.shape)}")
+    return float((logits_p.argmax(-1) == logits_q.argmax(-1)).double().mean())
+
+
+def perplexity(logits: Tensor, targets: Tensor) -> float:
+    """``exp(mean NLL)`` of ``targets[..., p]`` under ``logits[..., p, :]`` (``[..., P]`` and ``[..., P, V]``).
+
+    The targets are already aligned with the positions that predict them: for a causal LM over
+    ``ids [T]`` pass ``logits[:-1]`` and ``ids[1:]``.
+    """
+    if logits.shape[:-1] != targets.shape or targets.numel() == 0:
+        raise ValueError(
+            f"logits {list(logits.shape)} and targets {list(targets.shape)}: need [..., P, V] and [..., P], P ≥ 1"
+        )
+    logp = torch.log_softmax(logits.double(), dim=-1)                      # [..., P, V]
+    nll = -logp.gather(-1, targets[..., None].long()).squeeze(-1)         # [..., P]
+    return math.exp(float(nll.mean()))

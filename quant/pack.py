@@ -1,0 +1,80 @@
+"""Bit packing of integer codes: two nibbles per byte, and compressed-tensors' int32 words.
+
+``pack_int4 / unpack_int4``: unsigned 4-bit values ``[0, 15]`` two per uint8 along the last dim.
+``nibble_order='low_first'``: element ``2k`` in bits 0–3 and ``2k+1`` in bits 4–7 of byte ``k``
+(MLX, GPTQ and compressed-tensors order); ``'high_first'`` swaps them.
+
+``pack_int32 / unpack_int32``: compressed-tensors ``pack-quantized`` words, bit-exact with
+``pack_to_int32`` / ``unpack_from_int32`` (compressed_tensors/compressors/pack_quantized/helpers.py,
+0.20.0). Signed codes ``q ∈ [-2^(b-1), 2^(b-1) - 1]`` are offset by ``2^(b-1)`` to unsigned,
+then ``32 / b`` consecutive elements along ``packed_dim`` fill one int32, element ``k`` of a
+word at bits ``[k·b, (k+1)·b)`` (lowest bits first). A length that is not a multiple of
+``32 / b`` is padded with raw zero bits (*after* the offset, as the library does). The word is
+the two's-complement int32 of that bit pattern. Only ``b`` dividing 32 (1, 2, 4, 8) is
+supported, where the library's dense cross-word packing reduces to this simple form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NIBBLE_ORDERS = ("low_first", "high_first")
+
+
+def _check_nibble_order(nibble_order: str) -> None:
+    if nibble_order not in NIBBLE_ORDERS:
+        raise ValueError(f"nibble_order={nibble_order!r}; choose one of {list(NIBBLE_ORDERS)}")
+
+
+def pack_int4(q: Tensor, nibble_order: str = "low_first") -> Tensor:
+    """``[..., n]`` ints in [0, 15] → ``[..., n/2]`` uint8 (n even)."""
+    _check_nibble_order(nibble_order)
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dim, got shape {list(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError(f"pack_int4 needs values in [0, 15], got [{int(q.min())}, {int(q.max())}]")
+    pairs = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 2)         # [..., n/2, 2]
+    lo, hi = (pairs[..., 0], pairs[..., 1]) if nibble_order == "low_first" else (pairs[..., 1], pairs[..., 0])
+    return lo | (hi << 4)
+
+
+def unpack_int4(packed: Tensor, nibble_order: str = "low_first") -> Tensor:
+    """``[..., m]`` uint8 → ``[..., 2m]`` uint8 in [0, 15]; inverse of ``pack_int4``."""
+    _check_nibble_order(nibble_order)
+    lo, hi = packed & 0xF, packed >> 4
+    pair = (lo, hi) if nibble_order == "low_first" else (hi, lo)
+    return torch.stack(pair, dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _words_per_dim(n: int, bits: int) -> int:
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"int32 packing supports bits in (1, 2, 4, 8), got {bits}")
+    per = 32 // bits
+    return -(-n // per)
+
+
+def pack_int32(q: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
+    """2-D signed int8 codes → int32 words along ``packed_dim`` (1: ``[r, ceil(c·b/32)]``)."""
+    x = q.to(torch.int64) + (1 << (bits - 1))                       # unsigned codes
+    x = x.T if packed_dim == 0 else x                               # [rows, n]
+    rows, n = x.shape
+    per, words = 32 // bits, _words_per_dim(n, bits)
+    x = torch.nn.functional.pad(x, (0, words * per - n)).reshape(rows, words, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits            # [per]
+    u32 = (x << shifts).sum(dim=-1)                                 # [rows, words] in [0, 2^32)
+    out = (u32 - ((u32 >> 31) << 32)).to(torch.int32)               # two's complement
+    return (out.T if packed_dim == 0 else out).contiguous()
+
+
+def unpack_int32(packed: Tensor, bits: int, n: int, packed_dim: int = 1) -> Tensor:
+    """int32 words → 2-D signed int8 codes with ``n`` entries along ``packed_dim``."""
+    w = packed.T if packed_dim == 0 else packed                     # [rows, words]
+    if w.shape[1] != _words_per_dim(n, bits):
+        raise ValueError(f"{w.shape[1]} int32 words cannot hold {n} {bits}-bit values")
+    u32 = w.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32 // bits, dtype=torch.int64) * bits     # [per]
+    x = (u32[..., None] >> shifts) & ((1 << bits) - 1)              # [rows, words, per]
+    x = x.reshape(w.shape[0], -1)[:, :n] - (1 << (bits - 1))
+    x = x.to(torch.int8)
+    return (x.T if packed_dim == 0 else x).contiguous()
