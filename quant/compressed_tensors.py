@@ -213,3 +213,19 @@ def read_compressed(
         zp = _need(tensors_by_name, f"{prefix}.weight_zero_point", (torch.int32,), [_words(out_f, spec.bits), n_groups])
         zero = unpack_int32(zp, spec.bits, out_f, packed_dim=0)                     # [out, G]
     return dequantize(unpack_int32(packed, spec.bits, in_f), scale, zero)
+
+
+def packed_layout(
+    prefix: str, shape: tuple[int, int], spec: QuantSpec, scale_dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of the tensors ``pack_quantized`` will produce, known before quantizing."""
+    out_f, in_f = shape
+    n_groups = in_f // spec.group_len(in_f)
+    layout = {
+        f"{prefix}.weight_packed": ((out_f, _words(in_f, spec.bits)), torch.int32),
+        f"{prefix}.weight_scale": ((out_f, n_groups), scale_dtype),
+        f"{prefix}.weight_shape": ((2,), torch.int64),
+    }
+    if not spec.symmetric:
+        layout[f"{prefix}.weight_zero_point"] = ((_words(out_f, spec.bits), n_groups), torch.int32)
+    return layout
