@@ -31,6 +31,8 @@ class LazyTensor:
     shape: Shape
     dtype: torch.dtype
     thunk: Callable[[], torch.Tensor]
+    stored_nbytes: int | None = None
+    """Bytes the data really occupies when it is packed (quantized) and ``load`` decodes it; else None."""
 
     @property
     def numel(self) -> int:
@@ -38,7 +40,12 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the decoded tensor."""
         return self.numel * dtype_nbytes(self.dtype)
+
+    @property
+    def packed(self) -> bool:
+        return self.stored_nbytes is not None
 
     def load(self) -> torch.Tensor:
         t = self.thunk()
@@ -57,6 +64,7 @@ class LazyTensor:
             self.shape if shape is None else tuple(shape),
             self.dtype if dtype is None else dtype,
             lambda: fn(self.load()),
+            self.stored_nbytes,
         )
 
     def to(self, dtype: torch.dtype) -> LazyTensor:

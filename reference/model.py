@@ -13,6 +13,7 @@ gives a transformers-style record; ``return_dict=False`` gives its tuple.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class Gemma2Model:
         self.weights = weights
         self.dtype = weights.dtype
         self.checkpoint: Any = None  # the Checkpoint it was opened from, when from_pretrained
+        self.observer: Callable[[str, torch.Tensor], None] | None = None
+        """Called with (weight name, input activations [B, T, in]) before each decoder matmul (calibration)."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -119,26 +122,31 @@ class Gemma2Model:
                attns: list | None) -> torch.Tensor:
         """§4.7.3: sandwich-normed attention block then sandwich-normed GeGLU block."""
         c, p = self.config, f"model.layers.{i}."
-        get = self.weights.get
+        get, lin = self.weights.get, self._linear
         a = rms_norm(h, get(p + "input_layernorm.weight"), c.rms_norm_eps)
         a = self._attention(i, a, cos, sin, q_idx, attention_mask, layer_cache, attns)
         h = h + rms_norm(a, get(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         m = rms_norm(h, get(p + "pre_feedforward_layernorm.weight"), c.rms_norm_eps)
-        m = F.linear(F.gelu(F.linear(m, get(p + "mlp.gate_proj.weight")), approximate="tanh")
-                     * F.linear(m, get(p + "mlp.up_proj.weight")), get(p + "mlp.down_proj.weight"))  # §4.7.4
+        m = lin(F.gelu(lin(m, p + "mlp.gate_proj.weight"), approximate="tanh")
+                * lin(m, p + "mlp.up_proj.weight"), p + "mlp.down_proj.weight")  # §4.7.4
         return h + rms_norm(m, get(p + "post_feedforward_layernorm.weight"), c.rms_norm_eps)
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``x @ W[name]^T``, reporting the input to ``observer`` when one is set."""
+        if self.observer is not None:
+            self.observer(name, x)
+        return F.linear(x, self.weights.get(name))
 
     def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_idx: torch.Tensor,
                    attention_mask: torch.Tensor | None, layer_cache: FullLayerCache | SlidingLayerCache | None,
                    attns: list | None) -> torch.Tensor:
         """§4.7.6: GQA attention with query_pre_attn_scalar scaling and softcap before the mask."""
-        c, p = self.config, f"model.layers.{i}.self_attn."
-        get = self.weights.get
+        c, p, lin = self.config, f"model.layers.{i}.self_attn.", self._linear
         B, T, _ = x.shape
         N, K, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = F.linear(x, get(p + "q_proj.weight")).view(B, T, N, D).transpose(1, 2)  # [B, N, T, D]
-        k = F.linear(x, get(p + "k_proj.weight")).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        v = F.linear(x, get(p + "v_proj.weight")).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q = lin(x, p + "q_proj.weight").view(B, T, N, D).transpose(1, 2)  # [B, N, T, D]
+        k = lin(x, p + "k_proj.weight").view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = lin(x, p + "v_proj.weight").view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_idx = q_idx
         if layer_cache is not None:
@@ -153,7 +161,7 @@ class Gemma2Model:
             attns.append(probs)
         out = torch.matmul(probs, repeat_kv(v, N // K))  # [B, N, T, D]
         out = out.transpose(1, 2).reshape(B, T, N * D)  # [B, T, N·D]
-        return F.linear(out, get(p + "o_proj.weight"))  # [B, T, H]
+        return lin(out, p + "o_proj.weight")  # [B, T, H]
 
     def verify_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What verification compares for one prompt [1, T]: rows of outputs [P, C], and targets or None."""

@@ -2,7 +2,8 @@
 
 Weights arrive as lazy tensors (usually zero-copy views of mmap'd files, or packed quantized
 data whose ``load`` dequantizes). ``resident=True`` keeps each weight after its first cast
-(one copy of the model at most, none when the file dtype already is the compute dtype);
+(one copy of the model at most, none when the file dtype already is the compute dtype) —
+except packed weights, which stay packed and are dequantized each time a layer runs;
 ``resident=False`` re-reads every layer on every forward, so peak memory is one layer —
 this is how a model larger than RAM is verified.
 """
@@ -66,10 +67,18 @@ class WeightStore:
         """The whole tensor in the compute dtype."""
         if name in self._cache:
             return self._cache[name]
-        t = self.tensors[name].load().to(self.dtype)
-        if self.resident:
+        lt = self.tensors[name]
+        t = lt.load().to(self.dtype).contiguous()  # a strided view would change GEMM rounding
+        if self.resident and not lt.packed:
             self._cache[name] = t
         return t
+
+    def replace(self, name: str, t: torch.Tensor | None) -> None:
+        """Use ``t`` for ``name`` from now on (None: back to the stored tensor), e.g. during calibration."""
+        if t is None:
+            self._cache.pop(name, None)
+        else:
+            self._cache[name] = t.to(self.dtype)
 
     def output_head(self) -> str:
         return "model.embed_tokens.weight" if "lm_head.weight" not in self.tensors else "lm_head.weight"
@@ -89,4 +98,4 @@ class WeightStore:
             return
         raw = self.tensors[name].load()
         for start in range(0, raw.shape[0], rows):
-            yield start, raw[start:start + rows].to(self.dtype)
+            yield start, raw[start:start + rows].to(self.dtype).contiguous()

@@ -1,0 +1,191 @@
+"""``gemma2-quantize``: int8 / int4 group-wise quantization of any checkpoint the project reads.
+
+Stream: source tensors (lazy) → policy predicate → method (rtn / mse / hqq / gptq) → packed tensors
+→ writer, one module at a time. GPTQ's calibration runs layer by layer as the writer asks for each
+layer (``calibrate.SequentialGPTQ``). The output is written to a temporary sibling, verified against
+the source with the reference model (``quality.py``) and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemma2_convert.errors import UnsupportedError
+from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
+from gemma2_convert.lazy import LazyTensor
+from quant.metrics import rel_rmse, sqnr_db
+from quant.methods import quantize_weight
+from quant.policy import default_policy
+from quant.qparams import dequantize, scale_dtype_for
+from quant.spec import QuantSpec
+
+FORMATS = ("hf", "gguf")
+DEFAULT_GROUP = {"hf": 128, "gguf": 32}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    bits: int = 4
+    group_size: int | None | str = "auto"
+    """Columns per scale; None = one per output channel; 'auto' = 128 for hf, 32 for gguf."""
+    symmetric: bool = True
+    method: str = "mse"
+    format: str = "hf"
+    embedding: str = "keep"
+    calibration: Path | None = None
+    eval_text: Path | None = None
+    verify: bool = True
+    force: bool = False
+
+    def group(self) -> int | None:
+        return DEFAULT_GROUP[self.format] if self.group_size == "auto" else self.group_size  # type: ignore[return-value]
+
+
+@dataclass
+class TensorStat:
+    name: str
+    spec: str
+    sqnr_db: float
+    rel_rmse: float
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    format: str
+    quantized: int = 0
+    kept: int = 0
+    source_bytes: int = 0
+    output_bytes: int = 0
+    stats: list[TensorStat] = field(default_factory=list)
+    quality: dict = field(default_factory=dict)
+
+
+def layer_order(name: str) -> tuple[int, str]:
+    """Embedding first, then layer by layer, then the rest (what GPTQ's sequential calibration needs)."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1, name
+    return (0, name) if "embed" in name else (1 << 30, name)
+
+
+def plan_specs(ckpt: Checkpoint, opts: QuantizeOptions) -> dict[str, QuantSpec | None]:
+    """The policy's verdict for every tensor (shape errors raised up front, before any work)."""
+    return {
+        name: default_policy(name, t.shape, bits=opts.bits, group_size=opts.group(), symmetric=opts.symmetric,
+                             method=opts.method, embedding=opts.embedding)
+        for name, t in ckpt.tensors.items()
+    }
+
+
+class ModuleQuantizer:
+    """Quantizes each weight once, when the writer first asks for one of its stored tensors."""
+
+    def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], stats: list[TensorStat],
+                 gptq: Callable[[str], tuple] | None = None) -> None:
+        self.ckpt, self.specs, self.stats, self.gptq = ckpt, specs, stats, gptq
+        self._last: tuple[str, tuple] | None = None
+
+    def codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, scale, zero) for weight ``name``; the latest result is kept for its sibling tensors."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        spec = self.specs[name]
+        w = self.ckpt.tensors[name].load()
+        sd = scale_dtype_for(w.dtype)
+        if spec.method == "gptq" and self.gptq is not None:
+            q, s, z = self.gptq(name)
+            s = s.to(sd)
+        else:
+            q, s, z = quantize_weight(w, spec, name=name)
+        wf = w.float()
+        deq = dequantize(q, s, z).float()
+        self.stats.append(TensorStat(name, spec.label(), sqnr_db(wf, deq), rel_rmse(wf, deq)))
+        self._last = (name, (q, s, z))
+        return q, s, z
+
+
+def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
+                     mq: ModuleQuantizer) -> list[tuple[str, LazyTensor]]:
+    """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
+    from quant.compressed_tensors import pack_quantized, packed_layout
+
+    items: list[tuple[str, LazyTensor]] = []
+    for name in sorted(ckpt.tensors, key=layer_order):
+        lt, spec = ckpt.tensors[name], specs[name]
+        if spec is None:
+            items.append((name, lt))
+            continue
+        prefix = name.removesuffix(".weight")
+        layout = packed_layout(prefix, lt.shape, spec, scale_dtype_for(lt.dtype))
+        for part, (shape, dtype) in layout.items():
+            def load(part: str = part, name: str = name, prefix: str = prefix, spec: QuantSpec = spec):
+                return pack_quantized(prefix, *mq.codes(name), spec)[part]
+            items.append((part, LazyTensor(shape, dtype, load)))
+    return items
+
+
+def write_hf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: ModuleQuantizer,
+                       on_tensor: Callable[[str, int], None] | None = None) -> None:
+    from gemma2_convert import __version__
+    from gemma2_convert.formats.hf import write_hf_dir
+    from quant.compressed_tensors import quantization_config
+
+    # every Linear but lm_head must be listed (kept ones go to `ignore`): decoder projections and a classifier
+    modules = {n.removesuffix(".weight"): s for n, s in specs.items()
+               if s is not None or n.endswith("_proj.weight") or n == "score.weight"}
+    qcfg = quantization_config(modules)
+    write_hf_dir(out, ckpt.config, compressed_items(ckpt, specs, mq), tokenizer=ckpt.tokenizer,
+                 extra_config={"quantization_config": qcfg}, on_tensor=on_tensor,
+                 provenance={"source": str(ckpt.path), "quantized_by": f"gemma2-quantize {__version__}"})
+
+
+def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: QuantizeOptions,
+                        on_tensor: Callable[[str, int], None] | None = None) -> QuantizeResult:
+    """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed)."""
+    from gemma2_convert.output import atomic_output
+    from gemma2_convert.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
+
+    if opts.format not in FORMATS:
+        raise UnsupportedError(f"format {opts.format!r}; choose one of {list(FORMATS)}")
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    specs = plan_specs(ckpt, opts)
+    if not any(specs.values()):
+        raise UnsupportedError("no tensor of this checkpoint is quantizable by the policy", ckpt.path)
+    res = QuantizeResult(Path(out), opts.format, sum(s is not None for s in specs.values()),
+                         sum(s is None for s in specs.values()), ckpt.nbytes)
+    gptq = _gptq_engine(ckpt, specs, opts) if opts.method == "gptq" else None
+    mq = ModuleQuantizer(ckpt, specs, res.stats, gptq)
+    directory = opts.format == "hf"
+    with atomic_output(out, opts.force, directory=directory) as tmp:
+        if opts.format == "hf":
+            write_hf_quantized(tmp, ckpt, specs, mq, on_tensor)
+        else:
+            from gemma2_convert.gguf_quantize import write_gguf_quantized
+
+            write_gguf_quantized(tmp, ckpt, specs, mq, opts, on_tensor)
+        res.output_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if directory \
+            else tmp.stat().st_size
+        if opts.verify:
+            from gemma2_convert.calibrate import read_text
+
+            text = read_text(opts.eval_text, DEFAULT_EVAL_TEXT)
+            res.quality = quality_report(ckpt, open_checkpoint(tmp), text)
+            check_quality(res.quality, opts.bits, tmp)
+    return res
+
+
+def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):
+    from gemma2_convert.calibrate import SequentialGPTQ, calibration_ids, read_text
+    from gemma2_convert.quality import DEFAULT_EVAL_TEXT
+
+    text = read_text(opts.calibration, DEFAULT_EVAL_TEXT)
+    seq_len = min(2 * ckpt.config.sliding_window, ckpt.config.max_position_embeddings, 2048)
+    ids = calibration_ids(ckpt, text, seq_len)
+    engine = SequentialGPTQ(ckpt, {n: s for n, s in specs.items() if s is not None and "layers." in n}, ids)
+    return engine.result

@@ -1,0 +1,180 @@
+"""Verification: compare two checkpoints tensor by tensor and by the reference model's logits.
+
+``verify(a, b)`` loads both lazily, checks every tensor (``torch.equal`` after the expected cast, or
+SQNR when lossy), runs the reference forward on a few fixed prompts, and reports max |Δ logits|,
+mean KL(a‖b), top-1 agreement and the perplexity of each. Weights stream from the mapped files
+(``resident=False`` for large models), so a model larger than RAM is verified too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemma2_convert.errors import VerificationError
+from gemma2_convert.formats import Checkpoint, open_checkpoint
+from quant.metrics import kl_divergence, perplexity, sqnr_db, top1_agreement
+from reference.heads import CLASSES
+from reference.model import Gemma2Model
+from reference.weights import WeightStore
+
+DEFAULT_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that "
+    "changed physics: on the photoelectric effect, Brownian motion, special relativity, and mass-energy "
+    "equivalence.\n\ndef fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\n\nКогда-то давно жил-был кот. 東京は日本の首都です。 Emojis: 🙂🚀 — numbers 3.14159, 2718."
+)
+
+
+@dataclass
+class Tolerance:
+    """Pass/fail bounds. The default is a lossless conversion: every tensor equal to its source
+    (after casting the source to the output's dtype) and identical logits."""
+
+    tensors_equal: bool = True
+    max_abs: float = 0.0
+    max_kl: float = 0.0
+    min_top1: float = 1.0
+
+    @staticmethod
+    def cast() -> Tolerance:
+        """A dtype change: tensors equal after the cast; logits close (rounding only)."""
+        return Tolerance(True, float("inf"), 1e-2, 0.9)
+
+    @staticmethod
+    def lossy(max_kl: float, min_top1: float, max_abs: float = float("inf")) -> Tolerance:
+        """Quantization: tensors differ; bounds on the logits only."""
+        return Tolerance(False, max_abs, max_kl, min_top1)
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    equal: bool
+    sqnr_db: float
+    max_abs: float
+
+
+@dataclass
+class VerifyReport:
+    a: str
+    b: str
+    tensors_total: int = 0
+    tensors_equal: int = 0
+    worst_tensors: list[TensorDiff] = field(default_factory=list)
+    tokens: int = 0
+    max_abs_logits: float = 0.0
+    mean_kl: float = 0.0
+    top1: float = 1.0
+    ppl_a: float = 0.0
+    ppl_b: float = 0.0
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def default_prompts(ckpt: Checkpoint, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    """Prompt ids [1, T]: the built-in text through the checkpoint's tokenizer when there is one,
+    plus one seeded random sequence (ids ≥ 3 so no pad/eos/bos) of ``n_tokens``."""
+    cfg = ckpt.config
+    prompts = []
+    if ckpt.tokenizer is not None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
+        ids = [cfg.bos_token_id] + sp.encode(DEFAULT_TEXT)
+        ids = [i for i in ids if i < cfg.vocab_size][:n_tokens]
+        prompts.append(torch.tensor([ids]))
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randint(3, cfg.vocab_size, (1, n_tokens - 1), generator=g)
+    prompts.append(torch.cat([torch.tensor([[cfg.bos_token_id]]), rand], dim=1))
+    return prompts
+
+
+def compare_tensors(a: Checkpoint, b: Checkpoint, worst: int = 5) -> tuple[int, list[TensorDiff]]:
+    """Number of b's tensors equal to a's cast to b's dtype, and the worst ``worst`` by SQNR."""
+    from gemma2_convert.errors import check_names
+
+    check_names(a.tensors, b.tensors, b.path)
+    diffs = []
+    for name, ta in a.tensors.items():
+        x = ta.load()
+        y = b.tensors[name].load()
+        equal = torch.equal(x.to(y.dtype), y)
+        if equal:
+            diffs.append(TensorDiff(name, True, float("inf"), 0.0))
+        else:
+            xf, yf = x.float(), y.float()
+            diffs.append(TensorDiff(name, False, sqnr_db(xf, yf), (xf - yf).abs().max().item()))
+    n_equal = sum(d.equal for d in diffs)
+    return n_equal, sorted((d for d in diffs if not d.equal), key=lambda d: d.sqnr_db)[:worst]
+
+
+def reference_model(ck: Checkpoint, dtype: torch.dtype, resident: bool) -> Gemma2Model:
+    """The reference class the checkpoint's config names (causal LM, classifier, bare decoder)."""
+    return CLASSES[ck.config.head](ck.config, WeightStore(ck.tensors, ck.config, dtype, resident, str(ck.path)))
+
+
+def compare_logits(a: Gemma2Model, b: Gemma2Model, prompts: list[torch.Tensor]) -> dict[str, float]:
+    """max |Δ|, mean KL(a‖b), top-1 agreement and perplexities over what each head outputs
+    (next-token logits; class logits of a classifier; hidden states of a bare decoder)."""
+    la, lb, targets = [], [], []
+    for ids in prompts:
+        (pa, tgt), (pb, _) = a.verify_outputs(ids), b.verify_outputs(ids)  # [P, C] each
+        la.append(pa)
+        lb.append(pb)
+        if tgt is not None:
+            targets.append(tgt)
+    pa, pb = torch.cat(la), torch.cat(lb)
+    tgt = torch.cat(targets) if targets else None
+    return {
+        "tokens": int(pa.shape[0]),
+        "max_abs_logits": (pa - pb).abs().max().item(),
+        "mean_kl": kl_divergence(pa, pb),
+        "top1": top1_agreement(pa, pb),
+        "ppl_a": perplexity(pa, tgt) if tgt is not None else 0.0,
+        "ppl_b": perplexity(pb, tgt) if tgt is not None else 0.0,
+    }
+
+
+def verify(
+    a: str | Path | Checkpoint, b: str | Path | Checkpoint, *, tolerance: Tolerance | None = None,
+    dtype: torch.dtype = torch.float32, n_tokens: int = 64, resident: bool | None = None,
+    check_tensors: bool = True,
+) -> VerifyReport:
+    """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring."""
+    tol = tolerance or Tolerance()
+    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
+    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
+    rep = VerifyReport(str(ca.path), str(cb.path))
+    if check_tensors:
+        rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb)
+        rep.tensors_total = len(ca.tensors)
+        if tol.tensors_equal and rep.tensors_equal != rep.tensors_total:
+            rep.failures.append(f"{rep.tensors_total - rep.tensors_equal} tensor(s) differ, worst "
+                                f"{rep.worst_tensors[0].name} (max |Δ| {rep.worst_tensors[0].max_abs:.3g})")
+    if resident is None:
+        from reference.loading import RESIDENT_FRACTION, available_memory
+
+        resident = 2 * ca.nbytes < RESIDENT_FRACTION * available_memory()
+    m = compare_logits(reference_model(ca, dtype, resident), reference_model(cb, dtype, resident), default_prompts(ca, n_tokens))
+    for k, v in m.items():
+        setattr(rep, k, v)
+    if rep.max_abs_logits > tol.max_abs:
+        rep.failures.append(f"max |Δ logits| {rep.max_abs_logits:.3g} > {tol.max_abs:g}")
+    if rep.mean_kl > tol.max_kl:
+        rep.failures.append(f"mean KL {rep.mean_kl:.3g} > {tol.max_kl:g}")
+    if rep.top1 < tol.min_top1:
+        rep.failures.append(f"top-1 agreement {rep.top1:.2%} < {tol.min_top1:.2%}")
+    rep.passed = not rep.failures
+    return rep
+
+
+def require(rep: VerifyReport) -> None:
+    """Raise VerificationError when the report failed."""
+    if not rep.passed:
+        raise VerificationError("verification failed: " + "; ".join(rep.failures), rep.b)
