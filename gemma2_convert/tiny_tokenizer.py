@@ -140,7 +140,7 @@ def make_tiny_spm(path: str | Path, vocab_size: int = 512) -> Path:
             sentence_iterator=_training_lines(),
             model_writer=model,
             logstream=quiet,
-            **_trainer_options(vocab_size),
+            **trainer_options(vocab_size),
         )
     out = Path(path)
     out.write_bytes(model.getvalue())
@@ -157,7 +157,7 @@ def _training_lines() -> Iterator[str]:
         yield from [line] * (_ASCII_WEIGHT if line.isascii() else 1)
 
 
-def _trainer_options(vocab_size: int) -> dict[str, object]:
+def trainer_options(vocab_size: int) -> dict[str, object]:
     """SentencePiece trainer flags giving Gemma's tokenizer layout and normalization."""
     return {
         "model_type": "bpe",
