@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from reference import Gemma2Config, Gemma2ForCausalLM
+from reference.weights import expected_shapes
 
 
 @dataclass
@@ -27,15 +29,29 @@ def _size(p: Path) -> int:
 
 
 def step_make_checkpoint(work: Path, cfg: Gemma2Config, seed: int) -> DemoRow:
-    from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.synthetic import random_tensors
+    """A tiny model in the original gemma_pytorch format (model.ckpt + tokenizer.model), as downloaded."""
+    from gemma2_convert.testing import write_random_orig_ckpt
+    from gemma2_convert.tiny_tokenizer import make_tiny_spm
 
-    out = work / "tiny-hf"
-    out.mkdir()
-    items = list(random_tensors(cfg, seed, torch.float32).items())
-    write_hf_dir(out, cfg, items, provenance={"source": f"random tiny Gemma 2, seed {seed}"})
-    n = sum(t.numel for _, t in items)
-    return DemoRow("make tiny model", out.name, _size(out), f"{n:,} params, {cfg.num_hidden_layers} layers", True)
+    orig = work / "tiny-orig"
+    write_random_orig_ckpt(orig / "model.ckpt", cfg, seed)
+    make_tiny_spm(orig / "tokenizer.model", cfg.vocab_size)
+    n = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    return DemoRow("make tiny gemma_pytorch model", "tiny-orig/model.ckpt", _size(orig),
+                   f"{n:,} params, {cfg.num_hidden_layers} layers, seed {seed}", True)
+
+
+def step_orig_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
+    """gemma2-convert orig-to-hf, verified: tensors equal and identical reference logits."""
+    from gemma2_convert.convert import orig_to_hf
+    from gemma2_convert.formats.orig_config import ShapeOptions
+
+    res = orig_to_hf(work / "tiny-orig", work / "tiny-hf", shape=ShapeOptions(config=cfg), quiet=True)
+    rep = res.report
+    assert rep is not None
+    check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
+             f"top-1 {rep.top1:.0%}")
+    return DemoRow("orig-to-hf + verify", "tiny-hf", _size(work / "tiny-hf"), check, rep.passed)
 
 
 def step_generate(work: Path) -> DemoRow:
@@ -54,6 +70,7 @@ def run_demo(work: Path, seed: int = 0, on_row: Callable[[DemoRow], None] | None
     cfg = Gemma2Config.preset("tiny")
     plan: list[Callable[[], DemoRow]] = [
         lambda: step_make_checkpoint(work, cfg, seed),
+        lambda: step_orig_to_hf(work, cfg),
         lambda: step_generate(work),
     ]
     rows = []

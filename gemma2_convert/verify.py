@@ -160,7 +160,8 @@ def verify(
     if resident is None:
         from reference.loading import RESIDENT_FRACTION, available_memory
 
-        resident = 2 * ca.nbytes < RESIDENT_FRACTION * available_memory()
+        fp32_bytes = 4 * sum(t.numel for t in ca.tensors.values())  # what each resident model would hold
+        resident = 2 * fp32_bytes < RESIDENT_FRACTION * available_memory()
     m = compare_logits(reference_model(ca, dtype, resident), reference_model(cb, dtype, resident), default_prompts(ca, n_tokens))
     for k, v in m.items():
         setattr(rep, k, v)

@@ -168,11 +168,16 @@ def build_header(items: Iterable[tuple[str, LazyTensor]], metadata: Mapping[str,
     return struct.pack("<Q", len(raw)) + raw
 
 
+WRITE_CHUNK = 16 << 20  # write() calls of 16 MiB: measured as fast as cp, where one multi-GB call was ~1.5x slower
+
+
 def write_tensor_bytes(f: BinaryIO, t: torch.Tensor) -> None:
     """Write a tensor's row-major little-endian bytes without an intermediate bytes copy."""
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel():
-        f.write(memoryview(flat.view(torch.uint8).numpy()))
+        buf = memoryview(flat.view(torch.uint8).numpy())
+        for i in range(0, len(buf), WRITE_CHUNK):
+            f.write(buf[i:i + WRITE_CHUNK])
 
 
 def write_safetensors(

@@ -1,0 +1,84 @@
+"""One self-describing safetensors file: the tensors plus the model config in ``__metadata__``.
+
+``__metadata__`` (every value a string, spec §4.2):
+
+| key | value |
+|---|---|
+| ``format`` | ``"pt"`` |
+| ``gemma2.config`` | the config.json object (every Gemma 2 field explicit), as JSON |
+| ``gemma2.names`` | ``"hf"`` (transformers names) or ``"orig"`` (gemma_pytorch names: ``embedder.weight``, fused ``qkv_proj``) |
+| ``gemma2.provenance`` | the conversion record (converter version, source, options), as JSON |
+
+The reader maps ``orig`` names to the canonical HF names (qkv split by rows), so the reference
+model and every writer load either spelling.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from gemma2_convert.errors import ConfigError, FormatError, check_names
+from gemma2_convert.formats.gemma_pytorch import orig_names, to_hf
+from gemma2_convert.formats.hf import config_for_output, drop_tied_head
+from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.safetensors import SafetensorsFile, read_header, write_safetensors
+from gemma2_convert.lazy import LazyTensor
+from reference.config import Gemma2Config
+
+CONFIG_KEY = "gemma2.config"
+NAMES_KEY = "gemma2.names"
+PROVENANCE_KEY = "gemma2.provenance"
+NAMES = ("hf", "orig")
+
+
+def _detect(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    try:
+        header, _ = read_header(p)
+    except (FormatError, OSError):
+        return False
+    return CONFIG_KEY in header.get("__metadata__", {})
+
+
+@register_reader("safetensors", "one .safetensors file with the model config in its __metadata__ "
+                 "(written by orig-to-safetensors)", _detect)
+def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
+    f = SafetensorsFile(path)
+    try:
+        raw = json.loads(f.metadata[CONFIG_KEY])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"__metadata__ has no readable {CONFIG_KEY!r} ({type(e).__name__}: {e})", path) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"__metadata__ {CONFIG_KEY!r} is not a JSON object", path)
+    cfg = Gemma2Config.from_hf_dict(raw, path)
+    names = f.metadata.get(NAMES_KEY, "hf")
+    tensors = f.tensors()
+    if names == "orig":
+        check_names(orig_names(cfg.num_hidden_layers), tensors, path)
+        tensors = to_hf(tensors, cfg)
+    elif names == "hf":
+        drop_tied_head(tensors, cfg)
+    else:
+        raise FormatError(f"__metadata__ {NAMES_KEY!r} is {names!r}; expected one of {', '.join(NAMES)}", path)
+    from gemma2_convert.tokenizer import find_tokenizer
+
+    return Checkpoint("safetensors", path, cfg, tensors, find_tokenizer(path), dict(f.metadata))
+
+
+def write_single_safetensors(
+    path: Path, config: Gemma2Config, items: list[tuple[str, LazyTensor]], *, names: str = "hf",
+    provenance: dict | None = None, on_tensor: Callable[[str, int], None] | None = None,
+) -> int:
+    """Write ``items`` (already named per ``names``) with the config in the metadata; returns bytes written."""
+    if names not in NAMES:
+        raise ConfigError(f"unknown --names {names!r}; choose one of {', '.join(NAMES)}")
+    meta = {
+        "format": "pt",
+        CONFIG_KEY: json.dumps(config_for_output(config, items).to_hf_dict(), separators=(",", ":")),
+        NAMES_KEY: names,
+        PROVENANCE_KEY: json.dumps(provenance or {}, separators=(",", ":")),
+    }
+    return write_safetensors(path, items, meta, on_tensor)
