@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from bench import gguf as gguf_bench
 from bench import orig_to_hf
 
 BENCHMARKS = {
     "orig-to-hf": orig_to_hf.main,
     "transformers-script": orig_to_hf.transformers_script_main,  # a baseline, run as a child process
+    "gguf": gguf_bench.main,
 }
 
 

@@ -49,8 +49,9 @@ class SequentialGPTQ:
     """``result(name)`` → GPTQ (codes, scale, zero) of a decoder weight, calibrating layers in order."""
 
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec], ids: torch.Tensor,
-                 on_layer: Callable[[int], None] | None = None) -> None:
+                 on_layer: Callable[[int], None] | None = None, scale_dtype: torch.dtype | None = None) -> None:
         cfg = ckpt.config
+        self.scale_dtype = scale_dtype
         self.model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, torch.float32, resident=False))
         self.specs, self.on_layer = specs, on_layer
         self.q_idx = torch.arange(ids.shape[1])
@@ -87,7 +88,8 @@ class SequentialGPTQ:
         self.model.observer = None
         for name, (h, _) in hessians.items():
             spec = self.specs[name]
-            q, s, z = quantize_weight(store.get(name), spec, name=name, hessian=h)
+            w = self.model.weights.tensors[name].load()
+            q, s, z = quantize_weight(w, spec, name=name, hessian=h, scale_dtype=self.scale_dtype)
             self.results[name] = (q, s, z)
             store.replace(name, dequantize(q, s, z))  # the next layers see this layer quantized
         self.h = self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
@@ -96,6 +98,26 @@ class SequentialGPTQ:
         self.next_layer = i + 1
         if self.on_layer is not None:
             self.on_layer(i)
+
+
+@torch.inference_mode()
+def activation_importance(ckpt: Checkpoint, names: set[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per input column ``[in]`` of each weight in ``names`` (llama.cpp's
+    importance matrix, ../shared/spec/QUANT_FORMATS.md §1.3), from one pass of the unquantized model."""
+    cfg = ckpt.config
+    model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, torch.float32, resident=False))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in names:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x2.square().sum(0)
+            counts[name] = counts.get(name, 0) + x2.shape[0]
+
+    model.observer = observe
+    model.decode(ids)
+    return {n: sums[n] / counts[n] for n in sums}
 
 
 def read_text(path: Path | None, default: str) -> str:

@@ -265,10 +265,12 @@ def verify_cmd(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float,
         sys.exit(3)
 
 
+from gemma2_convert import cli_gguf  # noqa: E402,F401  (registers to-gguf, orig-to-gguf, gguf-to-hf)
+
+
 def main() -> None:
     cli(prog_name="gemma2-convert")
 
 
 if __name__ == "__main__":
     main()
-

@@ -65,13 +65,54 @@ def step_generate(work: Path) -> DemoRow:
                    f"{cached.shape[1] - prompt.shape[1]} tokens, hybrid cache == recompute", ok)
 
 
+def step_quantize(work: Path, fmt: str) -> DemoRow:
+    """gemma2-quantize int4 (g32, mse), verified against the HF model by the reference; a GGUF output
+    is also run by llama.cpp when llama-cpp-python is installed."""
+    from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = work / ("tiny-int4-ct" if fmt == "hf" else "tiny-q4_0.gguf")
+    res = quantize_checkpoint(work / "tiny-hf", out, QuantizeOptions(4, 32, True, "mse", fmt))
+    q = res.quality
+    check = f"{res.quantized} tensors, KL {q['mean_kl']:.2g}, top-1 {q['top1']:.0%}"
+    ok = True
+    if fmt == "gguf":
+        try:
+            kl, top1 = _llama_cpp_kl(work / "tiny-hf", out)
+            check += f"; in llama.cpp KL {kl:.2g}, top-1 {top1:.0%}"
+            ok = kl <= 2 * q["mean_kl"] + 1e-3 and top1 >= 0.9
+        except ImportError:
+            check += "; llama-cpp-python not installed"
+    label = "quantize int4 → compressed-tensors" if fmt == "hf" else "quantize int4 → GGUF Q4_0"
+    return DemoRow(label, out.name, res.output_bytes, check, ok)
+
+
+def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
+    """KL(reference on src ‖ llama.cpp on gguf) and top-1 agreement on a seeded random prompt."""
+    import llama_cpp  # noqa: F401  (ImportError when the test extra is missing)
+
+    from gemma2_convert.llama_runner import llama_cpp_logits
+    from quant.metrics import kl_divergence, top1_agreement
+
+    ref = Gemma2ForCausalLM.from_pretrained(str(src))
+    ids = [ref.config.bos_token_id] + torch.randint(3, ref.config.vocab_size, (47,),
+                                                    generator=torch.Generator().manual_seed(0)).tolist()
+    got = llama_cpp_logits(gguf, [ids])[0]
+    want = ref(torch.tensor([ids]))[0]
+    return kl_divergence(want, got), top1_agreement(want, got)
+
+
 def run_demo(work: Path, seed: int = 0, on_row: Callable[[DemoRow], None] | None = None) -> list[DemoRow]:
     """Run every step in ``work`` (an empty directory); returns one row per step."""
+    from gemma2_convert.cli_gguf import demo_step_gguf
+
     cfg = Gemma2Config.preset("tiny")
     plan: list[Callable[[], DemoRow]] = [
         lambda: step_make_checkpoint(work, cfg, seed),
         lambda: step_orig_to_hf(work, cfg),
         lambda: step_generate(work),
+        lambda: demo_step_gguf(work),
+        lambda: step_quantize(work, "hf"),
+        lambda: step_quantize(work, "gguf"),
     ]
     rows = []
     for step in plan:

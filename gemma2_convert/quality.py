@@ -22,7 +22,7 @@ KL_LIMITS = {8: 0.01, 4: 0.25}
 tight enough to catch a broken format (wrong scale, nibble order or layout gives KL ≫ 1)."""
 
 
-def eval_prompts(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8) -> list[torch.Tensor]:
+def eval_prompts(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 64) -> list[torch.Tensor]:
     """Token windows [1, seq_len] of ``text`` (tokenizer of the source), or seeded random ids without one."""
     cfg = ckpt.config
     if ckpt.tokenizer is None:

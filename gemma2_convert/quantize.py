@@ -87,27 +87,35 @@ class ModuleQuantizer:
     """Quantizes each weight once, when the writer first asks for one of its stored tensors."""
 
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], stats: list[TensorStat],
-                 gptq: Callable[[str], tuple] | None = None) -> None:
+                 gptq: Callable[[str], tuple] | None = None,
+                 importance: dict[str, torch.Tensor] | None = None) -> None:
         self.ckpt, self.specs, self.stats, self.gptq = ckpt, specs, stats, gptq
+        self.importance = importance or {}
         self._last: tuple[str, tuple] | None = None
 
-    def codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(codes, scale, zero) for weight ``name``; the latest result is kept for its sibling tensors."""
+    def codes(self, name: str, w: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
+              gptq_scale: float = 1.0, record: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, scale, zero) for weight ``name`` (or the given transformed ``w``); the latest result
+        is kept for its sibling tensors. ``gptq_scale`` rescales GPTQ scales when ``w`` was rescaled."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         spec = self.specs[name]
-        w = self.ckpt.tensors[name].load()
-        sd = scale_dtype_for(w.dtype)
+        w = self.ckpt.tensors[name].load() if w is None else w
+        sd = scale_dtype or scale_dtype_for(w.dtype)
         if spec.method == "gptq" and self.gptq is not None:
             q, s, z = self.gptq(name)
-            s = s.to(sd)
+            s = (s.float() * gptq_scale).to(sd)
         else:
-            q, s, z = quantize_weight(w, spec, name=name)
-        wf = w.float()
-        deq = dequantize(q, s, z).float()
-        self.stats.append(TensorStat(name, spec.label(), sqnr_db(wf, deq), rel_rmse(wf, deq)))
+            q, s, z = quantize_weight(w, spec, name=name, importance=self.importance.get(name), scale_dtype=sd)
+        if record:
+            self.record(name, spec.label(), w, dequantize(q, s, z))
         self._last = (name, (q, s, z))
         return q, s, z
+
+    def record(self, name: str, label: str, w: torch.Tensor, approx: torch.Tensor) -> None:
+        wf = w.float()
+        af = approx.float()
+        self.stats.append(TensorStat(name, label, sqnr_db(wf, af), rel_rmse(wf, af)))
 
 
 def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
@@ -160,7 +168,8 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
     res = QuantizeResult(Path(out), opts.format, sum(s is not None for s in specs.values()),
                          sum(s is None for s in specs.values()), ckpt.nbytes)
     gptq = _gptq_engine(ckpt, specs, opts) if opts.method == "gptq" else None
-    mq = ModuleQuantizer(ckpt, specs, res.stats, gptq)
+    importance = _importance(ckpt, specs, opts) if opts.method in ("mse", "hqq") else None
+    mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
     directory = opts.format == "hf"
     with atomic_output(out, opts.force, directory=directory) as tmp:
         if opts.format == "hf":
@@ -180,12 +189,29 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
     return res
 
 
-def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):
-    from gemma2_convert.calibrate import SequentialGPTQ, calibration_ids, read_text
+def _calibration(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
+    from gemma2_convert.calibrate import calibration_ids, read_text
     from gemma2_convert.quality import DEFAULT_EVAL_TEXT
 
     text = read_text(opts.calibration, DEFAULT_EVAL_TEXT)
     seq_len = min(2 * ckpt.config.sliding_window, ckpt.config.max_position_embeddings, 2048)
-    ids = calibration_ids(ckpt, text, seq_len)
-    engine = SequentialGPTQ(ckpt, {n: s for n, s in specs.items() if s is not None and "layers." in n}, ids)
-    return engine.result
+    return calibration_ids(ckpt, text, seq_len)
+
+
+def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):
+    from gemma2_convert.calibrate import SequentialGPTQ
+
+    layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
+    scale_dtype = torch.float16 if opts.format == "gguf" else None  # GGUF blocks store fp16 scales
+    return SequentialGPTQ(ckpt, layers, _calibration(ckpt, opts), scale_dtype=scale_dtype).result
+
+
+def _importance(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
+                opts: QuantizeOptions) -> dict[str, torch.Tensor] | None:
+    """Activation-weighted error for mse/hqq when calibration text is given (or a tokenizer is there)."""
+    from gemma2_convert.calibrate import activation_importance
+
+    if opts.calibration is None and ckpt.tokenizer is None:
+        return None
+    names = {n for n, s in specs.items() if s is not None and "layers." in n}
+    return activation_importance(ckpt, names, _calibration(ckpt, opts))

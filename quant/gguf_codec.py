@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gemma2_convert.errors import ConversionError, UnsupportedError
 
+from quant import gguf_imatrix as im
 from quant import gguf_kquants as kq
 from quant import gguf_legacy as lg
 from quant.gguf_types import GGMLType, ggml_type
@@ -90,11 +91,14 @@ def _view_dequantize(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 register_codec("F32", Codec(_f32_bytes, _view_dequantize(torch.float32)))
 register_codec("F16", Codec(_f16_bytes, _view_dequantize(torch.float16)))
 register_codec("BF16", Codec(_bf16_bytes, _view_dequantize(torch.bfloat16)))
-# Legacy types: an imatrix is ignored for Q8_0 (as in llama.cpp); the others' `_impl` paths are not ported.
+# Legacy types: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
+# (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
 _LEGACY = {"scales_show_nonfinite": True}
 register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY))
-register_codec("Q4_0", Codec(lg.quantize_q4_0, lg.dequantize_q4_0, (0,), "unsupported", **_LEGACY))
-register_codec("Q4_1", Codec(lg.quantize_q4_1, lg.dequantize_q4_1, (0, 2), "unsupported", **_LEGACY))
+register_codec("Q4_0", Codec(im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,),
+                             "used", **_LEGACY))
+register_codec("Q4_1", Codec(im.with_imatrix(lg.quantize_q4_1, im.quantize_q4_1_imatrix), lg.dequantize_q4_1,
+                             (0, 2), "used", **_LEGACY))
 register_codec("Q5_0", Codec(lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY))
 register_codec("Q5_1", Codec(lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY))
 # K-quants: the search passes prefer cache-sized chunks.

@@ -332,14 +332,32 @@ def test_imatrix_rules():
     a = torch.from_numpy(_data("randn", (4, 512), seed=10))
     qw = torch.rand(512, generator=torch.Generator().manual_seed(0)) + 0.1
     assert torch.equal(quantize_tensor(a, "Q8_0", qw), quantize_tensor(a, "Q8_0"))  # llama.cpp ignores it too
-    for qtype in KQUANTS:
+    for qtype in (*KQUANTS, "Q4_0", "Q4_1"):
         with_qw = quantize_tensor(a, qtype, qw)
         assert not torch.equal(with_qw, quantize_tensor(a, qtype)), qtype
         # uniform importance is not the reference path (different weights and scale search), but as good
         err = float((dequantize_tensor(with_qw, qtype, a.shape) - a).pow(2).mean().sqrt())
         ref = float((dequantize_tensor(quantize_tensor(a, qtype), qtype, a.shape) - a).pow(2).mean().sqrt())
         assert err < 1.1 * ref, (qtype, err, ref)
-    with pytest.raises(UnsupportedError, match=r"to Q4_0 is not implemented; it is for Q4_K, Q5_K, Q6_K"):
-        quantize_tensor(a, "Q4_0", qw)
+    with pytest.raises(UnsupportedError, match=r"to Q5_0 is not implemented; it is for Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
+        quantize_tensor(a, "Q5_0", qw)
     with pytest.raises(ConversionError, match=r"importance matrix has 256 entries for rows of 512 columns"):
         quantize_tensor(a, "Q4_K", qw[:256])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_legacy_imatrix_blocks_decode_with_gguf_py_and_follow_the_importance(qtype):
+    """The importance path writes stock blocks (gguf-py decodes them to our dequantization), and it
+    lowers the importance-weighted error where the importance is concentrated."""
+    import gguf
+
+    a = torch.from_numpy(_data("randn", (8, 256), seed=11))
+    qw = torch.ones(256)
+    qw[:32] = 100.0  # the first block of every row matters most
+    data = quantize_tensor(a, qtype, qw)
+    ours = dequantize_tensor(data, qtype, a.shape)
+    theirs = torch.from_numpy(gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[qtype]).copy())
+    assert torch.equal(ours, theirs.reshape(a.shape))
+    ref = dequantize_tensor(quantize_tensor(a, qtype), qtype, a.shape)
+    werr = lambda d: float(((d - a) ** 2 * qw).sum())  # noqa: E731
+    assert werr(ours) < werr(ref), (werr(ours), werr(ref))

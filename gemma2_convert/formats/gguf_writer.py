@@ -1,0 +1,272 @@
+"""Streaming GGUF v3 writer: header, metadata and tensor infos first, then tensor data one at a time.
+
+File layout (gguf-py ``gguf_writer.py`` and ``constants.py``, ggml ``gguf.h``): magic ``GGUF``,
+u32 version 3, u64 tensor count, u64 metadata count; each metadata entry is a string key, a u32
+value type and the value (``gguf_values``); each tensor info is the name, u32 n_dims, u64 dims
+(ggml ``ne``: the row length first, i.e. the PyTorch shape reversed), u32 ggml type and a u64
+data offset relative to the data section. The data section starts at the next multiple of
+``general.alignment`` (32) and every tensor's data is padded to that alignment.
+
+All sizes are known from the lazy tensors and the chosen types, so the header is written first
+and each tensor is converted in row chunks straight into the file: peak memory is a few chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from gemma2_convert.errors import ConversionError
+from gemma2_convert.formats.gguf_values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
+                                                boolean, f32, string, string_bytes, u32, value_bytes)
+from gemma2_convert.lazy import LazyTensor
+from quant.gguf_codec import bytes_for, quantize_tensor
+from quant.gguf_types import ggml_type
+
+CHUNK_ELEMENTS = 2 << 20
+"""Elements converted per step. Temporaries (a float32 copy: 8 MB) stay below glibc's 32 MB mmap
+threshold, so they are reused from the heap instead of being mapped and zero-filled for every chunk."""
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to write: float source in PyTorch layout, target ggml type, optional transform.
+
+    ``transform`` is applied to float32 row chunks ``[rows, cols]`` and must be row-local
+    (elementwise transforms are); it is how +1 norms and the query-scale fold are applied.
+    """
+
+    name: str
+    source: LazyTensor
+    qtype: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Encodes the whole (transformed, float32) tensor to ``qtype`` block bytes in place of the stock
+    quantizer: how a smarter method (mse, gptq, …) writes blocks that llama.cpp decodes as usual."""
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """ggml ``ne``: the PyTorch shape reversed."""
+        return tuple(reversed(self.source.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return bytes_for(self.qtype, self.source.shape)
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGNMENT
+
+
+def header_bytes(metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan]) -> bytes:
+    """Everything before the data section, padded to the alignment."""
+    parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    parts += [string_bytes(k) + value_bytes(v) for k, v in metadata]
+    offset = 0
+    for t in tensors:
+        dims = t.dims
+        parts.append(string_bytes(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
+                                                         ggml_type(t.qtype).ggml_id, offset))
+        offset += t.nbytes + _pad(t.nbytes)
+    head = b"".join(parts)
+    return head + b"\0" * _pad(len(head))
+
+
+def _row_chunks(t: torch.Tensor, max_elements: int) -> Iterator[torch.Tensor]:
+    """[rows, cols] views of at most ``max_elements`` elements (at least one row)."""
+    rows2d = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, max_elements // max(1, rows2d.shape[1]))
+    for r in range(0, rows2d.shape[0], step):
+        yield rows2d[r:r + step]
+
+
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float rows [r, cols] → the uint8 bytes of those rows in ``qtype``.
+
+    F32/F16 (and BF16 from bf16) are plain IEEE casts, written into ``out`` (a reusable uint8
+    buffer) when given: a copy into an existing buffer is several times faster than allocating a
+    fresh tensor per chunk. BF16 from wider floats and the block types go through ``quant.gguf_codec``.
+    """
+    if transform is not None:
+        chunk = transform(chunk.float())
+    target = _FLOAT_TYPES.get(qtype)
+    if target is None or (target == torch.bfloat16 and chunk.dtype != torch.bfloat16):
+        return quantize_tensor(chunk, qtype)
+    nbytes = chunk.numel() * target.itemsize
+    if out is None or out.numel() < nbytes:
+        return chunk.to(target).contiguous().view(torch.uint8)
+    dst = out[:nbytes].view(target).view(chunk.shape)
+    dst.copy_(chunk)  # exact copy, or round-to-nearest-even to f16
+    if target == torch.float16 and chunk.dtype != torch.float16 and _has_f16_inf(dst):
+        if not bool(chunk.isinf().any()):
+            raise ConversionError(f"values beyond the float16 range (max |w| {chunk.abs().max().item():.4g}); "
+                                  "use --type bf16 or f32")
+    return dst.view(torch.uint8)
+
+
+def _has_f16_inf(h: torch.Tensor) -> bool:
+    """Any ±inf/NaN in float16 ``h``: exponent bits all ones (an integer max, ~8× faster than isinf)."""
+    return bool((h.view(torch.int16) & 0x7FFF).max() >= 0x7C00)
+
+
+def _write(f: BinaryIO, data: torch.Tensor | bytes) -> None:
+    if isinstance(data, bytes):
+        f.write(data)
+    elif data.numel():
+        f.write(memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B"))
+
+
+def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+    flat = t.contiguous().reshape(-1)
+    if flat.numel():
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def default_threads() -> int:
+    """CPUs this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Parallelism comes from our own threads (whole chunks); torch's OpenMP threads would spin at
+    barriers after every small kernel and, on a busy machine, cost several times the useful work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Stream:
+    """Overlaps the stages of writing: hashing the source (one thread), encoding chunks (``threads``
+    workers for block types; the caller for plain float casts, into two reused buffers) and writing
+    them in order (one thread, at most one chunk queued). hashlib, torch kernels and file writes
+    release the GIL, so the stages run in parallel; memory stays at a few chunks per worker."""
+
+    def __init__(self, f: BinaryIO, hasher: hashlib._Hash | None, threads: int) -> None:
+        self.f, self.hasher, self.depth = f, hasher, 2 * threads
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="gguf-write")
+        self.hashing = ThreadPoolExecutor(1, thread_name_prefix="gguf-hash")
+        self.encoders = ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode")
+        self.pending_write: Future | None = None
+        self.pending_hash: Future | None = None
+        self.buffers = [torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8) for _ in range(2)]
+        self.turn = 0
+
+    def hash(self, name: str, t: torch.Tensor) -> None:
+        if self.hasher is not None:
+            if self.pending_hash is not None:
+                self.pending_hash.result()
+            self.pending_hash = self.hashing.submit(_hash_tensor, self.hasher, name, t)
+
+    def write(self, data: torch.Tensor | bytes) -> None:
+        if self.pending_write is not None:
+            self.pending_write.result()
+        self.pending_write = self.writer.submit(_write, self.f, data)
+
+    def encoded(self, t: TensorPlan, src: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder)."""
+        if t.encoder is not None:
+            w = src.float()
+            yield t.encoder(w if t.transform is None else t.transform(w))
+            return
+        chunks = _row_chunks(src, CHUNK_ELEMENTS)
+        target = _FLOAT_TYPES.get(t.qtype)
+        if t.transform is None and target is not None and (target != torch.bfloat16 or src.dtype == target):
+            for c in chunks:  # a cast: memory-bound, one thread is enough
+                self.turn += 1
+                yield encode_chunk(c, t.qtype, None, self.buffers[self.turn % 2])
+            return
+        pending: deque[Future] = deque()
+        for c in chunks:
+            pending.append(self.encoders.submit(encode_chunk, c, t.qtype, t.transform))
+            if len(pending) >= self.depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            for fut in (self.pending_write, self.pending_hash):
+                if fut is not None:
+                    fut.result()
+        finally:
+            for pool in (self.encoders, self.writer, self.hashing):
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_gguf(
+    path: str | Path, metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan], *,
+    source_hash: hashlib._Hash | None = None, on_tensor: Callable[[str, int], None] | None = None,
+    threads: int | None = None,
+) -> int:
+    """Write a GGUF file, streaming tensor data; return its size in bytes.
+
+    ``source_hash``, if given, is updated with every source tensor (name, dtype, shape, bytes) in
+    write order, before any transform — a fingerprint of the canonical weights. ``threads``
+    (default: all CPUs) encode block-quantized chunks in parallel.
+    """
+    path = Path(path)
+    with open(path, "wb") as f, _one_intra_op_thread():
+        f.write(header_bytes(metadata, tensors))
+        stream = _Stream(f, source_hash, threads or default_threads())
+        try:
+            for t in tensors:
+                src = t.source.load()
+                stream.hash(t.name, src)
+                written = 0
+                try:
+                    for data in stream.encoded(t, src):
+                        stream.write(data)
+                        written += data.numel()
+                except ConversionError as e:
+                    raise ConversionError(f"tensor {t.name!r}: {e}") from None
+                if written != t.nbytes:
+                    raise AssertionError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}")
+                stream.write(b"\0" * _pad(written))
+                if on_tensor is not None:
+                    on_tensor(t.name, t.source.nbytes)
+        finally:
+            stream.close()
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
+def patch_string(path: str | Path, key: str, placeholder: str, value: str) -> None:
+    """Replace the string metadata value of ``key``, written as ``placeholder``, by ``value`` of the same
+    length, in place (for a value known only after the tensor data is written)."""
+    old = string_bytes(key) + struct.pack("<I", ValueType.STRING) + string_bytes(placeholder)
+    new = string_bytes(key) + struct.pack("<I", ValueType.STRING) + string_bytes(value)
+    if len(old) != len(new):
+        raise ValueError("a patched string must keep its length")
+    with open(path, "r+b") as f:
+        head = f.read(1 << 20)
+        pos = head.find(old)
+        if pos < 0:
+            raise ValueError(f"{key} = {placeholder!r} not found in the first MiB of {path}")
+        f.seek(pos)
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+__all__ = ["ALIGNMENT", "GGUF_MAGIC", "GGUF_VERSION", "TensorPlan", "Value", "ValueType", "array", "boolean",
+           "encode_chunk", "f32", "header_bytes", "patch_string", "string", "u32", "write_gguf"]

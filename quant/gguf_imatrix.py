@@ -1,0 +1,58 @@
+"""Q4_0 / Q4_1 with an importance matrix: llama.cpp's ``quantize_row_q4_0_impl`` / ``quantize_row_q4_1_impl``.
+
+Per 32-block, the error weights are ``qw_j · sqrt(sigma2 + x_j²)`` with ``sigma2 = Σx²/n_per_row`` over
+the whole row and ``qw`` the per-column importance (mean squared input activation); Q4_0 then runs
+``make_qx_quants(32, 8, …, rmse_type 1, weights)`` and Q4_1 ``make_qkx3_quants(32, 15, …, -0.9, 0.05, 36)``
+(ggml/src/ggml-quants.c; ../shared/spec/QUANT_FORMATS.md §1.2–1.3). The blocks are stock Q4_0 / Q4_1:
+llama.cpp decodes them as usual, the gain is in the choice of scales and codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quant import gguf_kquants as kq
+from quant import gguf_legacy as lg
+
+QK = 32
+
+
+def _element_major(x: Tensor) -> Tensor:
+    """``[rows, cols]`` → ``[32, rows·cols/32]`` (one column per block), as the K-quant searches take it."""
+    return x.reshape(-1, QK).T.contiguous()
+
+
+def _weights(x: Tensor, quant_weights: Tensor) -> Tensor:
+    """``qw_j · sqrt(sigma2 + x_j²)``, ``sigma2`` per row; ``x [rows, cols]`` float32."""
+    sigma2 = kq.seq_sum(x * x, dim=1) / x.shape[1]  # [rows]
+    return quant_weights.to(torch.float32)[None, :] * kq.sqrt_f32(sigma2[:, None] + x * x)
+
+
+def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """float ``[rows, cols]`` → Q4_0 bytes ``[rows, cols/32·18]``."""
+    x = w.to(torch.float32)
+    rows, cols = x.shape
+    scale, levels = kq.make_qx_quants(_element_major(x), 8, _element_major(_weights(x, quant_weights)))
+    d = scale.to(torch.float16).reshape(rows, cols // QK)
+    return lg.pack_q4_0(d, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def quantize_q4_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """float ``[rows, cols]`` → Q4_1 bytes ``[rows, cols/32·20]``; ``m = -the_min``."""
+    x = w.to(torch.float32)
+    rows, cols = x.shape
+    scale, the_min, levels = kq.make_qkx2_quants(_element_major(x), _element_major(_weights(x, quant_weights)),
+                                                 15, -0.9, 0.05, 36)
+    d = scale.to(torch.float16).reshape(rows, cols // QK)
+    m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
+    return lg.pack_q4_1(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def with_imatrix(ref, impl):
+    """A codec quantize function: the reference path without ``quant_weights``, ``impl`` with them."""
+
+    def quantize(w: Tensor, quant_weights: Tensor | None = None) -> Tensor:
+        return ref(w) if quant_weights is None else impl(w, quant_weights)
+
+    return quantize

@@ -1,0 +1,59 @@
+"""gemma2-quantize --format gguf on the trained fixture, run by llama.cpp against llama.cpp's own Q4_0.
+
+Every KL here is measured in llama.cpp: each quantized GGUF's logits against llama.cpp's logits on the
+F32 GGUF of the same model, over held-out text (tests/fixtures/eval.txt).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma2_convert.formats import open_checkpoint
+from gemma2_convert.formats.gguf_file import GGUFFile
+from gemma2_convert.gguf_convert import to_gguf
+from gemma2_convert.llama_runner import llama_cpp_logits, llama_quantize
+from gemma2_convert.quality import eval_prompts
+from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
+from quant.metrics import kl_divergence
+
+FIX = Path(__file__).parent / "fixtures"
+MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra: pip install -e '.[test]'")
+    d = tmp_path_factory.mktemp("q4")
+    to_gguf(MODEL, d / "f32.gguf", type_name="f32", quiet=True)
+    llama_quantize(d / "f32.gguf", d / "llama_q4_0.gguf", "Q4_0")
+    llama_quantize(d / "f32.gguf", d / "llama_q4_0_bf16emb.gguf", "Q4_0", token_embedding_type="BF16")
+    for m in ("rtn", "mse", "gptq"):
+        quantize_checkpoint(MODEL, d / f"ours_{m}.gguf",
+                            QuantizeOptions(4, 32, True, m, "gguf", calibration=CAL, eval_text=EVAL))
+    prompts = [p[0].tolist() for p in eval_prompts(open_checkpoint(MODEL), EVAL.read_text(), 256, max_seqs=16)]
+    base = torch.cat(llama_cpp_logits(d / "f32.gguf", prompts))
+    kl = {f.stem: kl_divergence(base, torch.cat(llama_cpp_logits(f, prompts)))
+          for f in sorted(d.glob("*.gguf")) if f.stem != "f32"}
+    return d, kl
+
+
+def test_rtn_is_llama_cpp_q4_0_byte_for_byte(work):
+    d, _ = work
+    ours, theirs = GGUFFile(d / "ours_rtn.gguf"), GGUFFile(d / "llama_q4_0_bf16emb.gguf")
+    for name, info in theirs.tensors.items():
+        assert ours.tensors[name].type_name == info.type_name, name
+        assert (ours.raw(name) == theirs.raw(name)).all(), name
+
+
+def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
+    _, kl = work
+    report = ", ".join(f"{k} {v:.2e}" for k, v in sorted(kl.items()))
+    # the issue's bar: our int4 g32 mse GGUF vs llama.cpp's own Q4_0 of the same model (defaults of each tool)
+    assert kl["ours_mse"] <= 0.7 * kl["llama_q4_0"], report
+    # at the same layout (bf16 embedding in both) the better scales still win, and gptq by far
+    assert kl["ours_mse"] < kl["llama_q4_0_bf16emb"], report
+    assert kl["ours_gptq"] <= 0.5 * kl["llama_q4_0_bf16emb"], report
+    assert kl["ours_gptq"] < kl["ours_mse"] < kl["ours_rtn"], report
