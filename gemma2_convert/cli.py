@@ -273,4 +273,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's `cli`, on which the other command modules have registered
+    from gemma2_convert.cli import main as _main
+
+    _main()

@@ -64,8 +64,10 @@ def _print_gguf(res: object, as_json: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out_file", type=click.Path(dir_okay=False, path_type=Path))
 @gguf_options
+@click.option("--drop-head", is_flag=True, help="For a classification model: leave its score head out and export "
+              "the decoder as a causal LM (llama.cpp's gemma2 has no classification head).")
 def to_gguf_cmd(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, verify_output: bool,
-                threads: int | None, force: bool, as_json: bool) -> None:
+                threads: int | None, force: bool, as_json: bool, drop_head: bool) -> None:
     """Write any checkpoint this tool reads (HF directory, single safetensors, gemma_pytorch, GGUF) as a GGUF
     that llama.cpp runs with the model's own logits, at any depth.
 
@@ -78,7 +80,7 @@ def to_gguf_cmd(src: Path, out_file: Path, type_name: str, tokenizer: Path | Non
     from gemma2_convert.gguf_convert import to_gguf
 
     res = to_gguf(src, out_file, type_name=type_name, tokenizer=tokenizer, verify_output=verify_output,
-                  threads=threads, force=force, quiet=as_json, warn=_warn,
+                  threads=threads, force=force, quiet=as_json, warn=_warn, drop_head=drop_head,
                   on_report=None if as_json else _print_report)
     _print_gguf(res, as_json)
 

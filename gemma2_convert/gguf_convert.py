@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.errors import ConfigError, name_list
+from gemma2_convert.errors import ConfigError, UnsupportedError, name_list
 from gemma2_convert.formats import Checkpoint, open_checkpoint
 from gemma2_convert.formats import gguf_metadata as gm
 from gemma2_convert.formats.gguf_names import (add_one, fold_query, gguf_name, is_norm, is_query,
@@ -167,7 +167,7 @@ def write_checkpoint_gguf(
     threads: int | None = None, warn: Callable[[str], None] = lambda m: None,
     on_report: Callable[[VerifyReport], None] | None = None,
     planner: Callable[[Checkpoint, str], tuple[list[TensorPlan], list[TypeChoice]]] | None = None,
-    extra_metadata: list[tuple[str, Value]] | None = None,
+    extra_metadata: list[tuple[str, Value]] | None = None, drop_head: bool = False,
 ) -> GGUFResult:
     """Write an open checkpoint as a gemma2 GGUF of ``type_name`` (see ``gguf_mix``), then verify it.
 
@@ -177,6 +177,7 @@ def write_checkpoint_gguf(
 
     t0 = time.perf_counter()
     key = check_type(type_name)
+    ckpt = causal_lm_view(ckpt, drop_head, warn)
     cfg = ckpt.config
     ratio = query_fold_ratio(cfg)
     plans, choices = (planner or plan_tensors)(ckpt, key)
@@ -211,6 +212,23 @@ def write_checkpoint_gguf(
             report = rep
     special = [c for c in choices if c.reason and c.reason not in ("norm", "1-D")]
     return GGUFResult(out, key, size, cfg, special, ratio, report, warnings, time.perf_counter() - t0)
+
+
+def causal_lm_view(ckpt: Checkpoint, drop_head: bool, warn: Callable[[str], None]) -> Checkpoint:
+    """llama.cpp's gemma2 is a causal LM with the tied head. A classifier is refused unless ``drop_head``
+    (then its ``score`` head is left out, with a warning); a bare decoder gets the tied head it implies."""
+    head = ckpt.config.head
+    if head == "causal_lm":
+        return ckpt
+    if head != "base" and not drop_head:
+        raise UnsupportedError(f"this is a {ckpt.config.architectures[0]} ({ckpt.config.num_labels} labels); "
+                               "llama.cpp's gemma2 architecture has no classification head. Pass --drop-head to "
+                               "export the decoder with the tied language-model head instead", ckpt.path)
+    if head != "base":
+        warn(f"{ckpt.path}: dropping the {head.replace('_', ' ')} head (score); the GGUF is a causal LM")
+    tensors = {k: v for k, v in ckpt.tensors.items() if not k.startswith("score.")}
+    cfg = ckpt.config.replace(architectures=("Gemma2ForCausalLM",), id2label=(), problem_type=None)
+    return Checkpoint(ckpt.format, ckpt.path, cfg, tensors, ckpt.tokenizer, dict(ckpt.metadata))
 
 
 def _fits(ckpt: Checkpoint) -> bool:

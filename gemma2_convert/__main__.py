@@ -1,0 +1,5 @@
+"""``python -m gemma2_convert``: the gemma2-convert command."""
+
+from gemma2_convert.cli import main
+
+main()
