@@ -6,7 +6,6 @@ ConversionError, printed here as one line on stderr (a traceback only with ``--d
 
 from __future__ import annotations
 
-import errno
 import shutil
 import sys
 import tempfile
@@ -15,41 +14,10 @@ from pathlib import Path
 import click
 
 from gemma2_convert import __version__
-from gemma2_convert.errors import ConversionError
+from gemma2_convert.cli_errors import GuardedGroup
 
 
-class _Group(click.Group):
-    """Turns the project's errors into one stderr line and a non-zero exit code."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        debug = bool(ctx.params.get("debug"))
-        try:
-            return super().invoke(ctx)
-        except ConversionError as e:
-            if debug:
-                raise
-            _fail(str(e), e.exit_code)
-        except MemoryError:
-            if debug:
-                raise
-            _fail("out of memory; try --no-verify, a smaller --max-shard-size, or a machine with more RAM", 12)
-        except OSError as e:
-            if debug:
-                raise
-            if e.errno == errno.ENOSPC:
-                _fail(f"{e.filename or 'output'}: disk full; the partial output was removed", 28)
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), 1)
-        return None
-
-
-def _fail(message: str, code: int) -> None:
-    from gemma2_convert.console import err
-
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    sys.exit(code)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gemma2-convert")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
