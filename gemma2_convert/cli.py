@@ -35,7 +35,8 @@ def cli(debug: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's files here (must be empty or absent). Default: a temporary directory, deleted after.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random tiny model.")
-def demo(workdir: Path | None, seed: int) -> None:
+@click.option("--quiet", is_flag=True, help="Print only the final table, not each step as it finishes.")
+def demo(workdir: Path | None, seed: int, quiet: bool) -> None:
     """Build a tiny Gemma 2, convert it to every layout, quantize it, verify each step, print a table.
 
     \b
@@ -52,7 +53,8 @@ def demo(workdir: Path | None, seed: int) -> None:
         check_output(work, force=False)
         work.mkdir(parents=True, exist_ok=True)
     try:
-        rows = run_demo(work, seed, on_row=lambda r: out.print(f"[dim]✓ {r.step}[/]" if r.ok else f"[red]✗ {r.step}"))
+        rows = run_demo(work, seed, on_row=lambda r: None if quiet else out.print(
+            f"[dim]✓ {r.step}[/]" if r.ok else f"[red]✗ {r.step}"))
     finally:
         if tmp:
             shutil.rmtree(work, ignore_errors=True)
@@ -89,8 +91,21 @@ def _shape(kw: dict) -> object:
                         kw.pop("num_kv_heads"), kw.pop("head_dim"), kw.pop("query_pre_attn_scalar"))
 
 
+def safety_options(fn):
+    """--allow-nonfinite and --quiet, shared by every command that writes."""
+    opts = [
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Write weights holding NaN/Inf (or overflowing float16) with a warning, instead of "
+                          "refusing them with an error naming the tensor."),
+        click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 def convert_options(fn):
-    """--dtype, --verify/--no-verify, --force, --json, shared by the orig-to-* commands."""
+    """--dtype, --verify/--no-verify, --force, --json, --allow-nonfinite, --quiet: the orig-to-* commands."""
     opts = [
         click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
                      show_default=True, help="Output dtype; auto keeps the source's (int8 is dequantized to the "
@@ -103,13 +118,13 @@ def convert_options(fn):
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return safety_options(fn)
 
 
 def _warn(message: str) -> None:
-    from gemma2_convert.console import err
+    from gemma2_convert.cli_errors import warn
 
-    err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    warn(message)
 
 
 def _print_result(res: object, as_json: bool) -> None:
@@ -158,7 +173,8 @@ def _print_report(rep: object, as_json: bool = False) -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB.")
 @convert_options
 def orig_to_hf(ckpt: Path, out_dir: Path, tokenizer: Path | None, max_shard_size: str, dtype: str,
-               verify_output: bool, force: bool, as_json: bool, **shape: object) -> None:
+               verify_output: bool, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool,
+               **shape: object) -> None:
     """Convert a gemma_pytorch checkpoint to a Hugging Face model directory, streaming, then verify it.
 
     CKPT is a model.ckpt, a directory holding one, or a sharded directory with
@@ -172,8 +188,8 @@ def orig_to_hf(ckpt: Path, out_dir: Path, tokenizer: Path | None, max_shard_size
     from gemma2_convert.convert import orig_to_hf as run
 
     res = run(ckpt, out_dir, shape=_shape(shape), tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
-              verify_output=verify_output, force=force, quiet=as_json, warn=_warn,
-              on_report=None if as_json else _print_report)
+              verify_output=verify_output, force=force, quiet=quiet or as_json, warn=_warn,
+              on_report=None if as_json else _print_report, allow_nonfinite=allow_nonfinite)
     _print_result(res, as_json)
 
 
@@ -185,7 +201,7 @@ def orig_to_hf(ckpt: Path, out_dir: Path, tokenizer: Path | None, max_shard_size
 @shape_options
 @convert_options
 def orig_to_safetensors(ckpt: Path, out_file: Path, names: str, dtype: str, verify_output: bool, force: bool,
-                        as_json: bool, **shape: object) -> None:
+                        as_json: bool, allow_nonfinite: bool, quiet: bool, **shape: object) -> None:
     """Convert a gemma_pytorch checkpoint to one self-describing .safetensors file (config in its metadata).
 
     \b
@@ -196,7 +212,8 @@ def orig_to_safetensors(ckpt: Path, out_file: Path, names: str, dtype: str, veri
     from gemma2_convert.convert import orig_to_safetensors as run
 
     res = run(ckpt, out_file, names=names, shape=_shape(shape), dtype=dtype, verify_output=verify_output,
-              force=force, quiet=as_json, warn=_warn, on_report=None if as_json else _print_report)
+              force=force, quiet=quiet or as_json, warn=_warn, on_report=None if as_json else _print_report,
+              allow_nonfinite=allow_nonfinite)
     _print_result(res, as_json)
 
 
@@ -212,11 +229,12 @@ def orig_to_safetensors(ckpt: Path, out_file: Path, names: str, dtype: str, veri
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="config.json for an input that stores none (gemma_pytorch of unpublished shape).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
 def verify_cmd(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float, tokens: int,
-               config_path: Path | None, as_json: bool) -> None:
+               config_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Compare two checkpoints (any format the reference reads): tensors, then logits on fixed prompts.
 
-    Exits 3 when the comparison fails.
+    Prints a table (--json: the same as JSON); exits 3, with one error line, when the comparison fails.
 
     \b
     Examples:
@@ -227,13 +245,16 @@ def verify_cmd(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float,
     from gemma2_convert.formats.orig_config import ShapeOptions
 
     rep = verify_paths(a, b, tolerance=tolerance, max_kl=max_kl, min_top1=min_top1, n_tokens=tokens,
-                       shape=ShapeOptions(config=config_path))
+                       shape=ShapeOptions(config=config_path), quiet=quiet or as_json)
     _print_report(rep, as_json)
     if not rep.passed:
-        sys.exit(3)
+        from gemma2_convert.cli_errors import fail
+
+        fail(f"{rep.b}: verification against {rep.a} failed: " + "; ".join(rep.failures), 3)
 
 
 from gemma2_convert import cli_gguf  # noqa: E402,F401  (registers to-gguf, orig-to-gguf, gguf-to-hf)
+from gemma2_convert import cli_inspect  # noqa: E402,F401  (registers inspect)
 
 
 def main() -> None:

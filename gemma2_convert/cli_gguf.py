@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gemma2_convert.cli import _print_report, _print_result, _shape, _warn, cli, shape_options
+from gemma2_convert.cli import _print_report, _print_result, _shape, _warn, cli, safety_options, shape_options
 from gemma2_convert.demo import DemoRow
 from gemma2_convert.gguf_mix import GGUF_TYPES
 
@@ -35,7 +35,7 @@ def gguf_options(fn):
     ]
     for o in reversed(opts):
         fn = o(fn)
-    return fn
+    return safety_options(fn)
 
 
 def _print_gguf(res: object, as_json: bool) -> None:
@@ -67,7 +67,8 @@ def _print_gguf(res: object, as_json: bool) -> None:
 @click.option("--drop-head", is_flag=True, help="For a classification model: leave its score head out and export "
               "the decoder as a causal LM (llama.cpp's gemma2 has no classification head).")
 def to_gguf_cmd(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, verify_output: bool,
-                threads: int | None, force: bool, as_json: bool, drop_head: bool) -> None:
+                threads: int | None, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool,
+                drop_head: bool) -> None:
     """Write any checkpoint this tool reads (HF directory, single safetensors, gemma_pytorch, GGUF) as a GGUF
     that llama.cpp runs with the model's own logits, at any depth.
 
@@ -80,8 +81,8 @@ def to_gguf_cmd(src: Path, out_file: Path, type_name: str, tokenizer: Path | Non
     from gemma2_convert.gguf_convert import to_gguf
 
     res = to_gguf(src, out_file, type_name=type_name, tokenizer=tokenizer, verify_output=verify_output,
-                  threads=threads, force=force, quiet=as_json, warn=_warn, drop_head=drop_head,
-                  on_report=None if as_json else _print_report)
+                  threads=threads, force=force, quiet=quiet or as_json, warn=_warn, drop_head=drop_head,
+                  on_report=None if as_json else _print_report, allow_nonfinite=allow_nonfinite)
     _print_gguf(res, as_json)
 
 
@@ -91,7 +92,8 @@ def to_gguf_cmd(src: Path, out_file: Path, type_name: str, tokenizer: Path | Non
 @shape_options
 @gguf_options
 def orig_to_gguf_cmd(ckpt: Path, out_file: Path, type_name: str, tokenizer: Path | None, verify_output: bool,
-                     threads: int | None, force: bool, as_json: bool, **shape: object) -> None:
+                     threads: int | None, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool,
+                     **shape: object) -> None:
     """Write a gemma_pytorch checkpoint (model.ckpt, sharded or int8) as a GGUF, without an HF directory.
 
     \b
@@ -102,8 +104,8 @@ def orig_to_gguf_cmd(ckpt: Path, out_file: Path, type_name: str, tokenizer: Path
     from gemma2_convert.gguf_convert import orig_to_gguf
 
     res = orig_to_gguf(ckpt, out_file, shape=_shape(shape), type_name=type_name, tokenizer=tokenizer,
-                       verify_output=verify_output, threads=threads, force=force, quiet=as_json, warn=_warn,
-                       on_report=None if as_json else _print_report)
+                       verify_output=verify_output, threads=threads, force=force, quiet=quiet or as_json,
+                       warn=_warn, on_report=None if as_json else _print_report, allow_nonfinite=allow_nonfinite)
     _print_gguf(res, as_json)
 
 
@@ -121,8 +123,9 @@ def orig_to_gguf_cmd(ckpt: Path, out_file: Path, type_name: str, tokenizer: Path
               help="Compare the written directory with the GGUF (tensors and reference logits).")
 @click.option("--force", is_flag=True, help="Replace an existing output (kept until the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
+@safety_options
 def gguf_to_hf_cmd(src: Path, out_dir: Path, dtype: str, tokenizer: Path | None, max_shard_size: str,
-                   verify_output: bool, force: bool, as_json: bool) -> None:
+                   verify_output: bool, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Convert a gemma2 GGUF (ours or llama.cpp's, any type) to a Hugging Face directory, undoing the +1 on
     norms and any query scale folded into attn_q.
 
@@ -134,8 +137,8 @@ def gguf_to_hf_cmd(src: Path, out_dir: Path, dtype: str, tokenizer: Path | None,
     from gemma2_convert.gguf_convert import gguf_to_hf
 
     res = gguf_to_hf(src, out_dir, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,
-                     verify_output=verify_output, force=force, quiet=as_json, warn=_warn,
-                     on_report=None if as_json else _print_report)
+                     verify_output=verify_output, force=force, quiet=quiet or as_json, warn=_warn,
+                     on_report=None if as_json else _print_report, allow_nonfinite=allow_nonfinite)
     _print_result(res, as_json)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -37,8 +37,9 @@ class ByteProgress:
 
 
 @contextmanager
-def byte_progress(total: int, label: str, quiet: bool = False) -> Iterator[ByteProgress]:
-    """A bytes/s + ETA bar on stderr; silent under ``quiet`` or when stderr is not a terminal."""
+def byte_progress(total: int | None, label: str, quiet: bool = False) -> Iterator[ByteProgress]:
+    """A bytes/s + ETA bar on stderr (``total`` None: size unknown); silent under ``quiet`` or when stderr
+    is not a terminal."""
     if quiet or not sys.stderr.isatty():
         yield ByteProgress(None, None)
         return
@@ -46,6 +47,11 @@ def byte_progress(total: int, label: str, quiet: bool = False) -> Iterator[ByteP
             TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*cols, console=err, transient=True) as p:
         yield ByteProgress(p, p.add_task("", total=total))
+
+
+def spinner(label: str, quiet: bool = False) -> AbstractContextManager[Any]:
+    """A spinner with ``label`` on stderr for work of unknown length; silent like ``byte_progress``."""
+    return nullcontext() if quiet or not err.is_terminal else err.status(label)
 
 
 def human_bytes(n: float) -> str:

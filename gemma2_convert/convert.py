@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.errors import ConfigError, ConversionError
+from gemma2_convert.errors import ConfigError
 from gemma2_convert.formats import Checkpoint, open_checkpoint
 from gemma2_convert.formats.gemma_pytorch import open_orig
 from gemma2_convert.formats.hf import config_for_output, parse_size, write_hf_dir
@@ -26,6 +26,7 @@ from gemma2_convert.formats.torch_zip import check_integrity, fingerprint
 from gemma2_convert.lazy import LazyTensor
 from gemma2_convert.output import atomic_output, check_output
 from gemma2_convert.verify import Tolerance, VerifyReport, require, verify
+from gemma2_convert.weight_check import WeightCheck
 from reference.config import Gemma2Config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -47,6 +48,15 @@ class ConvertResult:
     seconds: float = 0.0
 
 
+def noting(warnings: list[str], warn: Callable[[str], None]) -> Callable[[str], None]:
+    """A warning callback that also keeps each message in ``warnings`` (for the result / --json)."""
+    def note(message: str) -> None:
+        warnings.append(message)
+        warn(message)
+
+    return note
+
+
 def resolve_dtype(name: str) -> torch.dtype | None:
     """'auto' → None (keep each tensor's dtype); otherwise the torch dtype."""
     if name == "auto":
@@ -56,24 +66,24 @@ def resolve_dtype(name: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _to_fp16_checked(t: torch.Tensor, name: str) -> torch.Tensor:
-    out = t.to(torch.float16)
-    if torch.isinf(out).any() and not torch.isinf(t).any():
-        raise ConversionError(f"tensor {name!r} has values beyond the float16 range (max |w| "
-                              f"{t.abs().max().item():.4g}); use --dtype bfloat16 or float32")
-    return out
-
-
-def cast(items: dict[str, LazyTensor], dtype: torch.dtype | None) -> list[tuple[str, LazyTensor]]:
-    """Lazily cast floating tensors to ``dtype`` (None keeps them); float16 casts are overflow-checked."""
+def cast(items: dict[str, LazyTensor], dtype: torch.dtype | None,
+         check: WeightCheck | None = None) -> list[tuple[str, LazyTensor]]:
+    """Lazily cast floating tensors to ``dtype`` (None keeps them). Each is checked by ``check`` (default:
+    NaN/Inf and float16 overflow are errors) as it is loaded for writing, before the cast."""
+    check = check or WeightCheck()
     out = []
     for name, t in items.items():
-        if dtype is None or not t.dtype.is_floating_point or t.dtype == dtype:
+        if not t.dtype.is_floating_point:
             out.append((name, t))
-        elif dtype == torch.float16:
-            out.append((name, t.map(lambda x, n=name: _to_fp16_checked(x, n), dtype=dtype)))
-        else:
-            out.append((name, t.to(dtype)))
+            continue
+        target = t.dtype if dtype is None else dtype
+        fp16 = target == torch.float16 and t.dtype != torch.float16
+
+        def load(x: torch.Tensor, name: str = name, target: torch.dtype = target, fp16: bool = fp16) -> torch.Tensor:
+            check(name, x, to_fp16=fp16)
+            return x if x.dtype == target else x.to(target)
+
+        out.append((name, t.map(load, dtype=target)))
     return out
 
 
@@ -112,6 +122,11 @@ def is_lossless(src: dict[str, LazyTensor], dtype: torch.dtype | None) -> bool:
 
 def source_files(src: Checkpoint) -> list[Path]:
     return [Path(f) for f in json.loads(src.metadata.get("files", "[]"))]
+
+
+def source_paths(src: Checkpoint) -> list[Path]:
+    """The checkpoint path and its files: what an output may never replace."""
+    return [src.path, *source_files(src)]
 
 
 def fits_in_memory(src: Checkpoint, budget: int = 1 << 30) -> bool:
@@ -175,22 +190,21 @@ def orig_to_hf(
     ckpt: str | Path, out: str | Path, *, shape: ShapeOptions | None = None, tokenizer: str | Path | None = None,
     dtype: str = "auto", max_shard_size: str | int = "5GB", verify_output: bool = True, force: bool = False,
     n_tokens: int = 64, quiet: bool = False, warn: Callable[[str], None] = lambda m: None,
-    on_report: Callable[[VerifyReport], None] | None = None,
+    on_report: Callable[[VerifyReport], None] | None = None, allow_nonfinite: bool = False,
 ) -> ConvertResult:
-    """gemma_pytorch checkpoint → Hugging Face model directory (config, safetensors, tokenizer, provenance)."""
+    """gemma_pytorch checkpoint → Hugging Face model directory (config, safetensors, tokenizer, provenance).
+
+    ``allow_nonfinite``: write NaN/Inf weights (and float16 overflows) with a warning instead of failing."""
     t0 = time.perf_counter()
     try:
         parse_size(max_shard_size)
     except ValueError as e:
         raise ConfigError(f"--max-shard-size: {e}") from None
     target = resolve_dtype(dtype)
-    check_output(Path(out), force)  # fail before reading a large checkpoint
+    check_output(Path(out), force, [ckpt])  # fail before reading a large checkpoint
     src, _ = open_source(ckpt, shape, tokenizer)
     warnings: list[str] = []
-
-    def note(m: str) -> None:
-        warnings.append(m)
-        warn(m)
+    note = noting(warnings, warn)
 
     if target == torch.float16:
         note(FP16_WARNING)
@@ -202,12 +216,13 @@ def orig_to_hf(
         if not tok.is_file():
             raise ConfigError("tokenizer file not found", tok)
         _check_tokenizer(tok, src.config, note)
-    items = cast(src.tensors, target)
+    items = cast(src.tensors, target, WeightCheck(allow_nonfinite, note, src.path))
     prov = provenance("orig-to-hf", src, {"dtype": dtype, "max_shard_size": str(max_shard_size),
                                           "tokenizer": str(tok) if tok else None, "verify": verify_output})
     out = Path(out)
     report = None
-    with atomic_output(out, force, directory=True) as tmp:
+    need = sum(t.nbytes for _, t in items) + (8 * tok.stat().st_size if tok else 0)
+    with atomic_output(out, force, directory=True, need_bytes=need, inputs=source_paths(src)) as tmp:
         files = _write_stream(sum(t.nbytes for _, t in items), "writing", quiet, lambda cb: write_hf_dir(
             tmp, src.config, items, max_shard_size=max_shard_size, tokenizer=tok, provenance=prov, on_tensor=cb))
         if verify_output:
@@ -223,7 +238,7 @@ def orig_to_safetensors(
     ckpt: str | Path, out: str | Path, *, names: str = "hf", shape: ShapeOptions | None = None,
     dtype: str = "auto", verify_output: bool = True, force: bool = False, n_tokens: int = 64,
     quiet: bool = False, warn: Callable[[str], None] = lambda m: None,
-    on_report: Callable[[VerifyReport], None] | None = None,
+    on_report: Callable[[VerifyReport], None] | None = None, allow_nonfinite: bool = False,
 ) -> ConvertResult:
     """gemma_pytorch checkpoint → one safetensors file with the config in its metadata."""
     from gemma2_convert.formats.single_safetensors import NAMES, write_single_safetensors
@@ -232,18 +247,21 @@ def orig_to_safetensors(
     if names not in NAMES:
         raise ConfigError(f"unknown --names {names!r}; choose one of {', '.join(NAMES)}")
     target = resolve_dtype(dtype)
-    check_output(Path(out), force)
+    check_output(Path(out), force, [ckpt])
     src, orig = open_source(ckpt, shape)
     if orig is None and names == "orig":
         raise ConfigError(f"--names orig keeps gemma_pytorch names; {src.format} input has none (use --names hf)")
-    warnings = [FP16_WARNING] if target == torch.float16 else []
-    for m in warnings:
-        warn(m)
-    items = cast(src.tensors if names == "hf" else orig, target)
+    warnings: list[str] = []
+    note = noting(warnings, warn)
+
+    if target == torch.float16:
+        note(FP16_WARNING)
+    items = cast(src.tensors if names == "hf" else orig, target, WeightCheck(allow_nonfinite, note, src.path))
     prov = provenance("orig-to-safetensors", src, {"dtype": dtype, "names": names, "verify": verify_output})
     out = Path(out)
     report = None
-    with atomic_output(out, force) as tmp:
+    need = sum(t.nbytes for _, t in items) + (1 << 20)
+    with atomic_output(out, force, need_bytes=need, inputs=source_paths(src)) as tmp:
         _write_stream(sum(t.nbytes for _, t in items), "writing", quiet, lambda cb: write_single_safetensors(
             tmp, src.config, items, names=names, provenance=prov, on_tensor=cb))
         if verify_output:
@@ -255,9 +273,12 @@ def orig_to_safetensors(
 
 def verify_paths(
     a: str | Path, b: str | Path, *, tolerance: str = "auto", max_kl: float = 0.05, min_top1: float = 0.9,
-    n_tokens: int = 64, shape: ShapeOptions | None = None,
+    n_tokens: int = 64, shape: ShapeOptions | None = None, quiet: bool = True,
 ) -> VerifyReport:
-    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match."""
+    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match.
+    A progress bar (unless ``quiet``) follows the tensor comparison."""
+    from gemma2_convert.console import byte_progress
+
     ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
     if tolerance == "auto":
         same = all(cb.tensors[n].dtype == t.dtype for n, t in ca.tensors.items() if n in cb.tensors)
@@ -265,4 +286,6 @@ def verify_paths(
     tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
     if tolerance not in tols:
         raise ConfigError(f"unknown tolerance {tolerance!r}; choose auto, {', '.join(tols)}")
-    return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, resident=fits_in_memory(ca))
+    with byte_progress(ca.nbytes, "comparing", quiet) as bar:
+        return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, resident=fits_in_memory(ca),
+                      on_tensor=bar.advance)

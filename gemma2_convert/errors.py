@@ -52,6 +52,16 @@ class UnsupportedError(ConversionError):
     """A valid request this version cannot carry out (e.g. an unsupported quant type)."""
 
 
+class NonFiniteError(ConversionError):
+    """A weight holds NaN/Inf, or would overflow the output dtype (``--allow-nonfinite`` writes it anyway)."""
+
+
+class DiskSpaceError(ConversionError):
+    """Not enough free space for the output, found before writing or when a write failed."""
+
+    exit_code = 28
+
+
 def name_list(names: Iterable[str], limit: int = 20) -> str:
     """Sorted, comma-separated names, truncated after ``limit`` with a count of the rest."""
     items = sorted(names)

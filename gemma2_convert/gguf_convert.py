@@ -24,10 +24,12 @@ from gemma2_convert.formats import gguf_metadata as gm
 from gemma2_convert.formats.gguf_names import (add_one, fold_query, gguf_name, is_norm, is_query,
                                                llama_cpp_query_scalar, norm_residual, query_fold_ratio)
 from gemma2_convert.formats.gguf_values import Value, ValueType, array, string
-from gemma2_convert.formats.gguf_writer import TensorPlan, patch_string, write_gguf
+from gemma2_convert.formats.gguf_writer import TensorPlan, header_bytes, patch_string, write_gguf
 from gemma2_convert.gguf_mix import GGUF_TYPES, TypeChoice, check_type, choose_type, file_type
-from gemma2_convert.output import atomic_output
+from gemma2_convert.convert import noting
+from gemma2_convert.output import atomic_output, check_output
 from gemma2_convert.verify import Tolerance, VerifyReport, require, verify
+from gemma2_convert.weight_check import WeightCheck
 
 HASH_PLACEHOLDER = "sha256-pending-" + "0" * 49  # 64 characters, replaced once the data is written
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -168,12 +170,14 @@ def write_checkpoint_gguf(
     on_report: Callable[[VerifyReport], None] | None = None,
     planner: Callable[[Checkpoint, str], tuple[list[TensorPlan], list[TypeChoice]]] | None = None,
     extra_metadata: list[tuple[str, Value]] | None = None, drop_head: bool = False,
+    allow_nonfinite: bool = False,
 ) -> GGUFResult:
     """Write an open checkpoint as a gemma2 GGUF of ``type_name`` (see ``gguf_mix``), then verify it.
 
     ``threads``: quantization workers (default: every CPU available). ``planner`` replaces
-    ``plan_tensors`` (``gemma2-quantize`` plans its own types and block encoders)."""
-    from gemma2_convert.console import byte_progress
+    ``plan_tensors`` (``gemma2-quantize`` plans its own types and block encoders). ``allow_nonfinite``:
+    write NaN/Inf weights (and F16 overflows) with a warning instead of failing."""
+    from gemma2_convert.console import byte_progress, spinner
 
     t0 = time.perf_counter()
     key = check_type(type_name)
@@ -192,19 +196,25 @@ def write_checkpoint_gguf(
                         f"as llama-quantize does: {name_list(f'{c.name} → {c.qtype}' for c in fallbacks)}")
     for m in warnings:
         warn(m)
+    note = noting(warnings, warn)
+
+    check = WeightCheck(allow_nonfinite, note, ckpt.path, fix="use --type bf16 or f32")
     meta = (gm.model_metadata(cfg, file_type(key), ckpt.path.stem) + provenance(ckpt, ratio)
             + vocabulary(ckpt, Path(tokenizer) if tokenizer else None) + norm_residuals(ckpt)
             + list(extra_metadata or []))
     out = Path(out)
     report = None
-    with atomic_output(out, force) as tmp:
+    need = len(header_bytes(meta, plans)) + sum(p.nbytes + 32 for p in plans)
+    with atomic_output(out, force, need_bytes=need, inputs=[ckpt.path]) as tmp:
         h = hashlib.sha256()
         with byte_progress(sum(p.source.nbytes for p in plans), "writing", quiet) as bar:
-            size = write_gguf(tmp, meta, plans, source_hash=h, on_tensor=bar.advance, threads=threads)
+            size = write_gguf(tmp, meta, plans, source_hash=h, on_tensor=bar.advance, threads=threads,
+                              check=check)
         patch_string(tmp, gm.K_SOURCE_SHA256, HASH_PLACEHOLDER, h.hexdigest())
         if verify_output:
-            rep = verify(ckpt, open_checkpoint(tmp, format="gguf"), tolerance=tolerance(choices, ckpt, ratio),
-                         n_tokens=n_tokens, resident=_fits(ckpt))
+            with spinner("verifying: tensors read back, reference logits", quiet):
+                rep = verify(ckpt, open_checkpoint(tmp, format="gguf"), tolerance=tolerance(choices, ckpt, ratio),
+                             n_tokens=n_tokens, resident=_fits(ckpt))
             rep.b = str(out)
             if on_report is not None:
                 on_report(rep)
@@ -239,6 +249,7 @@ def _fits(ckpt: Checkpoint) -> bool:
 
 def to_gguf(src: str | Path, out: str | Path, **options: object) -> GGUFResult:
     """Any checkpoint the project reads → GGUF (options as ``write_checkpoint_gguf``)."""
+    check_output(Path(out), bool(options.get("force")), [src])  # before reading anything
     return write_checkpoint_gguf(open_checkpoint(src), out, **options)  # type: ignore[arg-type]
 
 
@@ -246,6 +257,7 @@ def orig_to_gguf(ckpt: str | Path, out: str | Path, *, shape: object = None, **o
     """Original checkpoint (gemma_pytorch or Flax/Orbax) → GGUF."""
     from gemma2_convert.convert import open_source
 
+    check_output(Path(out), bool(options.get("force")), [ckpt])
     src, _ = open_source(ckpt, shape, options.get("tokenizer"))  # type: ignore[arg-type]
     return write_checkpoint_gguf(src, out, **options)  # type: ignore[arg-type]
 
@@ -254,16 +266,17 @@ def gguf_to_hf(
     src: str | Path, out: str | Path, *, dtype: str = "auto", tokenizer: str | Path | None = None,
     max_shard_size: str | int = "5GB", verify_output: bool = True, force: bool = False, n_tokens: int = 64,
     quiet: bool = False, warn: Callable[[str], None] = lambda m: None,
-    on_report: Callable[[VerifyReport], None] | None = None,
+    on_report: Callable[[VerifyReport], None] | None = None, allow_nonfinite: bool = False,
 ):
     """GGUF → Hugging Face directory, dequantizing; ``dtype`` auto = the recorded source dtype
     (float32 for files without our provenance)."""
     from gemma2_convert.convert import ConvertResult, cast, resolve_dtype
     from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.console import byte_progress
+    from gemma2_convert.console import byte_progress, spinner
     from gemma2_convert.tokenizer import find_tokenizer
 
     t0 = time.perf_counter()
+    check_output(Path(out), force, [src])
     ckpt = open_checkpoint(src, format="gguf")
     name = ckpt.metadata.get("source_dtype", "float32") if dtype == "auto" else dtype
     target = resolve_dtype(name)
@@ -277,13 +290,16 @@ def gguf_to_hf(
                         "tokenizer files (pass --tokenizer)")
     for m in warnings:
         warn(m)
-    items = cast(ckpt.tensors, target)
+    note = noting(warnings, warn)
+
+    items = cast(ckpt.tensors, target, WeightCheck(allow_nonfinite, note, ckpt.path))
     cfg = ckpt.config.replace(torch_dtype=name)
     prov = {"command": "gguf-to-hf", "source": {"path": str(Path(src).resolve()), "format": "gguf",
                                                 **{k: v for k, v in ckpt.metadata.items()}}}
     out = Path(out)
     report = None
-    with atomic_output(out, force, directory=True) as tmp:
+    need = sum(t.nbytes for _, t in items) + 8 * (len(embedded) if embedded else tok.stat().st_size if tok else 0)
+    with atomic_output(out, force, directory=True, need_bytes=need, inputs=[ckpt.path]) as tmp:
         if embedded is not None:  # written into the output first, then read from there
             tok = tmp / "tokenizer.model"
             tok.write_bytes(embedded)
@@ -292,8 +308,9 @@ def gguf_to_hf(
                                  on_tensor=bar.advance)
         if verify_output:
             lossless = all(t.dtype == target or target == torch.float32 for t in ckpt.tensors.values())
-            report = verify(ckpt, open_checkpoint(tmp), tolerance=Tolerance() if lossless else Tolerance.cast(),
-                            n_tokens=n_tokens, resident=_fits(ckpt))
+            with spinner("verifying: tensors, reference logits", quiet):
+                report = verify(ckpt, open_checkpoint(tmp), tolerance=Tolerance() if lossless else Tolerance.cast(),
+                                n_tokens=n_tokens, resident=_fits(ckpt))
             report.b = str(out)
             if on_report is not None:
                 on_report(report)

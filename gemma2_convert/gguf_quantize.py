@@ -129,4 +129,5 @@ def write_gguf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec
         raise UnsupportedError(f"llama.cpp's gemma2 has no {ckpt.config.head} head; use --format hf", ckpt.path)
     label = next(s for s in specs.values() if s is not None).label()
     write_checkpoint_gguf(ckpt, out, type_name=main_type(specs), verify_output=False, force=True, quiet=True,
-                          planner=make_planner(specs, mq), extra_metadata=[(K_QUANTIZATION, string(label))])
+                          planner=make_planner(specs, mq), extra_metadata=[(K_QUANTIZATION, string(label))],
+                          allow_nonfinite=opts.allow_nonfinite)

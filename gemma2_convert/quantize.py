@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from gemma2_convert.errors import UnsupportedError
+from gemma2_convert.errors import ConversionError, UnsupportedError
 from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
 from gemma2_convert.lazy import LazyTensor
 from quant.metrics import rel_rmse, sqnr_db
@@ -41,6 +41,8 @@ class QuantizeOptions:
     eval_text: Path | None = None
     verify: bool = True
     force: bool = False
+    allow_nonfinite: bool = False
+    """Quantize NaN/Inf weights with a warning instead of failing."""
 
     def group(self) -> int | None:
         return DEFAULT_GROUP[self.format] if self.group_size == "auto" else self.group_size  # type: ignore[return-value]
@@ -75,12 +77,17 @@ def layer_order(name: str) -> tuple[int, str]:
 
 
 def plan_specs(ckpt: Checkpoint, opts: QuantizeOptions) -> dict[str, QuantSpec | None]:
-    """The policy's verdict for every tensor (shape errors raised up front, before any work)."""
-    return {
-        name: default_policy(name, t.shape, bits=opts.bits, group_size=opts.group(), symmetric=opts.symmetric,
-                             method=opts.method, embedding=opts.embedding)
-        for name, t in ckpt.tensors.items()
-    }
+    """The policy's verdict for every tensor (shape errors raised up front, before any work, naming the file)."""
+    try:
+        return {
+            name: default_policy(name, t.shape, bits=opts.bits, group_size=opts.group(), symmetric=opts.symmetric,
+                                 method=opts.method, embedding=opts.embedding)
+            for name, t in ckpt.tensors.items()
+        }
+    except ConversionError as e:
+        if e.path is not None:
+            raise
+        raise type(e)(str(e), ckpt.path) from None
 
 
 class ModuleQuantizer:
@@ -153,25 +160,44 @@ def write_hf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec |
                  provenance={"source": str(ckpt.path), "quantized_by": f"gemma2-quantize {__version__}"})
 
 
+def estimate_bytes(ckpt: Checkpoint, specs: dict[str, QuantSpec | None]) -> int:
+    """About what the output takes: packed codes plus a scale (and zero) per group, kept tensors as they are."""
+    total = 0
+    for name, t in ckpt.tensors.items():
+        spec = specs[name]
+        if spec is None:
+            total += t.nbytes
+        else:
+            groups = t.numel // (spec.group_size or t.shape[-1])
+            total += t.numel * spec.bits // 8 + groups * 4 * (1 if spec.symmetric else 2)
+    return total + (1 << 20)
+
+
 def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: QuantizeOptions,
-                        on_tensor: Callable[[str, int], None] | None = None) -> QuantizeResult:
-    """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed)."""
-    from gemma2_convert.output import atomic_output
+                        on_tensor: Callable[[str, int], None] | None = None,
+                        warn: Callable[[str], None] = lambda m: None) -> QuantizeResult:
+    """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed). Every
+    weight is checked for NaN/Inf when it is first read (``opts.allow_nonfinite``: a warning)."""
+    from gemma2_convert.output import atomic_output, check_free_space, check_output
     from gemma2_convert.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
+    from gemma2_convert.weight_check import WeightCheck, checked_once
 
     if opts.format not in FORMATS:
         raise UnsupportedError(f"format {opts.format!r}; choose one of {list(FORMATS)}")
+    check_output(Path(out), opts.force, [] if isinstance(src, Checkpoint) else [src])
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    ckpt = replace(ckpt, tensors=checked_once(ckpt.tensors, WeightCheck(opts.allow_nonfinite, warn, ckpt.path)))
     specs = plan_specs(ckpt, opts)
     if not any(specs.values()):
         raise UnsupportedError("no tensor of this checkpoint is quantizable by the policy", ckpt.path)
+    check_free_space(Path(out), estimate_bytes(ckpt, specs))  # before calibration and writing
     res = QuantizeResult(Path(out), opts.format, sum(s is not None for s in specs.values()),
                          sum(s is None for s in specs.values()), ckpt.nbytes)
     gptq = _gptq_engine(ckpt, specs, opts) if opts.method == "gptq" else None
     importance = _importance(ckpt, specs, opts) if opts.method in ("mse", "hqq") else None
     mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
     directory = opts.format == "hf"
-    with atomic_output(out, opts.force, directory=directory) as tmp:
+    with atomic_output(out, opts.force, directory=directory, inputs=[ckpt.path]) as tmp:
         if opts.format == "hf":
             write_hf_quantized(tmp, ckpt, specs, mq, on_tensor)
         else:

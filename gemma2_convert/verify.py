@@ -8,6 +8,8 @@ mean KL(a‖b), top-1 agreement and the perplexity of each. Weights stream from 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,21 +97,49 @@ def default_prompts(ckpt: Checkpoint, n_tokens: int, seed: int = 0) -> list[torc
     return prompts
 
 
-def compare_tensors(a: Checkpoint, b: Checkpoint, worst: int = 5) -> tuple[int, list[TensorDiff]]:
-    """Number of b's tensors equal to a's cast to b's dtype, and the worst ``worst`` by SQNR."""
+COMPARE_ELEMENTS = 1 << 24  # compared per step: casts and differences of at most 16 M elements at a time
+
+
+def _row_blocks(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching blocks of rows of x and y, so no cast or difference of a whole (256k-row) tensor is held."""
+    if x.dim() == 0 or x.shape != y.shape:
+        yield x, y
+        return
+    step = max(1, COMPARE_ELEMENTS // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], step):
+        yield x[i:i + step], y[i:i + step]
+
+
+def tensor_diff(name: str, x: torch.Tensor, y: torch.Tensor) -> TensorDiff:
+    """x cast to y's dtype against y; when they differ, SQNR (as ``quant.metrics.sqnr_db``) and max |Δ|."""
+    if x.shape != y.shape:
+        return TensorDiff(name, False, sqnr_db(x.float(), y.float()), float("inf"))
+    if all(torch.equal(xb.to(yb.dtype), yb) for xb, yb in _row_blocks(x, y)):
+        return TensorDiff(name, True, float("inf"), 0.0)
+    signal = noise = max_abs = 0.0
+    for xb, yb in _row_blocks(x, y):
+        xd = xb.double()
+        dd = xd - yb.double()
+        signal, noise = signal + float(xd.pow(2).sum()), noise + float(dd.pow(2).sum())
+        max_abs = max(max_abs, float(dd.abs().max()) if dd.numel() else 0.0)
+    if noise == 0.0:
+        return TensorDiff(name, False, float("inf"), max_abs)
+    rel = math.sqrt(noise / signal) if signal > 0 else math.inf
+    return TensorDiff(name, False, -20.0 * math.log10(rel), max_abs)
+
+
+def compare_tensors(a: Checkpoint, b: Checkpoint, worst: int = 5,
+                    on_tensor: Callable[[str, int], None] | None = None) -> tuple[int, list[TensorDiff]]:
+    """Number of b's tensors equal to a's cast to b's dtype, and the worst ``worst`` by SQNR
+    (``on_tensor(name, nbytes)`` after each: progress)."""
     from gemma2_convert.errors import check_names
 
     check_names(a.tensors, b.tensors, b.path)
     diffs = []
     for name, ta in a.tensors.items():
-        x = ta.load()
-        y = b.tensors[name].load()
-        equal = torch.equal(x.to(y.dtype), y)
-        if equal:
-            diffs.append(TensorDiff(name, True, float("inf"), 0.0))
-        else:
-            xf, yf = x.float(), y.float()
-            diffs.append(TensorDiff(name, False, sqnr_db(xf, yf), (xf - yf).abs().max().item()))
+        diffs.append(tensor_diff(name, ta.load(), b.tensors[name].load()))
+        if on_tensor is not None:
+            on_tensor(name, ta.nbytes)
     n_equal = sum(d.equal for d in diffs)
     return n_equal, sorted((d for d in diffs if not d.equal), key=lambda d: d.sqnr_db)[:worst]
 
@@ -144,7 +174,7 @@ def compare_logits(a: Gemma2Model, b: Gemma2Model, prompts: list[torch.Tensor]) 
 def verify(
     a: str | Path | Checkpoint, b: str | Path | Checkpoint, *, tolerance: Tolerance | None = None,
     dtype: torch.dtype = torch.float32, n_tokens: int = 64, resident: bool | None = None,
-    check_tensors: bool = True,
+    check_tensors: bool = True, on_tensor: Callable[[str, int], None] | None = None,
 ) -> VerifyReport:
     """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring."""
     tol = tolerance or Tolerance()
@@ -152,7 +182,7 @@ def verify(
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
     rep = VerifyReport(str(ca.path), str(cb.path))
     if check_tensors:
-        rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb)
+        rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb, on_tensor=on_tensor)
         rep.tensors_total = len(ca.tensors)
         if tol.tensors_equal and rep.tensors_equal != rep.tensors_total:
             rep.failures.append(f"{rep.tensors_total - rep.tensors_equal} tensor(s) differ, worst "
@@ -165,6 +195,8 @@ def verify(
     m = compare_logits(reference_model(ca, dtype, resident), reference_model(cb, dtype, resident), default_prompts(ca, n_tokens))
     for k, v in m.items():
         setattr(rep, k, v)
+    if not all(math.isfinite(v) for v in (rep.max_abs_logits, rep.mean_kl, rep.ppl_a, rep.ppl_b)):
+        rep.failures.append("the logits are not finite (NaN/Inf): a weight holds NaN/Inf or the forward overflows")
     if rep.max_abs_logits > tol.max_abs:
         rep.failures.append(f"max |Δ logits| {rep.max_abs_logits:.3g} > {tol.max_abs:g}")
     if rep.mean_kl > tol.max_kl:

@@ -46,11 +46,13 @@ def _group(value: str) -> int | None | str:
               help="Compare against the source with the reference model; on failure the output is removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Quantize weights holding NaN/Inf with a warning, instead of refusing them with an error.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: str, fmt: str,
         calibration: Path | None, eval_text: Path | None, embedding: str, verify_output: bool, as_json: bool,
-        force: bool, quiet: bool, debug: bool) -> None:
+        force: bool, quiet: bool, allow_nonfinite: bool, debug: bool) -> None:
     """Quantize the Gemma 2 checkpoint SRC (HF dir, original checkpoint, safetensors, GGUF F32/F16/BF16)
     to int8 / int4 into OUT, and report its quality against SRC.
 
@@ -62,14 +64,22 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
     """
     from gemma2_convert.console import byte_progress
     from gemma2_convert.formats import open_checkpoint
+    from gemma2_convert.output import check_output
     from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
 
     opts = QuantizeOptions(int(bits), _group(group_size), scheme == "sym", method, fmt, embedding,
-                           calibration, eval_text, verify_output, force)
+                           calibration, eval_text, verify_output, force, allow_nonfinite)
+    check_output(out, force, [src])  # before reading anything
     ckpt = open_checkpoint(src)
     with byte_progress(ckpt.nbytes, "quantize", quiet or as_json) as bar:
-        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.advance)
+        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.advance, warn=_warn)
     print_result(res, as_json)
+
+
+def _warn(message: str) -> None:
+    from gemma2_convert.cli_errors import warn
+
+    warn(message)
 
 
 def print_result(res, as_json: bool) -> None:

@@ -37,3 +37,22 @@ def test_demo_refuses_non_empty_workdir(tmp_path):
     assert "already exists; pass --force" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_every_command_has_examples_and_quiet():
+    """Each command's --help shows examples and a --quiet option (no progress bar)."""
+    helps = {name: CliRunner().invoke(cli, [name, "--help"]) for name in cli.commands}
+    helps["gemma2-quantize"] = CliRunner().invoke(qcli, ["--help"])
+    assert set(helps) >= {"demo", "orig-to-hf", "orig-to-safetensors", "orig-to-gguf", "to-gguf", "gguf-to-hf",
+                          "verify", "inspect", "gemma2-quantize"}
+    for name, r in helps.items():
+        assert r.exit_code == 0, (name, r.output)
+        assert "Example" in r.output and "--quiet" in r.output, (name, r.output)
+
+
+def test_usage_errors_are_one_line():
+    r = CliRunner().invoke(cli, ["to-gguf", "missing.safetensors", "out.gguf"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: Invalid value for 'SRC': Path 'missing.safetensors' does not exist.")
+    r = CliRunner().invoke(qcli, ["x", "y", "--bits", "3"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Invalid value for '--bits'" in r.stderr, r.stderr

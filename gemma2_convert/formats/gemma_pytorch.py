@@ -235,10 +235,19 @@ def open_orig(path: Path, options: ShapeOptions | None = None) -> tuple[Checkpoi
     return Checkpoint("gemma_pytorch", path, cfg, to_hf(orig, cfg), find_tokenizer(path), meta), orig
 
 
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
 def _detect(p: Path) -> bool:
+    """A directory with a checkpoint, a torch.save zip — or any file that looks meant as one (a torch
+    suffix, zip or pickle magic), so that the reader says what is wrong with a broken one."""
     if p.is_dir():
         return (p / INDEX).is_file() or _ckpt_in_dir(p) is not None
-    return p.is_file() and torch_zip.is_torch_zip(p)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        head = f.read(4)
+    return head != b"GGUF" and (p.suffix in TORCH_SUFFIXES or head == torch_zip.ZIP_MAGIC or head[:1] == b"\x80")
 
 
 @register_reader("gemma_pytorch", "a gemma_pytorch model.ckpt, a directory holding one, or a sharded directory "

@@ -112,6 +112,9 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError("is not a file: a GGUF file was expected" if self.path.exists() else "no such file",
+                              self.path)
         with open(self.path, "rb") as f:
             size = self.path.stat().st_size
             if size < 24:

@@ -48,7 +48,7 @@ def dequantize(f: GGUFFile, info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32)).reshape(info.shape)
 
 
-def _stored_dtype(info: TensorInfo) -> torch.dtype:
+def stored_dtype(info: TensorInfo) -> torch.dtype:
     return _FLOAT_VIEWS.get(info.type_name, torch.float32)
 
 
@@ -74,7 +74,7 @@ def _canonical(f: GGUFFile, info: TensorInfo, hf: str, fold: float, source_dtype
             return q if exact_dtype is None else q.to(exact_dtype).float()  # back onto the source grid
 
         return LazyTensor(shape, torch.float32, query)
-    return LazyTensor(shape, _stored_dtype(info), lambda: dequantize(f, info))
+    return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info))
 
 
 def _source_dtype(f: GGUFFile) -> torch.dtype | None:

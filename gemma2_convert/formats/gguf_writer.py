@@ -30,6 +30,7 @@ from gemma2_convert.errors import ConversionError
 from gemma2_convert.formats.gguf_values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
                                                 boolean, f32, string, string_bytes, u32, value_bytes)
 from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.weight_check import WeightCheck
 from quant.gguf_codec import bytes_for, quantize_tensor
 from quant.gguf_types import ggml_type
 
@@ -110,17 +111,8 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
     if out is None or out.numel() < nbytes:
         return chunk.to(target).contiguous().view(torch.uint8)
     dst = out[:nbytes].view(target).view(chunk.shape)
-    dst.copy_(chunk)  # exact copy, or round-to-nearest-even to f16
-    if target == torch.float16 and chunk.dtype != torch.float16 and _has_f16_inf(dst):
-        if not bool(chunk.isinf().any()):
-            raise ConversionError(f"values beyond the float16 range (max |w| {chunk.abs().max().item():.4g}); "
-                                  "use --type bf16 or f32")
+    dst.copy_(chunk)  # exact copy, or round-to-nearest-even to f16 (the range was checked per tensor)
     return dst.view(torch.uint8)
-
-
-def _has_f16_inf(h: torch.Tensor) -> bool:
-    """Any ±inf/NaN in float16 ``h``: exponent bits all ones (an integer max, ~8× faster than isinf)."""
-    return bool((h.view(torch.int16) & 0x7FFF).max() >= 0x7C00)
 
 
 def _write(f: BinaryIO, data: torch.Tensor | bytes) -> None:
@@ -215,21 +207,25 @@ class _Stream:
 def write_gguf(
     path: str | Path, metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan], *,
     source_hash: hashlib._Hash | None = None, on_tensor: Callable[[str, int], None] | None = None,
-    threads: int | None = None,
+    threads: int | None = None, check: WeightCheck | None = None,
 ) -> int:
     """Write a GGUF file, streaming tensor data; return its size in bytes.
 
     ``source_hash``, if given, is updated with every source tensor (name, dtype, shape, bytes) in
     write order, before any transform — a fingerprint of the canonical weights. ``threads``
-    (default: all CPUs) encode block-quantized chunks in parallel.
+    (default: all CPUs) encode block-quantized chunks in parallel. ``check`` runs on every source
+    tensor as it is loaded (NaN/Inf, and the float16 range of F16 tensors after the transform);
+    default: both are errors.
     """
     path = Path(path)
+    check = check or WeightCheck(fix="use --type bf16 or f32")
     with open(path, "wb") as f, _one_intra_op_thread():
         f.write(header_bytes(metadata, tensors))
         stream = _Stream(f, source_hash, threads or default_threads())
         try:
             for t in tensors:
                 src = t.source.load()
+                check(t.name, src, to_fp16=t.qtype == "F16", transform=t.transform)
                 stream.hash(t.name, src)
                 written = 0
                 try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.errors import FormatError, TensorMismatchError
+from gemma2_convert.errors import FormatError, TensorMismatchError, UnsupportedError
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
 from gemma2_convert.lazy import LazyTensor
@@ -79,9 +79,23 @@ def drop_tied_head(tensors: dict[str, LazyTensor], config: Gemma2Config) -> None
         tensors.pop("lm_head.weight", None)
 
 
+def _gemma2_config(path: Path) -> Path:
+    """``path``, after refusing a config of another architecture by name (before its missing keys)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return path  # Gemma2Config.from_json_file says what is wrong with it
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind is not None and kind != "gemma2":
+        arch = ", ".join(raw.get("architectures") or []) or "?"
+        raise UnsupportedError(f"model_type is {kind!r}, expected 'gemma2' (architectures: {arch}): this is not a "
+                               "Gemma 2 model", path)
+    return path
+
+
 @register_reader("hf", "a Hugging Face directory with config.json and *.safetensors", _is_hf_dir)
 def open_hf_dir(path: Path, **_: object) -> Checkpoint:
-    config = Gemma2Config.from_json_file(path / "config.json")
+    config = Gemma2Config.from_json_file(_gemma2_config(path / "config.json"))
     raw_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     tensors, meta = read_tensors(path)
     tensors = canonical_names(tensors)

@@ -52,6 +52,9 @@ def _json_depth_ok(raw: str) -> bool:
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and validate the header; return (header dict, absolute offset of the data buffer)."""
+    if not path.is_file():
+        raise FormatError("is not a file: a safetensors file was expected" if path.exists() else
+                          "no such file", path)
     size = path.stat().st_size
     if size < 8:
         raise FormatError(f"file is {size} bytes, too short for a safetensors header", path)

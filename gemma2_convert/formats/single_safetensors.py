@@ -23,7 +23,7 @@ from gemma2_convert.errors import ConfigError, FormatError, check_names
 from gemma2_convert.formats.gemma_pytorch import orig_names, to_hf
 from gemma2_convert.formats.hf import config_for_output, drop_tied_head
 from gemma2_convert.formats.registry import Checkpoint, register_reader
-from gemma2_convert.formats.safetensors import SafetensorsFile, read_header, write_safetensors
+from gemma2_convert.formats.safetensors import SafetensorsFile, write_safetensors
 from gemma2_convert.lazy import LazyTensor
 from reference.config import Gemma2Config
 
@@ -34,23 +34,32 @@ NAMES = ("hf", "orig")
 
 
 def _detect(p: Path) -> bool:
+    """A file named ``*.safetensors``, or whose bytes begin like one (a u64 length, then ``{``): it is
+    claimed even when broken, so that the reader says what is wrong with it."""
     if not p.is_file():
         return False
+    if p.suffix == ".safetensors":
+        return True
     try:
-        header, _ = read_header(p)
-    except (FormatError, OSError):
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
         return False
-    return CONFIG_KEY in header.get("__metadata__", {})
+    return len(head) == 9 and head[8:] == b"{" and head[:4] != b"GGUF"
 
 
 @register_reader("safetensors", "one .safetensors file with the model config in its __metadata__ "
                  "(written by orig-to-safetensors)", _detect)
 def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
     f = SafetensorsFile(path)
+    if CONFIG_KEY not in f.metadata:
+        raise ConfigError(f"holds no model config ({CONFIG_KEY!r} in __metadata__); a safetensors file from a "
+                          "Hugging Face directory is read with its directory (pass the directory, which has "
+                          "config.json)", path)
     try:
         raw = json.loads(f.metadata[CONFIG_KEY])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ConfigError(f"__metadata__ has no readable {CONFIG_KEY!r} ({type(e).__name__}: {e})", path) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"__metadata__ {CONFIG_KEY!r} is not valid JSON ({e})", path) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"__metadata__ {CONFIG_KEY!r} is not a JSON object", path)
     cfg = Gemma2Config.from_hf_dict(raw, path)

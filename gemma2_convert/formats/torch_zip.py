@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def _load_error(path: Path, e: Exception) -> FormatError:
         return FormatError("corrupt pickle inside the checkpoint (truncated or damaged file)", path)
     if "failed finding central directory" in msg or "failed reading zip archive" in msg:
         return FormatError("truncated or corrupt zip archive (an incomplete download?)", path)
+    missing = re.search(r"failed locating file (\S+): file not found", msg)
+    if missing:
+        return FormatError(f"the archive lacks the record {missing.group(1)} that its pickle refers to (an "
+                           "incomplete or damaged file)", path)
     return FormatError(f"corrupt checkpoint ({type(e).__name__}: {msg.splitlines()[0][:200]})", path)
 
 
@@ -55,6 +60,12 @@ def load(path: Path) -> object:
                               path)
         raise FormatError(f"not a gemma_pytorch checkpoint: expected a torch.save zip archive, file starts with "
                           f"{head!r}", path)
+    if not is_torch_zip(path):
+        try:
+            zipfile.ZipFile(path).close()
+        except (OSError, zipfile.BadZipFile):
+            raise FormatError("truncated or corrupt zip archive (an incomplete download?)", path) from None
+        raise FormatError("a zip archive without a data.pkl record: not a torch.save checkpoint", path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/ValueError/… for bad archives
