@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): ``python -m bench NAME --help``. Results go to docs/BENCHMARKS.md."""
+"""Benchmarks (not tests): ``python -m bench all --size 2b``; results go to docs/BENCHMARKS.md."""

@@ -1,0 +1,125 @@
+"""Forward pass: the reference model against transformers' eager ``Gemma2ForCausalLM``, tokens/s.
+
+Same synthetic HF directory, same dtype, same random prompt, one child process per (tool, dtype). Each
+child loads the model, warms up (one prefill and two decode steps; the reference casts its weights on
+first use when the dtype differs from the file's), then times ``--reps`` prefills of ``--prompt`` tokens
+and ``--reps`` decodes of ``--decode`` tokens, one token per forward with the KV cache, greedy. Both
+compute logits for every position, as each library does by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench import harness, report, synth
+from bench.harness import PYTHON, Case
+
+MARK = "forward"
+TOOLS = {"ref": "reference (reference.Gemma2ForCausalLM)", "hf": "transformers Gemma2ForCausalLM (eager)"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def _load(tool: str, src: Path, dtype):
+    if tool == "ref":
+        from reference import Gemma2ForCausalLM
+
+        return Gemma2ForCausalLM.from_pretrained(str(src), dtype=dtype, resident=True)
+    import transformers
+
+    return transformers.Gemma2ForCausalLM.from_pretrained(str(src), dtype=dtype, attn_implementation="eager").eval()
+
+
+def _step(model, ids, cache):
+    out = model(ids, past_key_values=cache, use_cache=True, return_dict=True)
+    return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+
+def child_main(argv: list[str]) -> int:
+    """Child: print JSON {load_s, prefill_tok_s, decode_tok_s} for one tool and dtype."""
+    import torch
+
+    ap = argparse.ArgumentParser(prog="python -m bench forward-child")
+    ap.add_argument("tool", choices=sorted(TOOLS))
+    ap.add_argument("src", type=Path)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args(argv)
+    dtype = getattr(torch, DTYPES[a.dtype])
+    t0 = time.perf_counter()
+    model = _load(a.tool, a.src, dtype)
+    load_s = time.perf_counter() - t0
+    vocab = json.loads((a.src / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(3, vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
+    prefill, decode = [], []
+    with torch.inference_mode():
+        nxt, cache = _step(model, ids, None)  # warm-up
+        for _ in range(2):
+            nxt, cache = _step(model, nxt, cache)
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            nxt, cache = _step(model, ids, None)
+            prefill.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(a.decode):
+                nxt, cache = _step(model, nxt, cache)
+            decode.append(time.perf_counter() - t0)
+    print(json.dumps({"load_s": load_s, "prefill_tok_s": a.prompt / statistics.median(prefill),
+                      "decode_tok_s": a.decode / statistics.median(decode), "threads": torch.get_num_threads()}))
+    return 0
+
+
+def fits(params: int, dtype: str) -> bool:
+    """Whether one copy in ``dtype`` (transformers holds one; the reference one when casting) fits in half of RAM."""
+    from reference.loading import available_memory
+
+    return params * (2 if dtype == "bf16" else 4) < 0.5 * available_memory()
+
+
+def run(size: str, runs: int, shared: Path, machine: dict, quick: bool = False, log=harness.say) -> str:
+    prompt, decode = (8, 2) if quick else (16, 8)
+    log(f"forward: a synthetic {size} HF directory in {shared}")
+    src, params = synth.shared_hf_source(shared, size)
+    results: dict[str, dict] = {}
+    skipped = []
+    for dt in list(DTYPES)[:1 if quick else 2]:
+        if not fits(params, dt):
+            skipped.append(dt)
+            continue
+        for tool in TOOLS:
+            s = harness.measure(Case([PYTHON, "-m", "bench", "forward-child", tool, str(src), "--dtype", dt,
+                                      "--prompt", str(prompt), "--decode", str(decode), "--reps", str(runs)]))
+            results[f"{tool}/{dt}"] = {**s.json(), "peak_anon_gb": s.peak_anon / 1e9}
+            log(f"  {TOOLS[tool]} {dt}: {results[f'{tool}/{dt}']}")
+    data = {"size": size, "params": params, "runs": runs, "prompt": prompt, "decode": decode, "machine": machine,
+            "results": results, "skipped": skipped}
+    return render(data)
+
+
+def render(data: dict) -> str:
+    r = data["results"]
+    rows = []
+    for key, v in r.items():
+        tool, dt = key.split("/")
+        hf = r.get(f"hf/{dt}")
+        rows.append([TOOLS[tool], dt, f"{v['prefill_tok_s']:.1f}", f"{v['decode_tok_s']:.2f}",
+                     report.ratio(v["prefill_tok_s"], hf["prefill_tok_s"]) if hf else "—",
+                     report.ratio(v["decode_tok_s"], hf["decode_tok_s"]) if hf else "—",
+                     f"{v['load_s']:.1f}", report.gb(v["peak_anon_gb"])])
+    lines = [f"## Forward pass: synthetic {data['size'].upper()}-shaped model ({data['params'] / 1e9:.2f} B params)",
+             "",
+             report.run_line(f"python -m bench forward --size {data['size']} --runs {data['runs']}", data["machine"]),
+             "", *report.table(["model", "dtype", "prefill tok/s", "decode tok/s", "prefill × transformers",
+                                "decode × transformers", "load, s", "peak RssAnon"], rows), "",
+             f"Batch 1, a random prompt of {data['prompt']} tokens, {data['decode']} decoded tokens; median of "
+             f"{data['runs']} repetitions inside one process per row, after a warm-up. The reference keeps bf16 "
+             "weights as zero-copy views of the mapped file and casts them once for fp32 (`resident=True`); "
+             "transformers loads them into memory."]
+    if data["skipped"]:
+        lines.append(f"Skipped (would not fit in half of the available memory): {', '.join(data['skipped'])}.")
+    return report.section(MARK, lines, data)
