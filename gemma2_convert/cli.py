@@ -43,6 +43,8 @@ def demo(workdir: Path | None, seed: int, quiet: bool) -> None:
     Example:
       gemma2-convert demo --workdir ./demo-out
     """
+    from rich.markup import escape
+
     from gemma2_convert.console import human_bytes, out, table
     from gemma2_convert.demo import run_demo
     from gemma2_convert.output import check_output
@@ -54,13 +56,13 @@ def demo(workdir: Path | None, seed: int, quiet: bool) -> None:
         work.mkdir(parents=True, exist_ok=True)
     try:
         rows = run_demo(work, seed, on_row=lambda r: None if quiet else out.print(
-            f"[dim]✓ {r.step}[/]" if r.ok else f"[red]✗ {r.step}"))
+            f"[dim]{'–' if r.skipped else '✓'} {r.step}[/]" if r.ok else f"[red]✗ {r.step}"))
     finally:
         if tmp:
             shutil.rmtree(work, ignore_errors=True)
     out.print(table("gemma2-convert demo", ["step", "artifact", "size", "check", "result", "time"], [
-        (r.step, r.artifact, human_bytes(r.size) if r.size else "", r.check,
-         "[green]PASS" if r.ok else "[red]FAIL", f"{r.seconds:.2f}s") for r in rows]))
+        (r.step, r.artifact, human_bytes(r.size) if r.size else "", escape(r.check),  # "[flax]" is not markup
+         "[yellow]SKIP" if r.skipped else "[green]PASS" if r.ok else "[red]FAIL", f"{r.seconds:.2f}s") for r in rows]))
     if not all(r.ok for r in rows):
         sys.exit(3)
 

@@ -49,6 +49,44 @@ def byte_progress(total: int | None, label: str, quiet: bool = False) -> Iterato
         yield ByteProgress(p, p.add_task("", total=total))
 
 
+class VerifyProgress:
+    """Verification's two phases on one display: tensors compared (bytes), then reference forward passes
+    (decoder layers run). ``tensor`` and ``layer`` are :func:`gemma2_convert.verify.verify`'s callbacks."""
+
+    def __init__(self, progress: Progress | None, total_bytes: int, label: str = "comparing tensors") -> None:
+        self.progress, self.total_bytes, self.label = progress, total_bytes, label
+        self.bytes_task = self.layers_task = None
+        self.done_bytes = 0
+
+    def tensor(self, name: str, nbytes: int) -> None:
+        if self.progress is None:
+            return
+        if self.bytes_task is None:
+            self.bytes_task = self.progress.add_task(self.label, total=self.total_bytes, amount="")
+        self.done_bytes += nbytes
+        self.progress.update(self.bytes_task, advance=nbytes,
+                             amount=f"{human_bytes(self.done_bytes)} / {human_bytes(self.total_bytes)}")
+
+    def layer(self, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if self.layers_task is None:
+            self.layers_task = self.progress.add_task("reference forward", total=total, amount="")
+        self.progress.update(self.layers_task, completed=done, total=total, amount=f"{done}/{total} layers")
+
+
+@contextmanager
+def verify_progress(total_bytes: int, quiet: bool = False, label: str = "comparing tensors") -> Iterator[VerifyProgress]:
+    """Bars for :class:`VerifyProgress` on stderr (``label`` names the per-tensor phase); silent under
+    ``quiet`` or when stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        yield VerifyProgress(None, total_bytes, label)
+        return
+    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"), TimeRemainingColumn())
+    with Progress(*cols, console=err, transient=True) as p:
+        yield VerifyProgress(p, total_bytes, label)
+
+
 def spinner(label: str, quiet: bool = False) -> AbstractContextManager[Any]:
     """A spinner with ``label`` on stderr for work of unknown length; silent like ``byte_progress``."""
     return nullcontext() if quiet or not err.is_terminal else err.status(label)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,13 +164,13 @@ def _check_tokenizer(tok: Path, cfg: Gemma2Config, warn: Callable[[str], None]) 
 def _verify_output(src: Checkpoint, written: Path, final: Path, lossless: bool, n_tokens: int, quiet: bool,
                    on_report: Callable[[VerifyReport], None] | None) -> VerifyReport:
     """Source CRCs, then every tensor and the reference logits of ``written`` against ``src``."""
-    from gemma2_convert.console import err
+    from gemma2_convert.console import spinner, verify_progress
 
-    with err.status("verifying: source CRCs, tensors, reference logits") if not quiet and err.is_terminal \
-            else nullcontext():
+    with spinner("verifying: source CRCs", quiet):
         check_integrity(source_files(src))
+    with verify_progress(src.nbytes, quiet) as bar:
         rep = verify(src, open_checkpoint(written), tolerance=Tolerance() if lossless else Tolerance.cast(),
-                     n_tokens=n_tokens, resident=fits_in_memory(src))
+                     n_tokens=n_tokens, resident=fits_in_memory(src), on_tensor=bar.tensor, on_layer=bar.layer)
     rep.b = str(final)
     if on_report is not None:
         on_report(rep)
@@ -276,8 +275,8 @@ def verify_paths(
     n_tokens: int = 64, shape: ShapeOptions | None = None, quiet: bool = True,
 ) -> VerifyReport:
     """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match.
-    A progress bar (unless ``quiet``) follows the tensor comparison."""
-    from gemma2_convert.console import byte_progress
+    Progress bars (unless ``quiet``) follow the tensor comparison and the reference forward passes."""
+    from gemma2_convert.console import verify_progress
 
     ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
     if tolerance == "auto":
@@ -286,6 +285,6 @@ def verify_paths(
     tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
     if tolerance not in tols:
         raise ConfigError(f"unknown tolerance {tolerance!r}; choose auto, {', '.join(tols)}")
-    with byte_progress(ca.nbytes, "comparing", quiet) as bar:
+    with verify_progress(ca.nbytes, quiet) as bar:
         return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, resident=fits_in_memory(ca),
-                      on_tensor=bar.advance)
+                      on_tensor=bar.tensor, on_layer=bar.layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ class DemoRow:
     check: str
     ok: bool
     seconds: float = 0.0
+    skipped: bool = False
+    """Not run: an optional dependency is missing (``check`` says which); counts as no failure."""
 
 
 def _size(p: Path) -> int:
@@ -52,6 +55,37 @@ def step_orig_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
              f"top-1 {rep.top1:.0%}")
     return DemoRow("orig-to-hf + verify", "tiny-hf", _size(work / "tiny-hf"), check, rep.passed)
+
+
+FLAX_PADDING = 64
+"""Embedding rows the Flax step adds past the vocabulary, as the released checkpoints pad 256000 to 256128."""
+
+
+def step_flax_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
+    """tiny-hf written as a Kaggle-style Flax archive (Orbax, padded embedding, gating [2, I, H]; jax-free),
+    then ``gemma2-convert orig-to-hf`` on it, verified, and its tensors compared with tiny-hf's."""
+    from gemma2_convert.convert import orig_to_hf
+    from gemma2_convert.formats import open_checkpoint
+    from gemma2_convert.formats.orig_config import ShapeOptions
+
+    label = "Flax (Orbax) → HF + verify"
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return DemoRow(label, "", 0, "skipped: pip install 'gemma2-convert[flax]'", True, skipped=True)
+    from gemma2_convert.formats.orbax_writer import write_orbax
+
+    hf = open_checkpoint(work / "tiny-hf")
+    flax = work / "tiny-flax"
+    write_orbax(flax / "gemma2-tiny", cfg, hf.tensors, rows=cfg.vocab_size + FLAX_PADDING, gating_transposed=True)
+    shutil.copy(work / "tiny-orig" / "tokenizer.model", flax / "tokenizer.model")
+    rep = orig_to_hf(flax, work / "tiny-flax-hf", shape=ShapeOptions(config=cfg), quiet=True).report
+    assert rep is not None
+    back = open_checkpoint(work / "tiny-flax-hf").tensors
+    same = sum(torch.equal(back[k].load(), t.load()) for k, t in hf.tensors.items())
+    check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
+             f"top-1 {rep.top1:.0%}; {same}/{len(hf.tensors)} equal tiny-hf")
+    return DemoRow(label, "tiny-flax → tiny-flax-hf", _size(flax), check, rep.passed and same == len(hf.tensors))
 
 
 def step_generate(work: Path) -> DemoRow:
@@ -109,6 +143,7 @@ def run_demo(work: Path, seed: int = 0, on_row: Callable[[DemoRow], None] | None
     plan: list[Callable[[], DemoRow]] = [
         lambda: step_make_checkpoint(work, cfg, seed),
         lambda: step_orig_to_hf(work, cfg),
+        lambda: step_flax_to_hf(work, cfg),
         lambda: step_generate(work),
         lambda: demo_step_gguf(work),
         lambda: step_quantize(work, "hf"),

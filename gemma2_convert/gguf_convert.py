@@ -177,7 +177,7 @@ def write_checkpoint_gguf(
     ``threads``: quantization workers (default: every CPU available). ``planner`` replaces
     ``plan_tensors`` (``gemma2-quantize`` plans its own types and block encoders). ``allow_nonfinite``:
     write NaN/Inf weights (and F16 overflows) with a warning instead of failing."""
-    from gemma2_convert.console import byte_progress, spinner
+    from gemma2_convert.console import byte_progress, verify_progress
 
     t0 = time.perf_counter()
     key = check_type(type_name)
@@ -212,9 +212,9 @@ def write_checkpoint_gguf(
                               check=check)
         patch_string(tmp, gm.K_SOURCE_SHA256, HASH_PLACEHOLDER, h.hexdigest())
         if verify_output:
-            with spinner("verifying: tensors read back, reference logits", quiet):
+            with verify_progress(ckpt.nbytes, quiet) as vbar:
                 rep = verify(ckpt, open_checkpoint(tmp, format="gguf"), tolerance=tolerance(choices, ckpt, ratio),
-                             n_tokens=n_tokens, resident=_fits(ckpt))
+                             n_tokens=n_tokens, resident=_fits(ckpt), on_tensor=vbar.tensor, on_layer=vbar.layer)
             rep.b = str(out)
             if on_report is not None:
                 on_report(rep)
@@ -272,7 +272,7 @@ def gguf_to_hf(
     (float32 for files without our provenance)."""
     from gemma2_convert.convert import ConvertResult, cast, resolve_dtype
     from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.console import byte_progress, spinner
+    from gemma2_convert.console import byte_progress, verify_progress
     from gemma2_convert.tokenizer import find_tokenizer
 
     t0 = time.perf_counter()
@@ -308,9 +308,10 @@ def gguf_to_hf(
                                  on_tensor=bar.advance)
         if verify_output:
             lossless = all(t.dtype == target or target == torch.float32 for t in ckpt.tensors.values())
-            with spinner("verifying: tensors, reference logits", quiet):
+            with verify_progress(ckpt.nbytes, quiet) as vbar:
                 report = verify(ckpt, open_checkpoint(tmp), tolerance=Tolerance() if lossless else Tolerance.cast(),
-                                n_tokens=n_tokens, resident=_fits(ckpt))
+                                n_tokens=n_tokens, resident=_fits(ckpt), on_tensor=vbar.tensor,
+                                on_layer=vbar.layer)
             report.b = str(out)
             if on_report is not None:
                 on_report(report)

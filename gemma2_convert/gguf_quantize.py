@@ -21,6 +21,7 @@ from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.gguf_mix import TypeChoice
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
 from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q8_0
+from quant.policy import EMBEDDING_NAMES
 from quant.spec import QuantSpec
 
 K_QUANTIZATION = "gemma2_convert.quantization"
@@ -59,8 +60,10 @@ def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str,
     return pack_q4_1(d, m, u.to(torch.uint8))
 
 
-def make_planner(specs: dict[str, QuantSpec | None], mq) -> Callable[[Checkpoint, str], tuple[list, list]]:
-    """A ``gguf_convert.plan_tensors`` replacement whose quantized tensors carry our block encoders."""
+def make_planner(specs: dict[str, QuantSpec | None], mq,
+                 embedding: str = "keep") -> Callable[[Checkpoint, str], tuple[list, list]]:
+    """A ``gguf_convert.plan_tensors`` replacement whose quantized tensors carry our block encoders;
+    ``embedding='q6_k'``: the tied embedding as Q6_K by llama.cpp's reference quantizer."""
     from gemma2_convert.gguf_convert import plan_tensors
 
     def planner(ckpt: Checkpoint, key: str) -> tuple[list[TensorPlan], list[TypeChoice]]:
@@ -71,6 +74,10 @@ def make_planner(specs: dict[str, QuantSpec | None], mq) -> Callable[[Checkpoint
         for p in base:
             hf = hf_names[p.name]
             spec = specs.get(hf)
+            if spec is None and embedding == "q6_k" and hf in EMBEDDING_NAMES:
+                plans.append(TensorPlan(p.name, p.source, "Q6_K", p.transform))
+                choices.append(TypeChoice(p.name, "Q6_K", "output head"))
+                continue
             if spec is None:
                 qtype = "F32" if p.qtype == "F32" and (p.transform is not None or len(p.source.shape) == 1) \
                     else keep_type(p.source.dtype)
@@ -129,5 +136,5 @@ def write_gguf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec
         raise UnsupportedError(f"llama.cpp's gemma2 has no {ckpt.config.head} head; use --format hf", ckpt.path)
     label = next(s for s in specs.values() if s is not None).label()
     write_checkpoint_gguf(ckpt, out, type_name=main_type(specs), verify_output=False, force=True, quiet=True,
-                          planner=make_planner(specs, mq), extra_metadata=[(K_QUANTIZATION, string(label))],
+                          planner=make_planner(specs, mq, opts.embedding), extra_metadata=[(K_QUANTIZATION, string(label))],
                           allow_nonfinite=opts.allow_nonfinite)

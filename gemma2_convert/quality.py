@@ -6,13 +6,14 @@ dequantizes each layer as it runs, so no dense copy of it is ever made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from gemma2_convert.errors import VerificationError
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.verify import DEFAULT_TEXT, compare_logits, reference_model
+from gemma2_convert.verify import DEFAULT_TEXT, compare_logits, reference_model, track_layers
 
 DEFAULT_EVAL_TEXT = (DEFAULT_TEXT + "\n\n") * 3
 """Built-in held-out text; pass ``--eval FILE`` for a real evaluation set."""
@@ -44,12 +45,21 @@ def weight_bytes(ckpt: Checkpoint) -> tuple[int, int]:
     return held, dense
 
 
-def quality_report(src: Checkpoint, out: Checkpoint, text: str) -> dict:
-    """KL / top-1 / perplexities of ``out`` vs ``src`` over ``text``, plus the memory the weights take."""
+def quality_report(src: Checkpoint, out: Checkpoint, text: str,
+                   on_layer: Callable[[int, int], None] | None = None) -> dict:
+    """KL / top-1 / perplexities of ``out`` vs ``src`` over ``text``, plus the memory the weights take.
+    Small models are held in float32; larger ones stream each layer from the mapped files (the
+    quantized weights stay packed either way). ``on_layer(done, total)``: progress per decoder layer."""
+    from gemma2_convert.convert import fits_in_memory
+
     cfg = src.config
     seq_len = min(4 * cfg.sliding_window, cfg.max_position_embeddings, 1024)
     prompts = eval_prompts(src, text, seq_len)
-    m = compare_logits(reference_model(src, torch.float32, True), reference_model(out, torch.float32, True), prompts)
+    resident = fits_in_memory(src)
+    models = reference_model(src, torch.float32, resident), reference_model(out, torch.float32, resident)
+    if on_layer is not None:
+        track_layers(models, len(prompts), on_layer)
+    m = compare_logits(*models, prompts)
     held, dense = weight_bytes(out)
     return {**m, "weights_bytes_packed": held, "weights_bytes_dense_fp32": dense}
 

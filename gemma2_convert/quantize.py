@@ -175,15 +175,20 @@ def estimate_bytes(ckpt: Checkpoint, specs: dict[str, QuantSpec | None]) -> int:
 
 def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: QuantizeOptions,
                         on_tensor: Callable[[str, int], None] | None = None,
-                        warn: Callable[[str], None] = lambda m: None) -> QuantizeResult:
+                        warn: Callable[[str], None] = lambda m: None,
+                        on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed). Every
-    weight is checked for NaN/Inf when it is first read (``opts.allow_nonfinite``: a warning)."""
+    weight is checked for NaN/Inf when it is first read (``opts.allow_nonfinite``: a warning).
+    Progress: ``on_tensor(name, nbytes)`` per tensor written, ``on_layer(done, total)`` per decoder layer
+    of the quality report's forward passes."""
     from gemma2_convert.output import atomic_output, check_free_space, check_output
     from gemma2_convert.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
     from gemma2_convert.weight_check import WeightCheck, checked_once
 
     if opts.format not in FORMATS:
         raise UnsupportedError(f"format {opts.format!r}; choose one of {list(FORMATS)}")
+    if opts.embedding == "q6_k" and opts.format != "gguf":
+        raise UnsupportedError("--embedding q6_k is a GGUF type; use --format gguf, or int8 / int4 for --format hf")
     check_output(Path(out), opts.force, [] if isinstance(src, Checkpoint) else [src])
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     ckpt = replace(ckpt, tensors=checked_once(ckpt.tensors, WeightCheck(opts.allow_nonfinite, warn, ckpt.path)))
@@ -210,7 +215,7 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
             from gemma2_convert.calibrate import read_text
 
             text = read_text(opts.eval_text, DEFAULT_EVAL_TEXT)
-            res.quality = quality_report(ckpt, open_checkpoint(tmp), text)
+            res.quality = quality_report(ckpt, open_checkpoint(tmp), text, on_layer=on_layer)
             check_quality(res.quality, opts.bits, tmp)
     return res
 

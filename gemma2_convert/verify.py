@@ -8,6 +8,7 @@ mean KL(a‖b), top-1 agreement and the perplexity of each. Weights stream from 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -171,12 +172,23 @@ def compare_logits(a: Gemma2Model, b: Gemma2Model, prompts: list[torch.Tensor]) 
     }
 
 
+def track_layers(models: tuple[Gemma2Model, ...], n_prompts: int, on_layer: Callable[[int, int], None]) -> None:
+    """Report ``on_layer(done, total)`` after every decoder layer of ``models`` run on ``n_prompts`` each."""
+    total = len(models) * n_prompts * models[0].config.num_hidden_layers
+    done = itertools.count(1)
+    for model in models:
+        model.on_layer = lambda _i: on_layer(next(done), total)
+
+
 def verify(
     a: str | Path | Checkpoint, b: str | Path | Checkpoint, *, tolerance: Tolerance | None = None,
     dtype: torch.dtype = torch.float32, n_tokens: int = 64, resident: bool | None = None,
     check_tensors: bool = True, on_tensor: Callable[[str, int], None] | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring."""
+    """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring.
+    Progress: ``on_tensor(name, nbytes)`` after each tensor compared, ``on_layer(done, total)`` after each
+    decoder layer of the reference forward passes (both models, every prompt)."""
     tol = tolerance or Tolerance()
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
@@ -192,7 +204,11 @@ def verify(
 
         fp32_bytes = 4 * sum(t.numel for t in ca.tensors.values())  # what each resident model would hold
         resident = 2 * fp32_bytes < RESIDENT_FRACTION * available_memory()
-    m = compare_logits(reference_model(ca, dtype, resident), reference_model(cb, dtype, resident), default_prompts(ca, n_tokens))
+    prompts, models = default_prompts(ca, n_tokens), (reference_model(ca, dtype, resident),
+                                                     reference_model(cb, dtype, resident))
+    if on_layer is not None:
+        track_layers(models, len(prompts), on_layer)
+    m = compare_logits(*models, prompts)
     for k, v in m.items():
         setattr(rep, k, v)
     if not all(math.isfinite(v) for v in (rep.max_abs_logits, rep.mean_kl, rep.ppl_a, rep.ppl_b)):

@@ -40,8 +40,9 @@ def _group(value: str) -> int | None | str:
               help="UTF-8 text for gptq calibration (default: a built-in sample; longer is better).")
 @click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 held-out text for the quality report (default: a built-in sample).")
-@click.option("--embedding", type=click.Choice(["keep", "int8", "int4"]), default="keep", show_default=True,
-              help="The tied embedding is also the output head: keep it (default) or quantize it.")
+@click.option("--embedding", type=click.Choice(["keep", "int8", "int4", "q6_k"]), default="keep", show_default=True,
+              help="The tied embedding is also the output head: keep it (default) or quantize it; q6_k "
+                   "(--format gguf only) is llama.cpp's own choice for it in Q4_0/Q4_1 files.")
 @click.option("--verify/--no-verify", "verify_output", default=True, show_default=True,
               help="Compare against the source with the reference model; on failure the output is removed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -62,7 +63,7 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
       gemma2-quantize ./gemma-2-2b-hf gemma-2-2b-q4.gguf --format gguf --method mse
       gemma2-quantize model.ckpt ./int4-gptq --method gptq --calibration wiki.txt --eval held-out.txt
     """
-    from gemma2_convert.console import byte_progress
+    from gemma2_convert.console import verify_progress
     from gemma2_convert.formats import open_checkpoint
     from gemma2_convert.output import check_output
     from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
@@ -71,8 +72,8 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
                            calibration, eval_text, verify_output, force, allow_nonfinite)
     check_output(out, force, [src])  # before reading anything
     ckpt = open_checkpoint(src)
-    with byte_progress(ckpt.nbytes, "quantize", quiet or as_json) as bar:
-        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.advance, warn=_warn)
+    with verify_progress(ckpt.nbytes, quiet or as_json, label="quantizing") as bar:
+        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.tensor, on_layer=bar.layer, warn=_warn)
     print_result(res, as_json)
 
 

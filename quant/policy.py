@@ -10,7 +10,8 @@ Names are HF Gemma 2 tensor names. ``None`` means "store unquantized".
   leaves it alone; ``'int8'`` gives int8 symmetric per-row (per-token) RTN; ``'int4'`` gives 4 bits
   with the requested group size and symmetry. A calibration method ('gptq') has no Hessian for an
   embedding lookup, so the embedding then falls back to 'mse'. An untied ``lm_head.weight`` follows
-  the same option.
+  the same option. ``'q6_k'`` (GGUF only) keeps it out of the policy here; the GGUF writer stores it as
+  Q6_K, llama.cpp's own type for the output head of its Q4_0/Q4_1 files, for comparisons at equal size.
 * Norms, ``score.weight`` (a classification head) and anything else are kept.
 """
 
@@ -24,7 +25,7 @@ from quant.spec import QuantSpec
 
 LINEAR_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-EMBEDDING_OPTIONS = ("keep", "int8", "int4")
+EMBEDDING_OPTIONS = ("keep", "int8", "int4", "q6_k")
 CALIBRATION_FREE = ("rtn", "mse", "hqq")
 
 
@@ -42,7 +43,7 @@ def default_policy(
         raise UnsupportedError(f"embedding={embedding!r}; choose one of {list(EMBEDDING_OPTIONS)}")
     if is_decoder_linear(name):
         spec = QuantSpec(bits, group_size, symmetric, method)
-    elif name in EMBEDDING_NAMES and embedding != "keep":
+    elif name in EMBEDDING_NAMES and embedding not in ("keep", "q6_k"):
         emb_method = method if method in CALIBRATION_FREE else "mse"
         spec = (
             QuantSpec(8, None, True, "rtn") if embedding == "int8"

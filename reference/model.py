@@ -38,6 +38,8 @@ class Gemma2Model:
         self.checkpoint: Any = None  # the Checkpoint it was opened from, when from_pretrained
         self.observer: Callable[[str, torch.Tensor], None] | None = None
         """Called with (weight name, input activations [B, T, in]) before each decoder matmul (calibration)."""
+        self.on_layer: Callable[[int], None] | None = None
+        """Called with the layer index after each decoder layer (progress of long forwards)."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -108,6 +110,8 @@ class Gemma2Model:
         for i in range(c.num_hidden_layers):
             layer_cache = cache.layers[i] if cache is not None else None
             h = self._layer(i, h, cos, sin, q_idx, attention_mask, layer_cache, attns)
+            if self.on_layer is not None:
+                self.on_layer(i)
             if hidden is not None:
                 hidden.append(h)
         if cache is not None:

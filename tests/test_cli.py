@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -23,10 +25,25 @@ def test_help_and_version():
 def test_demo_runs_and_prints_table(tmp_path):
     work = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli", "demo", "--workdir", str(work)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "240"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "gemma2-convert demo" in r.stdout and "FAIL" not in r.stdout
     assert r.stdout.count("PASS") >= 2
+    flax = [ln for ln in r.stdout.splitlines() if "Flax (Orbax) → HF" in ln and "│" in ln]
+    has_tensorstore = importlib.util.find_spec("tensorstore") is not None
+    assert len(flax) == 1 and ("PASS" if has_tensorstore else "SKIP") in flax[0], r.stdout
+    if has_tensorstore:
+        assert "46/46 equal tiny-hf" in flax[0] and (work / "tiny-flax" / "gemma2-tiny" / "_METADATA").is_file()
+
+
+def test_demo_flax_step_without_tensorstore(tmp_path, monkeypatch):
+    from gemma2_convert.demo import step_flax_to_hf
+    from reference import Gemma2Config
+
+    monkeypatch.setitem(sys.modules, "tensorstore", None)  # import tensorstore → ImportError
+    row = step_flax_to_hf(tmp_path, Gemma2Config.preset("tiny"))
+    assert row.skipped and row.ok and row.check == "skipped: pip install 'gemma2-convert[flax]'"
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_refuses_non_empty_workdir(tmp_path):

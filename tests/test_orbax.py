@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from gemma2_convert.formats.orbax import read_arrays  # noqa: E402
 from gemma2_convert.formats.orig_config import ShapeOptions  # noqa: E402
 from reference import Gemma2ForCausalLM  # noqa: E402
 from reference.config import PRESETS, Gemma2Config  # noqa: E402
+from tests.badinputs.mutate import orbax_set_write_shape, orbax_set_zarray  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "orbax"
 # fixture → (what to open, how its config is pinned); the 27B-like one needs only the query scale
@@ -290,6 +292,7 @@ def test_missing_array_data(tmp_path):
 
 
 def test_wrong_shape_is_named(kaggle_copy):
+    """Header, _METADATA and data agree on a shape the other arrays contradict."""
     import numpy as np
     import tensorstore as ts
 
@@ -298,9 +301,78 @@ def test_wrong_shape_is_named(kaggle_copy):
                                           "path": "transformer/layer_1/attn/q_einsum.w/"}}
     arr = ts.open(spec, create=True, delete_existing=True, dtype=ts.bfloat16, shape=[2, 16, 10]).result()
     arr.write(np.zeros((2, 16, 10), dtype=ts.bfloat16.numpy_dtype)).result()
-    msg = fail(kaggle_copy, TensorMismatchError)
+    orbax_set_write_shape(ckpt, ("transformer/layer_1/attn/q_einsum", "w"), [2, 16, 10])
+    msg = fail_at_open(kaggle_copy, TensorMismatchError)
     assert "transformer/layer_1/attn/q_einsum.w: expected [2, 16, 12], got [2, 16, 10]" in msg
     assert msg.startswith(str(ckpt))
+
+
+# ---- lying zarr headers: one FormatError naming the array when the checkpoint is opened ------------
+
+LINEAR = "transformer/layer_0/mlp/linear.w"  # [40, 16] bfloat16 in both fixtures, one chunk
+
+
+def fail_at_open(path: Path, error: type[ConversionError] = FormatError, name: str = "gemma2_2b_layout") -> str:
+    """The one-line message of opening (no array is read)."""
+    with pytest.raises(error) as e:
+        open_fixture(name, path)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_zarr_shape_contradicting_metadata(kaggle_copy):
+    orbax_set_zarray(kaggle_copy / "gemma2-tiny", LINEAR, shape=[40, 8])
+    msg = fail_at_open(kaggle_copy)
+    assert msg.startswith(str(kaggle_copy / "gemma2-tiny" / "manifest.ocdbt"))
+    assert (f"array {LINEAR}: its zarr header says shape [40, 8], but _METADATA says [40, 16] was written; the "
+            "header and the tree disagree") in msg
+
+
+def test_zarr_dtype_contradicting_the_data(kaggle_copy):
+    orbax_set_zarray(kaggle_copy / "gemma2-tiny", LINEAR, dtype="<f4")
+    assert (f"array {LINEAR}: chunk 0.0 holds 1280 bytes, but its zarr header (<f4, chunks [40, 16]) needs 2560; "
+            "the header disagrees with the data") in fail_at_open(kaggle_copy)
+
+
+def test_zarr_chunks_contradicting_the_data(kaggle_copy):
+    orbax_set_zarray(kaggle_copy / "gemma2-tiny", LINEAR, chunks=[20, 16])
+    assert f"array {LINEAR}: 1 of 2 chunks missing (1.0); its zarr header (shape [40, 16], chunks [20, 16])" in \
+        fail_at_open(kaggle_copy)
+
+
+def test_missing_chunk_is_not_read_as_zeros(tmp_path):
+    """With fill_value null tensorstore reads a missing chunk as zeros; the reader refuses it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "mha_nested_zarr" / "ckpt", ckpt)
+    (ckpt / "layer_0.mlp.linear" / "0.0").unlink()
+    msg = fail_at_open(ckpt, name="mha_nested_zarr")
+    assert msg.startswith(str(ckpt)) and f"array {LINEAR}: 1 of 1 chunks missing (0.0)" in msg
+
+
+def test_chunk_that_is_not_zstd(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "mha_nested_zarr" / "ckpt", ckpt)
+    (ckpt / "layer_0.mlp.linear" / "0.0").write_bytes(bytes(1062))
+    assert f"array {LINEAR}: chunk 0.0 is not a zstd frame" in fail_at_open(ckpt, name="mha_nested_zarr")
+
+
+def test_truncated_data_file_fails_at_open(kaggle_copy):
+    data = max((kaggle_copy / "gemma2-tiny" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    msg = fail_at_open(kaggle_copy)
+    assert re.search(r"cannot read array transformer/\S+: chunk [\d.]+ \(.*\); the data is damaged or incomplete",
+                     msg), msg
+
+
+def test_zstd_frame_content_size():
+    from gemma2_convert.formats.zarr_check import zstd_content_size
+
+    magic = b"\x28\xb5\x2f\xfd"
+    head = (FIXTURES / "mha_nested_zarr" / "ckpt" / "layer_0.mlp.linear" / "0.0").read_bytes()[:18]
+    assert zstd_content_size(head) == 40 * 16 * 2                                   # 2-byte field, + 256
+    assert zstd_content_size(magic + bytes([0x20, 200])) == 200                     # single segment, 1 byte
+    assert zstd_content_size(magic + bytes([0xA0]) + (70000).to_bytes(4, "little")) == 70000
+    assert zstd_content_size(magic + bytes([0x00, 0x50])) is None                   # size not stated
 
 
 def test_missing_store_file(kaggle_copy):

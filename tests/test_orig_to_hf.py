@@ -160,6 +160,23 @@ def test_verify_any_two_checkpoints(tmp_path):
     assert not rep.passed and rep.worst_tensors[0].name == "model.layers.1.mlp.up_proj.weight"
 
 
+def test_verify_reports_progress_per_tensor_and_per_layer(tmp_path):
+    from gemma2_convert.formats import open_checkpoint
+    from gemma2_convert.verify import verify
+
+    cfg = TINY_CONFIGS["mha"]
+    sd = hf_state_dict(make_hf_model(cfg))
+    src = write_orig_ckpt(tmp_path / "model.ckpt", sd, cfg)
+    orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), verify_output=False, quiet=True)
+    ca = open_checkpoint(src, options=ShapeOptions(config=cfg))
+    tensors, layers = [], []
+    rep = verify(ca, open_checkpoint(tmp_path / "hf"), n_tokens=16, on_tensor=lambda n, b: tensors.append(b),
+                 on_layer=lambda done, total: layers.append((done, total)))
+    assert rep.passed and sum(tensors) == ca.nbytes and len(tensors) == len(sd)
+    total = 2 * rep.tokens // 15 * cfg.num_hidden_layers  # two models, every prompt (15 predictions each)
+    assert layers == [(i, total) for i in range(1, total + 1)]
+
+
 def test_int8_quantizer_is_per_row_symmetric():
     cfg = TINY_CONFIGS["mha"]
     from gemma2_convert.testing import orig_state_dict

@@ -33,6 +33,8 @@ def work(tmp_path_factory):
     for m in ("rtn", "mse", "gptq"):
         quantize_checkpoint(MODEL, d / f"ours_{m}.gguf",
                             QuantizeOptions(4, 32, True, m, "gguf", calibration=CAL, eval_text=EVAL))
+        quantize_checkpoint(MODEL, d / f"ours_{m}_q6k.gguf",  # the same size as llama.cpp's Q4_0
+                            QuantizeOptions(4, 32, True, m, "gguf", embedding="q6_k", calibration=CAL, verify=False))
     prompts = [p[0].tolist() for p in eval_prompts(open_checkpoint(MODEL), EVAL.read_text(), 256, max_seqs=16)]
     base = torch.cat(llama_cpp_logits(d / "f32.gguf", prompts))
     kl = {f.stem: kl_divergence(base, torch.cat(llama_cpp_logits(f, prompts)))
@@ -48,6 +50,24 @@ def test_rtn_is_llama_cpp_q4_0_byte_for_byte(work):
         assert (ours.raw(name) == theirs.raw(name)).all(), name
 
 
+def test_q6_k_embedding_is_llama_cpp_q4_0_layout_byte_for_byte(work):
+    d, _ = work
+    ours, theirs = GGUFFile(d / "ours_rtn_q6k.gguf"), GGUFFile(d / "llama_q4_0.gguf")
+    assert ours.tensors["token_embd.weight"].type_name == "Q6_K"
+    assert (d / "ours_rtn_q6k.gguf").stat().st_size - (d / "llama_q4_0.gguf").stat().st_size < 4096  # metadata
+    for name, info in theirs.tensors.items():
+        assert ours.tensors[name].type_name == info.type_name, name
+        assert (ours.raw(name) == theirs.raw(name)).all(), name
+
+
+def test_q6_k_embedding_is_gguf_only(tmp_path):
+    from gemma2_convert.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="q6_k is a GGUF type"):
+        quantize_checkpoint(MODEL, tmp_path / "o", QuantizeOptions(4, 32, True, "rtn", "hf", embedding="q6_k"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
     _, kl = work
     report = ", ".join(f"{k} {v:.2e}" for k, v in sorted(kl.items()))
@@ -57,3 +77,6 @@ def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
     assert kl["ours_mse"] < kl["llama_q4_0_bf16emb"], report
     assert kl["ours_gptq"] <= 0.5 * kl["llama_q4_0_bf16emb"], report
     assert kl["ours_gptq"] < kl["ours_mse"] < kl["ours_rtn"], report
+    # at llama.cpp's own layout and size (Q6_K embedding): rtn is llama.cpp's bytes, better scales win
+    assert kl["ours_rtn_q6k"] == pytest.approx(kl["llama_q4_0"], rel=1e-6), report
+    assert kl["ours_gptq_q6k"] < kl["ours_mse_q6k"] < kl["llama_q4_0"], report

@@ -62,12 +62,13 @@ def gguf_rows(work: Path, n_params: int, prompts: list[list[int]]) -> tuple[list
     base = torch.cat(llama_cpp_logits(f32, prompts))
     targets = torch.cat([torch.tensor(p[1:]) for p in prompts])
     files: list[tuple[str, str, Path]] = []
-    for sym in (True, False):
+    for sym, emb in ((True, "keep"), (True, "q6_k"), (False, "keep")):
         for m in METHODS:
-            out = work / f"ours-{sym}-{m}.gguf"
-            quantize_checkpoint(MODEL, out, QuantizeOptions(4, 32, sym, m, "gguf", calibration=CAL, verify=False,
-                                                            force=True))
-            files.append(("gemma2-quantize", f"{m}, int4 g32 {'sym → Q4_0' if sym else 'asym → Q4_1'}", out))
+            out = work / f"ours-{sym}-{emb}-{m}.gguf"
+            quantize_checkpoint(MODEL, out, QuantizeOptions(4, 32, sym, m, "gguf", emb, calibration=CAL,
+                                                            verify=False, force=True))
+            what = f"{m}, int4 g32 {'sym → Q4_0' if sym else 'asym → Q4_1'}"
+            files.append(("gemma2-quantize", what + (", Q6_K embedding" if emb == "q6_k" else ""), out))
     for ftype, emb in (("Q4_0", None), ("Q4_0", "BF16"), ("Q4_1", "BF16"), ("Q4_K_M", None), ("Q8_0", None)):
         out = work / f"llama-{ftype}-{emb}.gguf"
         llama_quantize(f32, out, ftype, token_embedding_type=emb)
@@ -108,8 +109,9 @@ def render(hf: list[tuple], gg: list[tuple], ppl_f32: float, src_ppl: float, n_p
     lines += [f"| {tool} | {what} | {bpw:.2f} | {kl:.5f} | {t1:.2%} | {ppl:.3f} |" for tool, what, bpw, kl, t1, ppl in gg]
     lines += ["", "Notes: llama.cpp's own Q4_0 stores the tied embedding as Q6_K (its rule for an output head);"
               " ours keeps it in bf16 by default (`--embedding keep`), so the llama.cpp rows with a bf16 embedding"
-              " are the same-layout comparison. `rtn` into GGUF is llama.cpp's reference quantizer, byte for byte.",
-              ""]
+              " are the same-layout comparison, and our rows with `--embedding q6_k` are the same layout and size"
+              " as llama.cpp's default Q4_0. `rtn` into GGUF is llama.cpp's reference quantizer, byte for byte"
+              " (tests/test_quantize_gguf.py).", ""]
     return "\n".join(lines)
 
 

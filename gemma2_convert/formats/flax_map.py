@@ -1,9 +1,9 @@
-"""Flax Gemma 2 parameters (google-deepmind/gemma) → canonical HF tensors (spec §2.1, §2.4).
+"""Flax Gemma 2 parameters (google-deepmind/gemma) ↔ canonical HF tensors (spec §2.1, §2.4).
 
 The released tree is semi-flat, ``{'transformer/layer_0/attn/q_einsum': {'w': …}, …}``, and Orbax
 names each array by joining its key path with ``.``: ``transformer/layer_0/attn/q_einsum.w``. This
-module holds the name table, the pure transforms (one per Flax kernel layout), and the Gemma2Config
-the shapes imply. It reads no files and imports neither jax nor tensorstore.
+module holds the name table, the pure transforms (one per Flax kernel layout, each with its inverse for
+the writer), and the Gemma2Config the shapes imply. It reads no files and imports neither jax nor tensorstore.
 
 Letters: H hidden, N query heads, K kv heads, D head_dim, I intermediate, L layers, R embedding rows
 (256128 in the released checkpoints: the 256000-piece vocabulary padded for TPU efficiency).
@@ -90,6 +90,24 @@ def same(w: torch.Tensor, d: FlaxDims) -> torch.Tensor:
     return w
 
 
+# ---- the inverses (HF → Flax, for the writer); each gives one stored kernel, or one slice of a stacked one ----
+
+def rows_to_heads(w: torch.Tensor, d: FlaxDims) -> torch.Tensor:
+    """q/k/v_proj [N·D, H] → q_einsum [N, H, D], or one of kv_einsum [K, H, D]."""
+    rows, h = w.shape
+    return w.reshape(rows // d.head_dim, d.head_dim, h).transpose(1, 2).contiguous()  # [N, D, H] → [N, H, D]
+
+
+def o_proj_to_attn_vec(w: torch.Tensor, d: FlaxDims) -> torch.Tensor:
+    """o_proj [H, N·D] → attn_vec_einsum [N, D, H]."""
+    return w.T.reshape(d.num_heads, d.head_dim, d.hidden).contiguous()
+
+
+def down_proj_to_linear(w: torch.Tensor, d: FlaxDims) -> torch.Tensor:
+    """down_proj [H, I] → linear [I, H]."""
+    return w.T.contiguous()
+
+
 Transform = Callable[[torch.Tensor, FlaxDims], torch.Tensor]
 
 
@@ -99,10 +117,12 @@ class Rule(NamedTuple):
     transform: Transform
     shape: Callable[[FlaxDims], Shape]
     """The stored shape."""
+    inverse: Transform
+    """HF tensor → the stored kernel (or its slice): ``inverse(transform(w)) == w``."""
 
 
 def _norm(hf: str) -> Rule:
-    return Rule((hf,), same, lambda d: (d.hidden,))
+    return Rule((hf,), same, lambda d: (d.hidden,), same)
 
 
 _LAYER = "model.layers.{}."
@@ -110,20 +130,22 @@ _QKV_HF = tuple(f"{_LAYER}self_attn.{p}_proj.weight" for p in "qkv")
 
 # Flax array name → rule, "{}" = layer index. Fully enumerated; QKV replaces Q and KV when K == N.
 FLAX_TO_HF: dict[str, Rule] = {
-    EMBED: Rule(("model.embed_tokens.weight",), same, lambda d: (d.rows, d.hidden)),
+    EMBED: Rule(("model.embed_tokens.weight",), same, lambda d: (d.rows, d.hidden), same),
     "transformer/final_norm.scale": _norm("model.norm.weight"),
     "transformer/layer_{}/pre_attention_norm.scale": _norm(_LAYER + "input_layernorm.weight"),
     "transformer/layer_{}/post_attention_norm.scale": _norm(_LAYER + "post_attention_layernorm.weight"),
     "transformer/layer_{}/pre_ffw_norm.scale": _norm(_LAYER + "pre_feedforward_layernorm.weight"),
     "transformer/layer_{}/post_ffw_norm.scale": _norm(_LAYER + "post_feedforward_layernorm.weight"),
-    Q: Rule(_QKV_HF[:1], heads_to_rows, lambda d: (d.num_heads, d.hidden, d.head_dim)),
-    KV: Rule(_QKV_HF[1:], heads_to_rows, lambda d: (2, d.num_kv_heads, d.hidden, d.head_dim)),
-    QKV: Rule(_QKV_HF, heads_to_rows, lambda d: (3, d.num_heads, d.hidden, d.head_dim)),
+    Q: Rule(_QKV_HF[:1], heads_to_rows, lambda d: (d.num_heads, d.hidden, d.head_dim), rows_to_heads),
+    KV: Rule(_QKV_HF[1:], heads_to_rows, lambda d: (2, d.num_kv_heads, d.hidden, d.head_dim), rows_to_heads),
+    QKV: Rule(_QKV_HF, heads_to_rows, lambda d: (3, d.num_heads, d.hidden, d.head_dim), rows_to_heads),
     ATTN_VEC: Rule((_LAYER + "self_attn.o_proj.weight",), attn_vec_to_o_proj,
-                   lambda d: (d.num_heads, d.head_dim, d.hidden)),
+                   lambda d: (d.num_heads, d.head_dim, d.hidden), o_proj_to_attn_vec),
     GATING: Rule((_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"), gating_to_proj,
-                 lambda d: (2, d.intermediate, d.hidden) if d.gating_transposed else (2, d.hidden, d.intermediate)),
-    LINEAR: Rule((_LAYER + "mlp.down_proj.weight",), linear_to_down_proj, lambda d: (d.intermediate, d.hidden)),
+                 lambda d: (2, d.intermediate, d.hidden) if d.gating_transposed else (2, d.hidden, d.intermediate),
+                 gating_to_proj),  # a transpose (or nothing) is its own inverse
+    LINEAR: Rule((_LAYER + "mlp.down_proj.weight",), linear_to_down_proj, lambda d: (d.intermediate, d.hidden),
+                 down_proj_to_linear),
 }
 
 
@@ -143,6 +165,13 @@ def array_name(keys: Sequence[str]) -> str:
         path += "/w"
     module, _, leaf = path.rpartition("/")
     return f"{module}.{leaf}"
+
+
+def key_path(name: str) -> tuple[str, str]:
+    """The released tree's key path of an array name (the inverse of ``array_name`` for that tree):
+    ``transformer/layer_0/attn/q_einsum.w`` → ``('transformer/layer_0/attn/q_einsum', 'w')``."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
 
 
 def num_layers(names: Iterator[str] | Sequence[str]) -> int:
@@ -208,6 +237,14 @@ def infer_dims(shapes: Mapping[str, Shape], layers: int, where: Path) -> FlaxDim
     d = FlaxDims(rows, hidden, inter, layers, n, k, hd, gating_transposed(gating, hidden, inter, where), fused)
     check_shapes(flax_shapes(d), shapes, where, " (expected: what the embedding and most layers state)")
     return d
+
+
+def dims_of(cfg: Gemma2Config, rows: int | None = None, transposed: bool = False) -> FlaxDims:
+    """The Flax layout of a config: R = ``rows`` (default: the vocabulary), gating [2, I, H] if ``transposed``,
+    qkv_einsum when K == N (as google-deepmind/gemma)."""
+    return FlaxDims(cfg.vocab_size if rows is None else rows, cfg.hidden_size, cfg.intermediate_size,
+                    cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, transposed,
+                    cfg.num_attention_heads == cfg.num_key_value_heads)
 
 
 def resolve_vocab(rows: int, config_vocab: int | None, tokenizer_pieces: int | None,
@@ -290,3 +327,21 @@ def to_hf(arrays: Mapping[str, FlaxArray], d: FlaxDims, cfg: Gemma2Config) -> di
                 part = arrays[name].lazy(j if len(rule.targets) > 1 else None)
             out[target] = part.map(lambda t, f=rule.transform: f(t, d), shape=hf_shapes[target])
     return out
+
+
+Part = tuple[int | None, LazyTensor]
+"""(index along axis 0 of a stacked array, or None for the whole array; lazy stored kernel or slice)."""
+
+
+def from_hf(tensors: Mapping[str, LazyTensor], d: FlaxDims) -> Iterator[tuple[str, Shape, list[Part]]]:
+    """HF-named lazy tensors → (Flax name, stored shape, parts), the inverse of ``to_hf``. The embedding's
+    part holds the V vocabulary rows only: rows [V, R) are padding, left to the writer."""
+    for tpl, name, rule in expand(d.layers, d.fused_qkv):
+        shape = rule.shape(d)
+        stacked = len(rule.targets) > 1
+        parts: list[Part] = []
+        for j, target in enumerate(rule.targets):
+            t = tensors[target]
+            part = (t.shape[0], d.hidden) if tpl == EMBED else shape[1:] if stacked else shape
+            parts.append((j if stacked else None, t.map(lambda w, f=rule.inverse: f(w, d), shape=part)))
+        yield name, shape, parts

@@ -8,14 +8,16 @@ which the root manifest references) or, in older Orbax, in one directory per arr
 + chunks; ``zarr.json`` when ``use_zarr3``). A Kaggle archive is a directory holding ``tokenizer.model``
 and the checkpoint directory (``gemma2-2b/``); either may be given.
 
-Arrays are opened up front (metadata only) and read on ``load()``, one at a time; bfloat16 arrives
-as ``ml_dtypes.bfloat16`` and is reinterpreted bit for bit as ``torch.bfloat16``.
+Arrays are opened up front (metadata only, each zarr header checked against ``_METADATA`` and against
+its chunks: zarr_check.py) and read on ``load()``, one at a time; bfloat16 arrives as
+``ml_dtypes.bfloat16`` and is reinterpreted bit for bit as ``torch.bfloat16``.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from gemma2_convert.errors import FormatError, UnsupportedError, check_names, na
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.zarr_check import check_chunks
 from gemma2_convert.lazy import LazyTensor, Shape
 
 METADATA = "_METADATA"
@@ -71,6 +74,8 @@ class TreeMetadata:
     """Canonical Flax array name → stored name (the key path joined with '.')."""
     others: dict[str, str]
     """Leaves that are not arrays (canonical name → value type): unexpected in a Gemma checkpoint."""
+    write_shapes: dict[str, Shape]
+    """Canonical name → the shape each process wrote (newer Orbax): at most the array's shape."""
     use_ocdbt: bool | None
     use_zarr3: bool
 
@@ -104,6 +109,7 @@ def read_tree_metadata(d: Path) -> TreeMetadata:
         raise FormatError("has no 'tree_metadata' object: not an Orbax PyTree checkpoint's metadata", f)
     arrays: dict[str, str] = {}
     others: dict[str, str] = {}
+    write_shapes: dict[str, Shape] = {}
     for key, entry in tree.items():
         keys = _key_path(key, entry, f)
         value = entry.get("value_metadata", {}) if isinstance(entry, dict) else {}
@@ -116,20 +122,23 @@ def read_tree_metadata(d: Path) -> TreeMetadata:
             raise FormatError(f"two leaves map to the array {name}", f)
         if vtype in ARRAY_TYPES:
             arrays[name] = ".".join(keys)
+            ws = value.get("write_shape")
+            if isinstance(ws, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in ws):
+                write_shapes[name] = tuple(ws)
         else:
             others[name] = str(vtype)
     use_ocdbt = obj.get("use_ocdbt")
-    return TreeMetadata(arrays, others, use_ocdbt if isinstance(use_ocdbt, bool) else None,
+    return TreeMetadata(arrays, others, write_shapes, use_ocdbt if isinstance(use_ocdbt, bool) else None,
                         bool(obj.get("use_zarr3", False)))
 
 
 # ---- the arrays ------------------------------------------------------------------------------
 
-def _tensorstore():
+def _tensorstore(where: Path | None = None):
     try:
         import tensorstore
     except ImportError:
-        raise UnsupportedError(INSTALL) from None
+        raise UnsupportedError(INSTALL, where) from None
     return tensorstore
 
 
@@ -144,33 +153,49 @@ def _ocdbt_bases(d: Path) -> list[Path]:
     return ([d] if (d / MANIFEST).is_file() else []) + procs
 
 
-def _ocdbt_arrays(d: Path, meta: TreeMetadata, ts: Any, ctx: Any) -> dict[str, dict]:
-    """Stored name → kvstore spec for every zarr array found in the OCDBT store(s)."""
+Located = tuple[dict, frozenset[str]]
+"""An array's kvstore spec and the keys stored under it (its chunks, and its header)."""
+
+
+def _split(key: str, arrays: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(stored array name, key under it) of a store key, e.g. ``a/b.w/0.0`` → (``a/b.w``, ``0.0``)."""
+    parts = key.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        if (head := "/".join(parts[:i])) in arrays:
+            return head, "/".join(parts[i:])
+    return None
+
+
+def _ocdbt_arrays(d: Path, meta: TreeMetadata, ts: Any, ctx: Any) -> dict[str, Located]:
+    """Stored name → (kvstore spec, keys) for every zarr array found in the OCDBT store(s)."""
     bases = _ocdbt_bases(d)
     if not bases:
         raise FormatError(f"{METADATA} says the arrays are in an OCDBT store, but there is no {MANIFEST} or "
                           "ocdbt.process_*/ directory; the checkpoint is incomplete", d)
     marker = "/zarr.json" if meta.use_zarr3 else "/.zarray"
     found: dict[str, dict] = {}
+    keys: dict[str, set[str]] = {}
     for base in bases:
         if all(s in found for s in meta.arrays.values()):
             break
         spec = {"driver": "ocdbt", "base": base.resolve().as_uri() + "/"}
         try:
-            keys = ts.KvStore.open(spec, context=ctx).result().list().result()
+            listed = [k.decode("utf-8", "replace") for k in ts.KvStore.open(spec, context=ctx).result().list().result()]
         except Exception as e:  # tensorstore raises ValueError/RuntimeError for unreadable stores
             raise FormatError(f"corrupt OCDBT store ({_ts_error(e)})", base / MANIFEST) from None
-        for k in keys:
-            name = k.decode("utf-8", "replace")
-            if name.endswith(marker):
-                found.setdefault(name[: -len(marker)], {**spec, "path": name[: -len(marker)] + "/"})
-    return found
+        here = {k[: -len(marker)] for k in listed if k.endswith(marker)} - set(found)
+        found.update({s: {**spec, "path": s + "/"} for s in here})
+        for k in listed:
+            if (hit := _split(k, here)) is not None:
+                keys.setdefault(hit[0], set()).add(hit[1])
+    return {s: (kv, frozenset(keys.get(s, ()))) for s, kv in found.items()}
 
 
-def _dir_arrays(d: Path, meta: TreeMetadata) -> dict[str, dict]:
-    """Stored name → kvstore spec for the one-directory-per-array layout."""
+def _dir_arrays(d: Path, meta: TreeMetadata) -> dict[str, Located]:
+    """Stored name → (kvstore spec, keys) for the one-directory-per-array layout."""
     marker = "zarr.json" if meta.use_zarr3 else ".zarray"
-    return {s: {"driver": "file", "path": str((d / s).resolve()) + "/"}
+    return {s: ({"driver": "file", "path": str((d / s).resolve()) + "/"},
+                frozenset(f.relative_to(d / s).as_posix() for f in (d / s).rglob("*") if f.is_file()))
             for s in meta.arrays.values() if (d / s / marker).is_file()}
 
 
@@ -210,9 +235,19 @@ class OrbaxArray:
         return torch.from_numpy(arr)
 
 
+def _check_header(name: str, shape: Shape, meta: TreeMetadata, where: Path) -> None:
+    """The zarr header's shape must hold what ``_METADATA`` says was written (equal, unless sharded)."""
+    ws = meta.write_shapes.get(name)
+    if ws is not None and (len(ws) != len(shape) or any(w > s for w, s in zip(ws, shape))):
+        raise FormatError(f"array {name}: its zarr header says shape {list(shape)}, but {METADATA} says "
+                          f"{list(ws)} was written; the header and the tree disagree (the checkpoint is damaged)",
+                          where)
+
+
 def open_arrays(d: Path, meta: TreeMetadata) -> dict[str, OrbaxArray]:
-    """Open every array ``_METADATA`` lists; one FormatError lists all that are missing."""
-    ts = _tensorstore()
+    """Open every array ``_METADATA`` lists and check its header (zarr_check.py); one FormatError lists
+    all that are missing, or names the first array whose header lies."""
+    ts = _tensorstore(d)
     ctx = ts.Context()
     ocdbt = meta.use_ocdbt if meta.use_ocdbt is not None else bool(_ocdbt_bases(d))
     stored = _ocdbt_arrays(d, meta, ts, ctx) if ocdbt else _dir_arrays(d, meta)
@@ -222,14 +257,19 @@ def open_arrays(d: Path, meta: TreeMetadata) -> dict[str, OrbaxArray]:
         raise FormatError(f"{len(missing)} array(s) listed in {METADATA} are missing from the checkpoint data: "
                           f"{name_list(missing)}; the checkpoint is incomplete", where)
     driver = "zarr3" if meta.use_zarr3 else "zarr"
-    futures = {n: ts.open({"driver": driver, "kvstore": stored[s]}, read=True, context=ctx)
+    futures = {n: ts.open({"driver": driver, "kvstore": stored[s][0]}, read=True, context=ctx)
                for n, s in meta.arrays.items()}
-    out = {}
+    stores = {}
     for name, fut in futures.items():
         try:
-            store = fut.result()
+            stores[name] = fut.result()
         except Exception as e:  # tensorstore raises ValueError for unreadable zarr metadata
             raise FormatError(f"cannot open array {name} ({_ts_error(e)})", where) from None
+        _check_header(name, tuple(int(x) for x in stores[name].shape), meta, where)
+    if not meta.use_zarr3:  # zarr3 (sharding codec) chunks are not checked
+        check_chunks({n: (st, stored[meta.arrays[n]][1]) for n, st in stores.items()}, where)
+    out = {}
+    for name, store in stores.items():
         dtype = TORCH_DTYPES.get(store.dtype.name)
         if dtype is None:
             raise UnsupportedError(f"array {name} has dtype {store.dtype.name}; supported: "

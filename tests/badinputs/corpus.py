@@ -24,6 +24,7 @@ ORIG_COMMANDS = ("orig-to-hf", "orig-to-safetensors", "orig-to-gguf")
 COMMANDS = ORIG_COMMANDS + ("to-gguf", "gguf-to-hf", "verify", "inspect", "gemma2-quantize")
 READS = {
     "orig": frozenset(COMMANDS) - {"gguf-to-hf"},
+    "orbax": frozenset(COMMANDS) - {"gguf-to-hf"},  # a directory: gguf-to-hf refuses it before reading
     # a gemma_pytorch model of unpublished shape: only the commands that take --config reach the weights
     "orig-config": frozenset(ORIG_COMMANDS + ("verify", "inspect")),
     "hf": frozenset({"to-gguf", "verify", "inspect", "gemma2-quantize"}),

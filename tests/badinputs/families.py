@@ -254,7 +254,49 @@ def _nonfinite(d: Path, g: Good) -> list[Case]:
     ]
 
 
-FAMILIES = (_foreign, _truncations, _safetensors_lies, _gguf_lies, _pickles, _indexes, _nonfinite)
+ORBAX_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "orbax"
+
+
+def _orbax_lies(d: Path, g: Good) -> list[Case]:
+    """Copies of the committed Orbax fixtures (OCDBT, and one zarr directory per array) whose zarr headers
+    or chunk data lie: each fails when the checkpoint is opened, before any array is read. Empty without
+    tensorstore (the family's tests skip)."""
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return []
+
+    def copy(name: str, fixture: str = "gemma2_2b_layout/kaggle/gemma2-tiny") -> Path:
+        shutil.copytree(ORBAX_FIXTURES / fixture, d / name)
+        return d / name
+
+    linear, leaf = "transformer/layer_0/mlp/linear.w", ("transformer/layer_0/mlp/linear", "w")
+    for name, changes in (("zarr-shape", {"shape": [40, 8]}), ("zarr-dtype", {"dtype": "<f4"}),
+                          ("zarr-chunks", {"chunks": [20, 16]}), ("zarr-1tb", {"shape": [1 << 40, 16]})):
+        m.orbax_set_zarray(copy(name), linear, **changes)
+    m.orbax_set_write_shape(d / "zarr-1tb", leaf, [1 << 40, 16])
+    data = max((copy("data-truncated") / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    m.truncated(data, data, data.stat().st_size // 2)
+    (copy("chunk-missing", "mha_nested_zarr/ckpt") / "layer_0.mlp.linear" / "0.0").unlink()
+    chunk = copy("chunk-not-zstd", "mha_nested_zarr/ckpt") / "layer_0.mlp.linear" / "0.0"
+    chunk.write_bytes(bytes(chunk.stat().st_size))
+    lin = r"array transformer/layer_0/mlp/linear\.w: "
+    return [
+        Case("orbax-zarr-shape-contradicts-metadata", d / "zarr-shape", "orbax",
+             lin + r"its zarr header says shape \[40, 8\], but _METADATA says \[40, 16\] was written"),
+        Case("orbax-zarr-dtype-contradicts-data", d / "zarr-dtype", "orbax",
+             lin + r"chunk 0\.0 holds 1280 bytes, but its zarr header \(<f4, chunks \[40, 16\]\) needs 2560"),
+        Case("orbax-zarr-chunks-contradict-data", d / "zarr-chunks", "orbax", lin + r"1 of 2 chunks missing \(1\.0\)"),
+        Case("orbax-zarr-claims-1TB", d / "zarr-1tb", "orbax", lin + r"at least \d+ of \d+ chunks missing",
+             lying=True),
+        Case("orbax-data-file-truncated", d / "data-truncated", "orbax",
+             r"cannot read array transformer/.*: chunk [\d.]+ .*the data is damaged or incomplete"),
+        Case("orbax-chunk-missing", d / "chunk-missing", "orbax", lin + r"1 of 1 chunks missing \(0\.0\)"),
+        Case("orbax-chunk-not-zstd", d / "chunk-not-zstd", "orbax", lin + r"chunk 0\.0 is not a zstd frame"),
+    ]
+
+
+FAMILIES = (_foreign, _truncations, _safetensors_lies, _gguf_lies, _pickles, _indexes, _nonfinite, _orbax_lies)
 FAMILY_NAMES = tuple(f.__name__.strip("_") for f in FAMILIES)
 
 

@@ -93,3 +93,26 @@ def zip_without(src: Path, dst: Path, drop: Callable[[str], bool]) -> Path:
             if not drop(info.filename):
                 zout.writestr(info, zin.read(info))
     return dst
+
+
+# ---- Orbax -----------------------------------------------------------------------------------
+
+def orbax_set_zarray(ckpt: Path, array: str, **changes: Any) -> None:
+    """Change fields of one array's zarr header in place: ``<array>/.zarray`` in the directory layout,
+    else in the root OCDBT store (a new version, written with tensorstore)."""
+    f = ckpt / array / ".zarray"
+    if f.is_file():
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+        return
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": ckpt.resolve().as_uri() + "/"}).result()
+    key = f"{array}/.zarray".encode()
+    kv.write(key, json.dumps({**json.loads(kv.read(key).result().value), **changes}).encode()).result()
+
+
+def orbax_set_write_shape(ckpt: Path, leaf: tuple[str, ...], shape: list[int]) -> None:
+    """Change the write_shape ``_METADATA`` records for the leaf at key path ``leaf``."""
+    meta = json.loads((ckpt / "_METADATA").read_text())
+    meta["tree_metadata"][str(leaf)]["value_metadata"]["write_shape"] = shape
+    (ckpt / "_METADATA").write_text(json.dumps(meta))

@@ -65,6 +65,8 @@ def problems(r: Result, cmd: str, case: Case, out: Path, digest: str) -> list[st
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_command_fails_cleanly(family, corpus, good, server, tmp_path):
+    if family == "orbax_lies":
+        pytest.importorskip("tensorstore", reason="the Orbax cases need pip install 'gemma2-convert[flax]'")
     cases = [c for c in corpus.values() if c.family == family]
     assert cases
     report = []
