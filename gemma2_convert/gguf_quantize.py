@@ -41,11 +41,14 @@ def keep_type(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
 
 
-def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str, w: torch.Tensor) -> torch.Tensor:
+def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str, w: torch.Tensor,
+           keep_codes: bool = False) -> torch.Tensor:
     """Signed codes ``q [rows, cols]`` (int8), fp16 scales ``s [rows, cols/32]`` and zeros → block bytes.
 
     Q4_1 stores ``x = d·u + m`` with u ∈ [0, 15]: ``d = s``, ``m = -s·(z + 8)``; m is rounded to fp16,
-    so the codes are re-rounded against the stored d and m (optimal per weight given them)."""
+    so the codes are re-rounded against the stored d and m (optimal per weight given them) — unless
+    ``keep_codes``: GPTQ's codes carry the error feedback of earlier columns, and re-rounding the
+    original weights would undo it, so they are kept (``u = q + 8``)."""
     rows, cols = q.shape
     qb = q.reshape(rows, cols // 32, 32)  # [rows, nb, 32]
     d = s.to(torch.float16)  # [rows, nb]
@@ -54,6 +57,8 @@ def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str,
     if qtype == "Q4_0":
         return pack_q4_0(d, (qb.to(torch.int16) + 8).to(torch.uint8))
     m = (-d.float() * (z.float() + 8)).to(torch.float16)  # [rows, nb]
+    if keep_codes:
+        return pack_q4_1(d, m, (qb.to(torch.int16) + 8).to(torch.uint8))
     x = w.float().reshape(rows, cols // 32, 32)
     u = torch.round((x - m.float()[..., None]) / d.float().clamp_min(1e-30)[..., None]).clamp(0, 15)
     u = torch.where(d.float()[..., None] > 0, u, torch.zeros_like(u))
@@ -112,7 +117,7 @@ def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[
             data = quantize_tensor(w, qtype, quant_weights=qw if spec.method != "rtn" else None)
         else:
             q, s, z = mq.codes(hf, w, torch.float16, gptq_scale=fold, record=False)
-            data = blocks(q, s, z, qtype, w)
+            data = blocks(q, s, z, qtype, w, keep_codes=spec.method == "gptq")
         mq.record(hf, f"{spec.label()}→{qtype}", w, dequantize_tensor(data, qtype, tuple(w.shape)))
         return data
 

@@ -33,6 +33,10 @@ class LazyTensor:
     thunk: Callable[[], torch.Tensor]
     stored_nbytes: int | None = None
     """Bytes the data really occupies when it is packed (quantized) and ``load`` decodes it; else None."""
+    prefetch: Callable[[], None] | None = None
+    """Asks the OS to start reading the bytes ``load`` will need, without waiting (a hint; None when
+    the reader has nothing to ask). Writers call it ahead of ``load`` so reading a source that is not
+    in the page cache overlaps with the work on the tensors before it."""
 
     @property
     def numel(self) -> int:
@@ -65,6 +69,7 @@ class LazyTensor:
             self.dtype if dtype is None else dtype,
             lambda: fn(self.load()),
             self.stored_nbytes,
+            self.prefetch,
         )
 
     def to(self, dtype: torch.dtype) -> LazyTensor:

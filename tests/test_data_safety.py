@@ -82,6 +82,41 @@ def test_interrupted_conversion_leaves_nothing(sig, big_ckpt, tmp_path):
     assert tree_digest(ckpt) == digest
 
 
+@pytest.fixture(scope="module")
+def big_hf(tmp_path_factory) -> Path:
+    """A ~130 MB bf16 HF directory (with a tokenizer) of the big_ckpt shapes."""
+    from gemma2_convert.formats.hf import write_hf_dir
+    from gemma2_convert.synthetic import random_tensors
+    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+
+    cfg = CFG.replace(vocab_size=65536, hidden_size=768, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
+    d = tmp_path_factory.mktemp("big-hf")
+    tok = make_tiny_spm(d / "tokenizer.model", 512)
+    (d / "hf").mkdir()
+    write_hf_dir(d / "hf", cfg, list(random_tensors(cfg, 0, torch.bfloat16).items()), tokenizer=tok)
+    return d / "hf"
+
+
+def test_interrupted_gguf_write_leaves_nothing(big_hf, tmp_path):
+    """A signal while the GGUF writer waits for its threads is the interrupt (exit 130), not an error of the
+    tensor being written."""
+    out = tmp_path / "out.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma2_convert", "to-gguf", str(big_hf), str(out), "--type", "f16",
+                             "--no-verify"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any(p.stat().st_size > (8 << 20) for p in tmp_path.glob(".out.gguf.partial-*")):  # mid-write
+        assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the write never started"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [ln for ln in stderr.strip().splitlines() if not ln.startswith("warning: ")]
+    assert proc.returncode == 130, stderr
+    assert lines == [f"error: {out}: interrupted by signal SIGINT; the partial output was removed"], stderr
+    assert_nothing_left(out)
+
+
 # ---- disk full -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["orig-to-hf", "orig-to-gguf", "gguf-to-hf", "gemma2-quantize"])

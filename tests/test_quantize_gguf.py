@@ -35,6 +35,10 @@ def work(tmp_path_factory):
                             QuantizeOptions(4, 32, True, m, "gguf", calibration=CAL, eval_text=EVAL))
         quantize_checkpoint(MODEL, d / f"ours_{m}_q6k.gguf",  # the same size as llama.cpp's Q4_0
                             QuantizeOptions(4, 32, True, m, "gguf", embedding="q6_k", calibration=CAL, verify=False))
+    llama_quantize(d / "f32.gguf", d / "llama_q4_1_bf16emb.gguf", "Q4_1", token_embedding_type="BF16")
+    for m in ("mse", "gptq"):  # asymmetric → Q4_1
+        quantize_checkpoint(MODEL, d / f"ours_{m}_asym.gguf",
+                            QuantizeOptions(4, 32, False, m, "gguf", calibration=CAL, verify=False))
     prompts = [p[0].tolist() for p in eval_prompts(open_checkpoint(MODEL), EVAL.read_text(), 256, max_seqs=16)]
     base = torch.cat(llama_cpp_logits(d / "f32.gguf", prompts))
     kl = {f.stem: kl_divergence(base, torch.cat(llama_cpp_logits(f, prompts)))
@@ -80,3 +84,5 @@ def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
     # at llama.cpp's own layout and size (Q6_K embedding): rtn is llama.cpp's bytes, better scales win
     assert kl["ours_rtn_q6k"] == pytest.approx(kl["llama_q4_0"], rel=1e-6), report
     assert kl["ours_gptq_q6k"] < kl["ours_mse_q6k"] < kl["llama_q4_0"], report
+    # Q4_1 (asymmetric): GPTQ's error-fed codes are written as they are, not re-rounded
+    assert kl["ours_gptq_asym"] < kl["ours_mse_asym"] < kl["llama_q4_1_bf16emb"], report

@@ -101,12 +101,12 @@ def render(hf: list[tuple], gg: list[tuple], ppl_f32: float, src_ppl: float, n_p
         "| bits | group | scheme | method | bpw | mean KL | top-1 | perplexity | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {b} | {g} | {s} | {m} | {bpw:.2f} | {kl:.5f} | {t1:.2%} | {ppl:.3f} | {sec:.0f} |"
+    lines += [f"| {b} | {g} | {s} | {m} | {bpw:.2f} | {kl:.2e} | {t1:.2%} | {ppl:.3f} | {sec:.0f} |"
               for b, g, s, m, bpw, kl, t1, ppl, sec in hf]
     lines += ["", "## GGUF, scored in llama.cpp (against llama.cpp on the F32 GGUF, perplexity "
               f"{ppl_f32:.3f})", "",
               "| tool | what | bpw | mean KL | top-1 | perplexity |", "|---|---|---|---|---|---|"]
-    lines += [f"| {tool} | {what} | {bpw:.2f} | {kl:.5f} | {t1:.2%} | {ppl:.3f} |" for tool, what, bpw, kl, t1, ppl in gg]
+    lines += [f"| {tool} | {what} | {bpw:.2f} | {kl:.2e} | {t1:.2%} | {ppl:.3f} |" for tool, what, bpw, kl, t1, ppl in gg]
     lines += ["", "Notes: llama.cpp's own Q4_0 stores the tied embedding as Q6_K (its rule for an output head);"
               " ours keeps it in bf16 by default (`--embedding keep`), so the llama.cpp rows with a bf16 embedding"
               " are the same-layout comparison, and our rows with `--embedding q6_k` are the same layout and size"

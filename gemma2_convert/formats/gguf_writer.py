@@ -29,7 +29,9 @@ import torch
 from gemma2_convert.errors import ConversionError
 from gemma2_convert.formats.gguf_values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
                                                 boolean, f32, string, string_bytes, u32, value_bytes)
+from gemma2_convert.formats.write_behind import WriteBehind
 from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.output import Interrupted
 from gemma2_convert.weight_check import WeightCheck
 from quant.gguf_codec import bytes_for, quantize_tensor
 from quant.gguf_types import ggml_type
@@ -37,6 +39,12 @@ from quant.gguf_types import ggml_type
 CHUNK_ELEMENTS = 2 << 20
 """Elements converted per step. Temporaries (a float32 copy: 8 MB) stay below glibc's 32 MB mmap
 threshold, so they are reused from the heap instead of being mapped and zero-filled for every chunk."""
+WRITE_DEPTH = 4
+"""Encoded chunks queued for the writer thread."""
+HASH_BACKLOG = 256 << 20
+"""Bytes of source tensors the hasher may lag behind the encoder (at least one tensor)."""
+PREFETCH_AHEAD = 256 << 20
+"""Bytes of source tensors asked for ahead of the one being encoded (at least the next tensor)."""
 
 
 @dataclass(frozen=True)
@@ -115,13 +123,6 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
     return dst.view(torch.uint8)
 
 
-def _write(f: BinaryIO, data: torch.Tensor | bytes) -> None:
-    if isinstance(data, bytes):
-        f.write(data)
-    elif data.numel():
-        f.write(memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B"))
-
-
 def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
     flat = t.contiguous().reshape(-1)
@@ -147,31 +148,71 @@ def _one_intra_op_thread() -> Iterator[None]:
 
 
 class _Stream:
-    """Overlaps the stages of writing: hashing the source (one thread), encoding chunks (``threads``
-    workers for block types; the caller for plain float casts, into two reused buffers) and writing
-    them in order (one thread, at most one chunk queued). hashlib, torch kernels and file writes
-    release the GIL, so the stages run in parallel; memory stays at a few chunks per worker."""
+    """Overlaps the stages of writing: reading the source ahead (``prefetch``), hashing it (one
+    thread), encoding chunks (``threads`` workers for block types; the caller for plain float casts,
+    into a ring of reused buffers; nothing when the bytes are the source's) and writing them in order
+    (one thread, which also starts their writeback: ``WriteBehind``). hashlib, torch kernels and file
+    writes release the GIL, so the stages run in parallel. Each stage may run ahead of the next by a
+    bounded amount — ``WRITE_DEPTH`` chunks queued for the writer, ``HASH_BACKLOG`` bytes of source
+    tensors queued for the hasher — so a slow moment in one stage does not stall the others. Memory
+    stays at a few chunks per worker (queued source tensors are views of the mmap when the reader
+    maps the file)."""
 
     def __init__(self, f: BinaryIO, hasher: hashlib._Hash | None, threads: int) -> None:
         self.f, self.hasher, self.depth = f, hasher, 2 * threads
+        self.behind = WriteBehind(f.fileno(), f.tell())
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gguf-write")
         self.hashing = ThreadPoolExecutor(1, thread_name_prefix="gguf-hash")
         self.encoders = ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode")
-        self.pending_write: Future | None = None
-        self.pending_hash: Future | None = None
-        self.buffers = [torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8) for _ in range(2)]
+        self.prefetching = ThreadPoolExecutor(1, thread_name_prefix="gguf-prefetch")
+        self.fetched, self.fetched_bytes, self.consumed_bytes = 0, 0, 0
+        self.pending_writes: deque[Future] = deque()
+        self.pending_hashes: deque[tuple[Future, int]] = deque()
+        self.hash_backlog = 0
+        # one more buffer than writes in flight: the one being filled is never being written
+        self.buffers = [torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8) for _ in range(WRITE_DEPTH + 1)]
         self.turn = 0
 
+    def prefetch(self, tensors: Sequence[TensorPlan], i: int) -> None:
+        """Called as tensor ``i`` starts: ask for the sources of the next tensors, ``PREFETCH_AHEAD``
+        bytes of them (a hint, in the background: ``madvise`` may wait for the disk queue)."""
+        self.consumed_bytes += tensors[i - 1].source.nbytes if i else 0
+        while self.fetched < len(tensors) and (self.fetched <= i + 1 or
+                                               self.fetched_bytes - self.consumed_bytes < PREFETCH_AHEAD):
+            src = tensors[self.fetched].source
+            if src.prefetch is not None:
+                self.prefetching.submit(src.prefetch)
+            self.fetched, self.fetched_bytes = self.fetched + 1, self.fetched_bytes + src.nbytes
+
     def hash(self, name: str, t: torch.Tensor) -> None:
-        if self.hasher is not None:
-            if self.pending_hash is not None:
-                self.pending_hash.result()
-            self.pending_hash = self.hashing.submit(_hash_tensor, self.hasher, name, t)
+        """Queue ``t`` for the hasher (in order), first waiting while the backlog is over ``HASH_BACKLOG``."""
+        if self.hasher is None:
+            return
+        nbytes = t.numel() * t.element_size()
+        while self.pending_hashes and (self.pending_hashes[0][0].done()
+                                       or self.hash_backlog + nbytes > HASH_BACKLOG):
+            fut, n = self.pending_hashes.popleft()
+            fut.result()
+            self.hash_backlog -= n
+        self.pending_hashes.append((self.hashing.submit(_hash_tensor, self.hasher, name, t), nbytes))
+        self.hash_backlog += nbytes
 
     def write(self, data: torch.Tensor | bytes) -> None:
-        if self.pending_write is not None:
-            self.pending_write.result()
-        self.pending_write = self.writer.submit(_write, self.f, data)
+        """Queue ``data`` for the writer, first waiting while ``WRITE_DEPTH`` writes are in flight."""
+        while self.pending_writes and (self.pending_writes[0].done() or len(self.pending_writes) >= WRITE_DEPTH):
+            self.pending_writes.popleft().result()
+        self.pending_writes.append(self.writer.submit(self._write, data))
+
+    def _write(self, data: torch.Tensor | bytes) -> None:
+        if isinstance(data, bytes):
+            self.f.write(data)
+            n = len(data)
+        else:
+            n = data.numel() * data.element_size()
+            if not n:
+                return
+            self.f.write(memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B"))
+        self.behind.advance(n)
 
     def encoded(self, t: TensorPlan, src: torch.Tensor) -> Iterator[torch.Tensor]:
         """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder)."""
@@ -181,10 +222,14 @@ class _Stream:
             return
         chunks = _row_chunks(src, CHUNK_ELEMENTS)
         target = _FLOAT_TYPES.get(t.qtype)
+        if t.transform is None and target == src.dtype:
+            for c in chunks:  # the source bytes as they are: written from the source's memory, no copy
+                yield c.contiguous().view(torch.uint8)
+            return
         if t.transform is None and target is not None and (target != torch.bfloat16 or src.dtype == target):
             for c in chunks:  # a cast: memory-bound, one thread is enough
-                self.turn += 1
-                yield encode_chunk(c, t.qtype, None, self.buffers[self.turn % 2])
+                self.turn = (self.turn + 1) % len(self.buffers)
+                yield encode_chunk(c, t.qtype, None, self.buffers[self.turn])
             return
         pending: deque[Future] = deque()
         for c in chunks:
@@ -194,14 +239,17 @@ class _Stream:
         while pending:
             yield pending.popleft().result()
 
-    def close(self) -> None:
-        try:
-            for fut in (self.pending_write, self.pending_hash):
-                if fut is not None:
-                    fut.result()
-        finally:
-            for pool in (self.encoders, self.writer, self.hashing):
-                pool.shutdown(wait=True, cancel_futures=True)
+    def finish(self) -> None:
+        """Wait for every queued write and hash; a worker's exception is raised here."""
+        while self.pending_writes:
+            self.pending_writes.popleft().result()
+        while self.pending_hashes:
+            self.pending_hashes.popleft()[0].result()
+
+    def shutdown(self) -> None:
+        """Drop queued work (after an error) and stop the threads; the one running finishes first."""
+        for pool in (self.encoders, self.writer, self.hashing, self.prefetching):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_gguf(
@@ -223,7 +271,8 @@ def write_gguf(
         f.write(header_bytes(metadata, tensors))
         stream = _Stream(f, source_hash, threads or default_threads())
         try:
-            for t in tensors:
+            for i, t in enumerate(tensors):
+                stream.prefetch(tensors, i)
                 src = t.source.load()
                 check(t.name, src, to_fp16=t.qtype == "F16", transform=t.transform)
                 stream.hash(t.name, src)
@@ -232,6 +281,8 @@ def write_gguf(
                     for data in stream.encoded(t, src):
                         stream.write(data)
                         written += data.numel()
+                except Interrupted:
+                    raise  # a signal that arrived while waiting for the writer: not about this tensor
                 except ConversionError as e:
                     raise ConversionError(f"tensor {t.name!r}: {e}") from None
                 if written != t.nbytes:
@@ -239,8 +290,9 @@ def write_gguf(
                 stream.write(b"\0" * _pad(written))
                 if on_tensor is not None:
                     on_tensor(t.name, t.source.nbytes)
+            stream.finish()
         finally:
-            stream.close()
+            stream.shutdown()
         f.flush()
         os.fsync(f.fileno())
         return f.tell()

@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -122,16 +123,28 @@ class SafetensorsFile:
         self.header, self.data_start = read_header(self.path)
         self.metadata: dict[str, str] = dict(self.header.get("__metadata__", {}))
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
 
     def names(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
 
     def _mmap(self) -> mmap.mmap:
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY: writable for torch.frombuffer, private, never written back to the file.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        with self._map_lock:  # prefetch may map from another thread
+            if self._map is None:
+                with open(self.path, "rb") as f:
+                    # ACCESS_COPY: writable for torch.frombuffer, private, never written back to the file.
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._map
+
+    def prefetch(self, name: str) -> None:
+        """Start reading tensor ``name`` into the page cache (``madvise(MADV_WILLNEED)``); a hint."""
+        begin, end = self.header[name]["data_offsets"]
+        start = self.data_start + begin - (self.data_start + begin) % mmap.PAGESIZE
+        if end > begin and hasattr(mmap, "MADV_WILLNEED"):
+            try:
+                self._mmap().madvise(mmap.MADV_WILLNEED, start, self.data_start + end - start)
+            except OSError:
+                pass
 
     def load(self, name: str) -> torch.Tensor:
         e = self.header[name]
@@ -146,7 +159,8 @@ class SafetensorsFile:
 
     def lazy(self, name: str) -> LazyTensor:
         e = self.header[name]
-        return LazyTensor(tuple(e["shape"]), DTYPES[e["dtype"]], lambda: self.load(name))
+        return LazyTensor(tuple(e["shape"]), DTYPES[e["dtype"]], lambda: self.load(name),
+                          prefetch=lambda: self.prefetch(name))
 
     def tensors(self) -> dict[str, LazyTensor]:
         return {n: self.lazy(n) for n in self.names()}
