@@ -201,7 +201,8 @@ def test_default_policy() -> None:
     emb = "model.embed_tokens.weight"
     assert default_policy(emb, (1000, 256), **kw, embedding="int8") == QuantSpec(8, None, True, "rtn")
     assert default_policy(emb, (1000, 256), **kw, embedding="int4") == QuantSpec(4, 128, False, "mse")
-    with pytest.raises(UnsupportedError, match=r"embedding='fp8'; choose one of \['keep', 'int8', 'int4'\]"):
+    assert default_policy(emb, (1000, 256), **kw, embedding="q6_k") is None  # the GGUF writer stores it as Q6_K
+    with pytest.raises(UnsupportedError, match=r"embedding='fp8'; choose one of \['keep', 'int8', 'int4', 'q6_k'\]"):
         default_policy(emb, (1000, 256), **kw, embedding="fp8")
     with pytest.raises(ConversionError, match=r"model\.layers\.3\.mlp\.up_proj\.weight: shape \[64, 96\]"):
         default_policy("model.layers.3.mlp.up_proj.weight", (64, 96), **kw)
