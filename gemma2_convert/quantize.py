@@ -18,7 +18,7 @@ import torch
 from gemma2_convert.errors import ConversionError, UnsupportedError
 from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
 from gemma2_convert.lazy import LazyTensor
-from quant.metrics import rel_rmse, sqnr_db
+from quant.metrics import db_from_rel_rmse, rel_rmse
 from quant.methods import quantize_weight
 from quant.policy import default_policy
 from quant.qparams import dequantize, scale_dtype_for
@@ -120,9 +120,8 @@ class ModuleQuantizer:
         return q, s, z
 
     def record(self, name: str, label: str, w: torch.Tensor, approx: torch.Tensor) -> None:
-        wf = w.float()
-        af = approx.float()
-        self.stats.append(TensorStat(name, label, sqnr_db(wf, af), rel_rmse(wf, af)))
+        e = rel_rmse(w, approx)  # in float64 blocks: no full-size copy of either
+        self.stats.append(TensorStat(name, label, db_from_rel_rmse(e), e))
 
 
 def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],

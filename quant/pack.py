@@ -22,6 +22,9 @@ from torch import Tensor
 NIBBLE_ORDERS = ("low_first", "high_first")
 
 
+PACK_ELEMENTS = 1 << 22
+"""Codes packed per step by ``pack_int32``."""
+
 def _check_nibble_order(nibble_order: str) -> None:
     if nibble_order not in NIBBLE_ORDERS:
         raise ValueError(f"nibble_order={nibble_order!r}; choose one of {list(NIBBLE_ORDERS)}")
@@ -55,15 +58,19 @@ def _words_per_dim(n: int, bits: int) -> int:
 
 
 def pack_int32(q: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
-    """2-D signed int8 codes → int32 words along ``packed_dim`` (1: ``[r, ceil(c·b/32)]``)."""
-    x = q.to(torch.int64) + (1 << (bits - 1))                       # unsigned codes
-    x = x.T if packed_dim == 0 else x                               # [rows, n]
+    """2-D signed int8 codes → int32 words along ``packed_dim`` (1: ``[r, ceil(c·b/32)]``), a block of rows
+    at a time (the int64 temporaries stay at ``PACK_ELEMENTS`` codes, not 8 bytes per code of the tensor)."""
+    x = q.T if packed_dim == 0 else q                               # [rows, n]
     rows, n = x.shape
     per, words = 32 // bits, _words_per_dim(n, bits)
-    x = torch.nn.functional.pad(x, (0, words * per - n)).reshape(rows, words, per)
     shifts = torch.arange(per, dtype=torch.int64) * bits            # [per]
-    u32 = (x << shifts).sum(dim=-1)                                 # [rows, words] in [0, 2^32)
-    out = (u32 - ((u32 >> 31) << 32)).to(torch.int32)               # two's complement
+    out = torch.empty(rows, words, dtype=torch.int32)
+    step = max(1, PACK_ELEMENTS // max(1, n))
+    for i in range(0, rows, step):
+        b = x[i:i + step].to(torch.int64) + (1 << (bits - 1))       # unsigned codes
+        b = torch.nn.functional.pad(b, (0, words * per - n)).reshape(b.shape[0], words, per)
+        u32 = (b << shifts).sum(dim=-1)                             # [block, words] in [0, 2^32)
+        out[i:i + step] = (u32 - ((u32 >> 31) << 32)).to(torch.int32)  # two's complement
     return (out.T if packed_dim == 0 else out).contiguous()
 
 

@@ -235,3 +235,20 @@ def test_logit_metrics() -> None:
     assert perplexity(logits[:, :-1], ids[:, 1:]) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match=r"logits \[1, 3, 2\] and targets \[1, 2\]"):
         perplexity(logits, ids[:, 1:])
+
+
+def test_blockwise_pack_and_metrics_equal_whole_tensor_results(monkeypatch):
+    """pack_int32 and rel_rmse work a block at a time (bounded temporaries); the block size changes nothing."""
+    import quant.metrics as metrics_mod
+    import quant.pack as pack_mod
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-8, 8, (37, 96), generator=g, dtype=torch.int8)
+    x = torch.randn(37, 96, generator=g)
+    y = x + 1e-2 * torch.randn(37, 96, generator=g)
+    whole = [pack_int32(q, 4, d) for d in (0, 1)], rel_rmse(x, y)
+    monkeypatch.setattr(pack_mod, "PACK_ELEMENTS", 100)  # blocks of 1 row (a row alone is over the budget)
+    monkeypatch.setattr(metrics_mod, "BLOCK_ELEMENTS", 50)
+    assert all(torch.equal(a, pack_int32(q, 4, d)) for a, d in zip(whole[0], (0, 1)))
+    assert rel_rmse(x, y) == pytest.approx(whole[1], rel=1e-12)
+    assert rel_rmse(x, y) == pytest.approx(float((x.double() - y.double()).norm() / x.double().norm()), rel=1e-12)
