@@ -20,8 +20,8 @@ shapes (random bf16 weights, real tensor names). Every number is for a child pro
 a durable output (the harness fsyncs what the command wrote), and its peak anonymous memory (RssAnon sampled
 every 10 ms; mmap'd file pages are reclaimable page cache and are not counted). Each table is one run of the
 harness, anchors included, so its ratios compare tools under the same load. Regenerate with
-`python -m bench all --size 2b --llama-cpp DIR` (about 25 minutes on 2 cores) and
-`python -m bench scale --sizes 2b,9b,27b` (about an hour; needs ~65 GB of free disk).
+`python -m bench all --size 2b --llama-cpp DIR` (16 minutes on a quiet 2-core machine) and
+`python -m bench scale --sizes 2b,9b,27b` (42 minutes here with other work running; needs ~65 GB of free disk).
 
 ![time and peak memory per tool](benchmarks.png)
 """
