@@ -77,23 +77,11 @@ def run(size: str, runs: int, work: Path, shared: Path, lc: Path | None, machine
 
 
 def render(data: dict, res: dict[str, list[harness.Sample]], notes: list[str]) -> str:
-    c = data["cases"]
-    rows = []
-    for name, ss in res.items():
-        s = c[name]
-        if name == STARTUP:
-            rows.append([name, harness.spread([x.exit_s for x in ss]), "", "", "", "", report.gb(s["peak_anon_gb"])])
-            continue
-        inner = harness.spread([float(x.json()["seconds"]) for x in ss]) if s["inner_s"] is not None else "—"
-        rows.append([name, harness.spread([x.exit_s for x in ss]), harness.spread([x.durable_s for x in ss]),
-                     report.ratio(s["exit_s"], c["cp"]["exit_s"]), report.ratio(s["durable_s"], c["cp"]["durable_s"]),
-                     inner, report.gb(s["peak_anon_gb"])])
     cmd = f"python -m bench gguf --size {data['size']} --runs {data['runs']}" + \
         (" --llama-cpp DIR" if data["llama_cpp"] else "")
     lines = [f"## HF→GGUF: synthetic {data['size'].upper()}-shaped HF directory (bf16, {data['bytes'] / 1e9:.2f} GB)",
              "", report.run_line(cmd, data["machine"]), "",
-             *report.table(["method", "wall to exit, s", "wall to durable, s", "× cp (exit)", "× cp (durable)",
-                            "in-process, s", "peak RssAnon"], rows), "", *[f"- {n}" for n in notes], "",
+             *report.cp_table(res, data["cases"], STARTUP), "", *[f"- {n}" for n in notes], "",
              f"Median of {data['runs']} interleaved runs (min–max); `cp` copies the same safetensors shards. "
              "to-gguf also hashes every source tensor (sha256, recorded in the file) and fsyncs before its rename."]
     return report.section(MARK, lines, data)

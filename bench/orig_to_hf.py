@@ -84,24 +84,11 @@ def run(size: str, runs: int, work: Path, machine: dict, log=harness.say) -> str
 
 
 def render(data: dict, res: dict[str, list[harness.Sample]]) -> str:
-    c = data["cases"]
-    cp_exit, cp_dur = c[CP]["exit_s"], c[CP]["durable_s"]
-    rows = []
-    for name, ss in res.items():
-        s = c[name]
-        if name == STARTUP:
-            rows.append([name, harness.spread([x.exit_s for x in ss]), "", "", "", "", report.gb(s["peak_anon_gb"])])
-            continue
-        inner = harness.spread([float(x.json()["seconds"]) for x in ss]) if s["inner_s"] is not None else "—"
-        rows.append([name, harness.spread([x.exit_s for x in ss]), harness.spread([x.durable_s for x in ss]),
-                     report.ratio(s["exit_s"], cp_exit), report.ratio(s["durable_s"], cp_dur), inner,
-                     report.gb(s["peak_anon_gb"])])
     lines = [f"## orig→HF: synthetic {data['size'].upper()}-shaped gemma_pytorch checkpoint "
              f"(bf16, {data['bytes'] / 1e9:.2f} GB)", "",
              report.run_line(f"python -m bench orig-to-hf --size {data['size']} --runs {data['runs']}",
                              data["machine"]),
-             "", *report.table(["method", "wall to exit, s", "wall to durable, s", "× cp (exit)", "× cp (durable)",
-                                "in-process, s", "peak RssAnon"], rows), "",
+             "", *report.cp_table(res, data["cases"], STARTUP, CP), "",
              f"Median of {data['runs']} interleaved runs (min–max). *In-process*: the conversion's own time as "
              "reported by `--json` (opening the checkpoint to the renamed output), without starting Python. "
              "The source file is in the page cache for every run."]

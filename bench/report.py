@@ -75,3 +75,25 @@ def gb(x: float | None) -> str:
 
 def ratio(x: float | None, y: float | None) -> str:
     return "—" if x is None or not y else f"{x / y:.2f}×"
+
+
+CP_HEAD = ["method", "wall to exit, s", "wall to durable, s", "× cp (exit)", "× cp (durable)", "in-process, s",
+           "peak RssAnon"]
+
+
+def cp_table(res: dict, cases: dict, startup: str, cp: str = "cp") -> list[str]:
+    """Table of child-process samples ``res`` (name → samples) against ``cp``: median (min–max) wall times,
+    ratios, the in-process time from ``--json`` and peak RssAnon; the ``startup`` row has its wall time only."""
+    from bench.harness import spread
+
+    rows = []
+    for name, ss in res.items():
+        s = cases[name]
+        if name == startup:
+            rows.append([name, spread([x.exit_s for x in ss]), "", "", "", "", gb(s["peak_anon_gb"])])
+            continue
+        inner = spread([float(x.json()["seconds"]) for x in ss]) if s["inner_s"] is not None else "—"
+        rows.append([name, spread([x.exit_s for x in ss]), spread([x.durable_s for x in ss]),
+                     ratio(s["exit_s"], cases[cp]["exit_s"]), ratio(s["durable_s"], cases[cp]["durable_s"]),
+                     inner, gb(s["peak_anon_gb"])])
+    return table(CP_HEAD, rows)
