@@ -120,7 +120,10 @@ class ModuleQuantizer:
         return q, s, z
 
     def record(self, name: str, label: str, w: torch.Tensor, approx: torch.Tensor) -> None:
-        e = rel_rmse(w, approx)  # in float64 blocks: no full-size copy of either
+        self.record_error(name, label, rel_rmse(w, approx))  # in float64 blocks: no full-size copy of either
+
+    def record_error(self, name: str, label: str, e: float) -> None:
+        """Record a tensor's relative RMSE ``e`` (and its SQNR) for the quality report."""
         self.stats.append(TensorStat(name, label, db_from_rel_rmse(e), e))
 
 

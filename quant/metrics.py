@@ -10,6 +10,7 @@ without its log p < -16 cut-off, mean over positions),
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -25,10 +26,16 @@ def rel_rmse(ref: Tensor, approx: Tensor) -> float:
     if ref.shape != approx.shape:
         ref, approx = torch.broadcast_tensors(ref, approx)
     r, a = ref.reshape(-1), approx.reshape(-1)
+    return rel_rmse_blocks((r[i:i + BLOCK_ELEMENTS], a[i:i + BLOCK_ELEMENTS])
+                           for i in range(0, r.numel(), BLOCK_ELEMENTS))
+
+
+def rel_rmse_blocks(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """:func:`rel_rmse` of a tensor given as matching ``(ref, approx)`` blocks (e.g. rows decoded a few at a time)."""
     num = den = 0.0
-    for i in range(0, r.numel(), BLOCK_ELEMENTS):
-        rb = r[i:i + BLOCK_ELEMENTS].double()
-        num += float((rb - a[i:i + BLOCK_ELEMENTS].double()).square().sum())
+    for ref, approx in pairs:
+        rb = ref.double()
+        num += float((rb - approx.double()).square().sum())
         den += float(rb.square().sum())
     if num == 0.0:
         return 0.0
