@@ -67,13 +67,19 @@ def test_a_hashing_error_reaches_the_caller(plans, tmp_path, monkeypatch):
         _write(tmp_path / "x.gguf", plans)
 
 
-def test_write_behind_raises_what_the_kernel_reports(tmp_path, monkeypatch):
-    def eio(fd, offset, nbytes, flags):
-        ctypes.set_errno(errno.EIO)
+def _failing_sync_file_range(monkeypatch, err: int) -> None:
+    """``sync_file_range`` that fails with ``err``, on 4 KB windows."""
+
+    def fail(fd, offset, nbytes, flags):
+        ctypes.set_errno(err)
         return -1
 
-    monkeypatch.setattr(write_behind, "_SYNC_FILE_RANGE", eio)
+    monkeypatch.setattr(write_behind, "_SYNC_FILE_RANGE", fail)
     monkeypatch.setattr(write_behind, "WINDOW", 4096)
+
+
+def test_write_behind_raises_what_the_kernel_reports(tmp_path, monkeypatch):
+    _failing_sync_file_range(monkeypatch, errno.EIO)
     with open(tmp_path / "f", "wb") as f:
         wb = write_behind.WriteBehind(f.fileno())
         wb.advance(100)  # less than a window: nothing asked yet
@@ -83,12 +89,7 @@ def test_write_behind_raises_what_the_kernel_reports(tmp_path, monkeypatch):
 
 
 def test_write_behind_gives_up_quietly_where_unsupported(tmp_path, monkeypatch):
-    def espipe(fd, offset, nbytes, flags):
-        ctypes.set_errno(errno.ESPIPE)
-        return -1
-
-    monkeypatch.setattr(write_behind, "_SYNC_FILE_RANGE", espipe)
-    monkeypatch.setattr(write_behind, "WINDOW", 4096)
+    _failing_sync_file_range(monkeypatch, errno.ESPIPE)
     with open(tmp_path / "f", "wb") as f:
         wb = write_behind.WriteBehind(f.fileno())
         wb.advance(10_000)
