@@ -49,7 +49,7 @@ def run_benchmark(name: str, a: argparse.Namespace, work: Path, m: dict) -> str:
     if name == "gguf":
         return gguf.run(a.size, a.runs, work, work.parent, a.llama_cpp, m, a.quick)
     if name == "quant":
-        return quant.run(a.size, a.runs, work, a.threads, m, a.quick)
+        return quant.run(a.size, a.runs, work, a.threads, m, a.quick, shared=work.parent)
     if name == "forward":
         return forward.run(a.size, a.runs, work.parent, m, a.quick)
     return scale.run(a.sizes.split(","), work, m)

@@ -28,7 +28,10 @@ MARK = "quant"
 KERNEL_TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
 FILE_TYPES = (("q8_0", "Q8_0", True), ("q4_0", "Q4_0", True), ("q4_k", "Q4_K_S", True), ("q4_k_m", "Q4_K_M", False))
 CALIBRATION = harness.REPO / "tests" / "fixtures" / "calibration.txt"
-METHODS = (("rtn", "gguf"), ("mse", "gguf"), ("rtn", "hf"), ("mse", "hf"))
+METHODS = (("rtn", "gguf", False), ("mse", "gguf", False), ("mse", "gguf", True), ("rtn", "hf", False),
+           ("mse", "hf", True))
+"""(method, --format, with --calibration): ``mse`` alone is what llama.cpp's Q4_K_M does without an
+imatrix (a weighted scale search); with calibration text it first runs the reference forward pass."""
 
 
 def _ggml():
@@ -66,7 +69,7 @@ def kernels_main(argv: list[str]) -> int:
 
     def tools(qtype: str) -> dict:
         gt = GGMLQuantizationType[qtype]
-        out = {"ours": lambda m: quantize_tensor(m, qtype).numpy()}
+        out = {"ours": lambda m: quantize_tensor(m, qtype, threads=1).numpy()}
         if qtype in ("Q8_0", "Q4_0"):
             out["gguf-py"] = lambda m: quants.quantize(m.numpy(), gt)
         if ggml is not None:
@@ -135,17 +138,49 @@ def file_cases(src: Path, f16: Path, work: Path, threads: int, has_llama: bool, 
                  str(threads)], out)
     calibration = work / "calibration.txt"  # one 2048-token sequence: the least mse takes for the real shapes
     calibration.write_text(CALIBRATION.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    for method, fmt in (METHODS[0], METHODS[3]) if quick else METHODS:
+    for method, fmt, calibrated in METHODS[:2] if quick else METHODS:
         out = work / (f"q-{method}.gguf" if fmt == "gguf" else f"q-{method}-hf")
-        cal = ["--calibration", str(calibration)] if method == "mse" else []
-        cases[f"gemma2-quantize int4 g32 {method} → {'GGUF' if fmt == 'gguf' else 'compressed-tensors'}"] = Case(
+        cal = ["--calibration", str(calibration)] if calibrated else []
+        cases[quantize_case(method, fmt, calibrated)] = Case(
             [*QUANTIZE, str(src), str(out), "--bits", "4", "--group-size", "32", "--method", method,
              "--format", fmt, "--no-verify", "--force", "--json", "--quiet", *cal], out)
     return cases
 
 
+def quantize_case(method: str, fmt: str, calibrated: bool) -> str:
+    """The name of a gemma2-quantize row of the whole-file table."""
+    target = "GGUF" if fmt == "gguf" else "compressed-tensors"
+    return f"gemma2-quantize int4 g32 {method}{' + calibration' if calibrated else ''} → {target}"
+
+
+def linear_params(cfg, params: int) -> int:
+    """Parameters of the decoder's linear weights (what gemma2-quantize quantizes by default)."""
+    return params - cfg.vocab_size * cfg.hidden_size - cfg.hidden_size * (1 + 4 * cfg.num_hidden_layers)
+
+
+def whole_model(size: str, work: Path, shared: Path, threads: int, log) -> dict:
+    """The default ``gemma2-quantize`` (mse, int4 g32 → GGUF) and llama.cpp's Q4_K_M on the whole model, one
+    run each: at this size the fixed costs (start-up, imports, the importance pass) weigh what they will."""
+    src, params = synth.shared_hf_source(shared, size)
+    f16 = work / "model-f16.gguf"
+    log(f"quant: whole {size} model, F16 GGUF for llama_model_quantize")
+    harness.measure(Case([*CONVERT, "to-gguf", str(src), str(f16), "--type", "f16", "--no-verify"]))
+    cases = {"llama_model_quantize Q4_K_M": Case([PYTHON, "-m", "bench", "llama-quantize", str(f16),
+                                                  str(work / "model-q4_k_m.gguf"), "Q4_K_M", "mix", str(threads)],
+                                                 work / "model-q4_k_m.gguf"),
+             quantize_case("mse", "gguf", False): Case(
+                 [*QUANTIZE, str(src), str(work / "model-mse.gguf"), "--bits", "4", "--group-size", "32",
+                  "--method", "mse", "--format", "gguf", "--no-verify", "--force", "--json", "--quiet"],
+                 work / "model-mse.gguf")}
+    res = harness.interleaved(cases, 1, log)
+    harness.remove(f16)
+    cfg = synth.preset(size)
+    return {"params": params, "linear_params": linear_params(cfg, params),
+            "cases": {k: harness.summary(v) for k, v in res.items()}}
+
+
 def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bool = False,
-        log=harness.say) -> str:
+        log=harness.say, shared: Path | None = None) -> str:
     import importlib.util
 
     has_llama = importlib.util.find_spec("llama_cpp") is not None
@@ -159,9 +194,11 @@ def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bo
     harness.measure(Case([*CONVERT, "to-gguf", str(src), str(f16), "--type", "f16",
                           "--no-verify"]))
     res = harness.interleaved(file_cases(src, f16, work, threads, has_llama, quick), runs, log)
-    linear = params - cfg.vocab_size * cfg.hidden_size - cfg.hidden_size * (1 + 4 * cfg.num_hidden_layers)
     data = {"size": size, "runs": runs, "threads": threads, "machine": machine, "kernels": kern, "params": params,
-            "linear_params": linear, "vocab": cfg.vocab_size, "cases": {k: harness.summary(v) for k, v in res.items()}}
+            "linear_params": linear_params(cfg, params), "vocab": cfg.vocab_size,
+            "cases": {k: harness.summary(v) for k, v in res.items()}}
+    if shared is not None and has_llama and not quick:
+        data["whole"] = whole_model(size, work, shared, threads, log)
     return render(data)
 
 
@@ -202,12 +239,24 @@ def render(data: dict) -> str:
              f"{data['vocab']}-row embedding ({data['params'] / 1e6:.0f} M params; the embedding keeps its share of "
              "the real model). to-gguf reads the bf16 HF directory; llama_model_quantize reads an F16 GGUF of the "
              "same weights; gemma2-quantize keeps the embedding in bf16, so its rate counts the "
-             f"{data['linear_params'] / 1e6:.0f} M linear parameters; its `mse` weighs the error by activations "
-             "from a reference forward pass over one 2048-token calibration sequence (4000 characters of "
-             "tests/fixtures/calibration.txt), which is included in its time:", "",
+             f"{data['linear_params'] / 1e6:.0f} M linear parameters; `+ calibration` weighs the error by "
+             "activations from a reference forward pass over one 2048-token calibration sequence (4000 characters "
+             "of tests/fixtures/calibration.txt), which is included in its time:", "",
              *report.table(["method", "wall, s", "M params/s (wall)", "M params/s (in-process)", "peak RssAnon"],
                            frows),
              "", f"Median of {data['runs']} interleaved runs. *In-process* excludes starting Python and importing "
-             "torch (to-gguf's `--json` time; llama_model_quantize timed around the call)."]
+             "torch (to-gguf's `--json` time; llama_model_quantize timed around the call). `gemma2-quantize … mse` "
+             "without `--calibration` weighs the error by activations on the built-in text through the model's "
+             "tokenizer (a short reference forward pass, in its time)."]
+    if "whole" in data:
+        w = data["whole"]
+        wrows = []
+        for name, s in w["cases"].items():
+            n = w["linear_params"] if name.startswith("gemma2-quantize") else w["params"]
+            wrows.append([name, f"{s['exit_s']:.1f}", f"{n / s['exit_s'] / 1e6:.1f}", report.gb(s["peak_anon_gb"])])
+        lines += ["", f"Whole {data['size'].upper()}-shaped model ({w['params'] / 1e9:.2f} B params, "
+                  f"{w['linear_params'] / 1e9:.2f} B of them linear), {data['threads']} threads each, one run: the "
+                  "default `gemma2-quantize` against llama.cpp's Q4_K_M from an F16 GGUF of the same weights:", "",
+                  *report.table(["method", "wall, s", "M params/s (wall)", "peak RssAnon"], wrows)]
     return report.section(MARK, lines, data)
 

@@ -28,8 +28,12 @@ QResult = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # codes [out
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8) -> torch.Tensor:
-    """Tokenized calibration text [S, seq_len] (each row starts with <bos>), via the checkpoint's tokenizer."""
+def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8,
+                    shorter_ok: bool = False) -> torch.Tensor:
+    """Tokenized calibration text [S, seq_len] (each row starts with <bos>), via the checkpoint's tokenizer.
+
+    A text shorter than one sequence is an error, unless ``shorter_ok``: then it is one shorter sequence
+    (the built-in text, used for mse/hqq's activation importance when no ``--calibration`` is given)."""
     if ckpt.tokenizer is None:
         raise ConversionError("calibration needs the model's tokenizer.model (none found next to the checkpoint)",
                               ckpt.path)
@@ -38,9 +42,12 @@ def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8
     sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
     ids = [i for i in sp.encode(text) if i < ckpt.config.vocab_size]
     body = seq_len - 1
+    if shorter_ok and 0 < len(ids) < body:
+        body = len(ids)
     n = min(max_seqs, len(ids) // body)
     if n == 0:
-        raise ConversionError(f"calibration text has {len(ids)} tokens; at least {body} are needed")
+        raise ConversionError(f"calibration text has {len(ids)} tokens; at least {body} are needed (one sequence of "
+                              f"{seq_len} with <bos>); pass --calibration FILE with more text")
     rows = torch.tensor(ids[: n * body]).view(n, body)
     return torch.cat([torch.full((n, 1), ckpt.config.bos_token_id), rows], dim=1)
 

@@ -19,9 +19,10 @@ from gemma2_convert.formats.gguf_values import string
 from gemma2_convert.formats.gguf_writer import TensorPlan
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.gguf_mix import TypeChoice
+from quant import jit
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
 from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q8_0
-from quant.metrics import BLOCK_ELEMENTS, rel_rmse_blocks
+from quant.metrics import BLOCK_ELEMENTS, error_sums, rel_rmse_from_sums
 from quant.policy import EMBEDDING_NAMES
 from quant.spec import QuantSpec
 
@@ -127,12 +128,20 @@ def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[
 
 def block_error(w: torch.Tensor, data: torch.Tensor, qtype: str) -> float:
     """Relative RMSE of ``w [rows, cols]`` against its ``qtype`` bytes, decoded a block of rows at a time (no
-    float copy of the whole tensor: a 27B ``gate_proj`` is 170 M values)."""
+    float copy of the whole tensor: a 27B ``gate_proj`` is 170 M values), the blocks on every CPU (torch
+    kernels release the GIL; the GGUF writer keeps torch itself to one thread)."""
     rows, cols = w.shape
     raw = data.reshape(rows, -1)
     step = max(1, BLOCK_ELEMENTS // cols)
-    return rel_rmse_blocks((w[i:i + step], dequantize_tensor(raw[i:i + step], qtype, (min(step, rows - i), cols)))
-                           for i in range(0, rows, step))
+    starts = range(0, rows, step)
+    sums: list[tuple[float, float]] = [(0.0, 0.0)] * len(starts)
+
+    def one(k: int) -> None:
+        i = starts[k]
+        sums[k] = error_sums(w[i:i + step], dequantize_tensor(raw[i:i + step], qtype, (min(step, rows - i), cols)))
+
+    jit.parallel_for(one, range(len(starts)), jit.default_threads(), "block-error")
+    return rel_rmse_from_sums(sums)
 
 
 def main_type(specs: dict[str, QuantSpec | None]) -> str:

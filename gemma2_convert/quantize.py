@@ -228,7 +228,8 @@ def _calibration(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
 
     text = read_text(opts.calibration, DEFAULT_EVAL_TEXT)
     seq_len = min(2 * ckpt.config.sliding_window, ckpt.config.max_position_embeddings, 2048)
-    return calibration_ids(ckpt, text, seq_len)
+    # gptq needs real calibration text; the activation importance of mse/hqq makes do with the built-in one
+    return calibration_ids(ckpt, text, seq_len, shorter_ok=opts.calibration is None and opts.method != "gptq")
 
 
 def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):

@@ -10,6 +10,7 @@ processed in chunks so that temporaries stay small; a NaN/inf input or an fp16 s
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,10 +23,13 @@ from gemma2_convert.errors import ConversionError, UnsupportedError
 from quant import gguf_imatrix as im
 from quant import gguf_kquants as kq
 from quant import gguf_legacy as lg
+from quant import jit
 from quant.gguf_types import GGMLType, ggml_type
 
 CHUNK_ELEMENTS = 1 << 20
 """Default row-chunk size (elements) for quantization; results do not depend on it."""
+JIT_CHUNK_ELEMENTS = 1 << 18
+"""Row-chunk size for the compiled kernels: one chunk per task of a worker thread."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,25 @@ class Codec:
     also catches bad input and the separate input pass is skipped."""
     chunk_elements: int = CHUNK_ELEMENTS
     """Rows are quantized this many elements at a time (K-quant searches prefer cache-sized chunks)."""
+    compiled: str | None = None
+    """``"module:function"`` of compiled kernels giving the same bytes (quant/jit.py), used when numba
+    is available and imported on first use: ``function(w)``, and ``function_imatrix(w, quant_weights)``
+    where ``imatrix == "used"`` and the legacy module keeps it apart."""
+
+    def kernel(self) -> tuple[Callable[..., Tensor], int]:
+        """The quantize function to run (``quantize``'s signature) and its row-chunk size in elements."""
+        if self.compiled is None or not jit.available():
+            return self.quantize, self.chunk_elements
+        module_name, name = self.compiled.split(":")
+        module = importlib.import_module(module_name)
+        plain, weighted = getattr(module, name), getattr(module, f"{name}_imatrix", None)
+        if weighted is None:
+            return plain, JIT_CHUNK_ELEMENTS
+
+        def run(w: Tensor, quant_weights: Tensor | None = None) -> Tensor:
+            return plain(w) if quant_weights is None else weighted(w, quant_weights)
+
+        return run, JIT_CHUNK_ELEMENTS
 
 
 CODECS: dict[str, Codec] = {}
@@ -94,18 +117,26 @@ register_codec("BF16", Codec(_bf16_bytes, _view_dequantize(torch.bfloat16)))
 # Legacy types: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
 # (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
 _LEGACY = {"scales_show_nonfinite": True}
-register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY))
+_LEGACY_JIT = "quant.gguf_legacy_jit"
+register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY,
+                             compiled=f"{_LEGACY_JIT}:quantize_q8_0"))
 register_codec("Q4_0", Codec(im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,),
-                             "used", **_LEGACY))
+                             "used", **_LEGACY, compiled=f"{_LEGACY_JIT}:quantize_q4_0"))
 register_codec("Q4_1", Codec(im.with_imatrix(lg.quantize_q4_1, im.quantize_q4_1_imatrix), lg.dequantize_q4_1,
-                             (0, 2), "used", **_LEGACY))
-register_codec("Q5_0", Codec(lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY))
-register_codec("Q5_1", Codec(lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY))
+                             (0, 2), "used", **_LEGACY, compiled=f"{_LEGACY_JIT}:quantize_q4_1"))
+register_codec("Q5_0", Codec(lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY,
+                             compiled=f"{_LEGACY_JIT}:quantize_q5_0"))
+register_codec("Q5_1", Codec(lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY,
+                             compiled=f"{_LEGACY_JIT}:quantize_q5_1"))
 # K-quants: the search passes prefer cache-sized chunks.
 _KQUANT = {"chunk_elements": 1 << 18}
-register_codec("Q4_K", Codec(kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT))
-register_codec("Q5_K", Codec(kq.quantize_q5_k, kq.dequantize_q5_k, (0, 2), "used", **_KQUANT))
-register_codec("Q6_K", Codec(kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT))
+_KQUANT_JIT = "quant.gguf_kquants_jit"
+register_codec("Q4_K", Codec(kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT,
+                             compiled=f"{_KQUANT_JIT}:quantize_q4_k"))
+register_codec("Q5_K", Codec(kq.quantize_q5_k, kq.dequantize_q5_k, (0, 2), "used", **_KQUANT,
+                             compiled=f"{_KQUANT_JIT}:quantize_q5_k"))
+register_codec("Q6_K", Codec(kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT,
+                             compiled=f"{_KQUANT_JIT}:quantize_q6_k"))
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -190,11 +221,14 @@ def _imatrix_kwargs(codec: Codec, qtype: str, cols: int, quant_weights: Tensor |
     return {"quant_weights": qw}
 
 
-def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None) -> Tensor:
+def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, threads: int | None = None) -> Tensor:
     """float ``[..., cols]`` -> uint8 ``[..., row_bytes(qtype, cols)]``, GGML type ``qtype``.
 
     ``quant_weights``: optional per-column importance ``[cols]`` (an imatrix entry, mean of squared
     activations); K-quants then follow llama.cpp's ``quantize_row_*_impl``, Q8_0 and float types ignore it.
+    ``threads``: worker threads for the compiled kernels (default: every CPU available; the torch
+    kernels always run on the calling thread). Callers that already run one quantization per thread
+    pass 1. The bytes do not depend on it.
     """
     gt, codec = _codec(qtype)
     if t.dim() == 0:
@@ -206,10 +240,14 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None) 
     if gt.is_quantized and not codec.scales_show_nonfinite:
         _check_finite(rows2d, gt.name)
     out = torch.empty(rows2d.shape[0], nbytes, dtype=torch.uint8)
-    step = max(1, codec.chunk_elements // cols)
-    for r0 in range(0, rows2d.shape[0], step):
-        chunk = rows2d[r0 : r0 + step].to(torch.float32)
-        out[r0 : r0 + step] = codec.quantize(chunk, **kwargs)
+    fn, chunk_elements = codec.kernel()
+    step = max(1, chunk_elements // cols)
+
+    def one(r0: int) -> None:
+        out[r0 : r0 + step] = fn(rows2d[r0 : r0 + step].to(torch.float32), **kwargs)
+
+    workers = 1 if fn is codec.quantize else threads or jit.default_threads()  # torch ports hold the GIL
+    jit.parallel_for(one, range(0, rows2d.shape[0], step), workers, "quantize")
     _check_scales(out, gt, codec.scale_offsets, rows2d)
     return out.reshape(*t.shape[:-1], nbytes)
 

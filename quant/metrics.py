@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from quant import jit
+
 
 BLOCK_ELEMENTS = 1 << 22
 """Elements per step of ``rel_rmse``: its float64 temporaries stay at a few times 32 MB for any tensor size."""
@@ -32,11 +34,26 @@ def rel_rmse(ref: Tensor, approx: Tensor) -> float:
 
 def rel_rmse_blocks(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
     """:func:`rel_rmse` of a tensor given as matching ``(ref, approx)`` blocks (e.g. rows decoded a few at a time)."""
+    return rel_rmse_from_sums(error_sums(ref, approx) for ref, approx in pairs)
+
+
+def error_sums(ref: Tensor, approx: Tensor) -> tuple[float, float]:
+    """``(Σ(ref - approx)², Σref²)`` of one block, in float64 (one compiled pass over float32 blocks when
+    numba is there, ``quant/jit.py``; the sums may then differ from torch's in the last bits)."""
+    if jit.available() and ref.dtype == approx.dtype == torch.float32 and ref.shape == approx.shape:
+        from quant.metrics_jit import error_sums as compiled
+
+        return compiled(ref, approx)
+    rb = ref.double()
+    return float((rb - approx.double()).square().sum()), float(rb.square().sum())
+
+
+def rel_rmse_from_sums(sums: Iterable[tuple[float, float]]) -> float:
+    """:func:`rel_rmse` from the :func:`error_sums` of a tensor's blocks (added in the given order)."""
     num = den = 0.0
-    for ref, approx in pairs:
-        rb = ref.double()
-        num += float((rb - approx.double()).square().sum())
-        den += float(rb.square().sum())
+    for n, d in sums:
+        num += n
+        den += d
     if num == 0.0:
         return 0.0
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.inf

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +72,20 @@ def test_group_that_does_not_divide_is_one_clear_error(src_dir, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "in_features=96, not a multiple of group_size=64" in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_default_mse_needs_no_calibration_text_on_a_long_window_model(tmp_path):
+    """With a tokenizer and no --calibration, mse/hqq weigh by activations on the built-in text even when
+    it is shorter than a calibration sequence (2B/9B/27B: 2048 tokens); gptq asks for real text."""
+    from gemma2_convert.errors import ConversionError
+
+    src = tmp_path / "long-window"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "gemma2-tiny-trained", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(sliding_window=4096, max_position_embeddings=8192)  # calibration sequences of 2048 tokens
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = quantize_checkpoint(src, tmp_path / "mse", QuantizeOptions(4, 32, True, "mse", verify=False))
+    assert res.out.exists()
+    with pytest.raises(ConversionError, match="pass --calibration FILE"):
+        quantize_checkpoint(src, tmp_path / "gptq", QuantizeOptions(4, 32, True, "gptq", verify=False))
+    assert not (tmp_path / "gptq").exists()

@@ -34,6 +34,7 @@ from gemma2_convert.lazy import LazyTensor
 from gemma2_convert.output import Interrupted
 from gemma2_convert.weight_check import WeightCheck
 from quant.gguf_codec import bytes_for, quantize_tensor
+from quant.jit import default_threads
 from quant.gguf_types import ggml_type
 
 CHUNK_ELEMENTS = 2 << 20
@@ -114,7 +115,7 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
         chunk = transform(chunk.float())
     target = _FLOAT_TYPES.get(qtype)
     if target is None or (target == torch.bfloat16 and chunk.dtype != torch.bfloat16):
-        return quantize_tensor(chunk, qtype)
+        return quantize_tensor(chunk, qtype, threads=1)  # one chunk per encoder thread
     nbytes = chunk.numel() * target.itemsize
     if out is None or out.numel() < nbytes:
         return chunk.to(target).contiguous().view(torch.uint8)
@@ -128,11 +129,6 @@ def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     flat = t.contiguous().reshape(-1)
     if flat.numel():
         h.update(memoryview(flat.view(torch.uint8).numpy()))
-
-
-def default_threads() -> int:
-    """CPUs this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 @contextmanager

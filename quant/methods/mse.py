@@ -20,6 +20,10 @@ All groups are searched at once (tensors ``[out, G, g]``); the only Python loop 
 result is never worse than ``rtn`` in the weighted squared error (before the scale is cast to its
 stored dtype). After the search the codes are re-rounded with the stored scale, which is optimal
 per weight.
+
+Where numba is there (``quant.jit.available()``) the search runs as a compiled per-group kernel
+instead, ``quant/methods/mse_jit.py``: the same candidates and selection rule, its sums in float64,
+row blocks on ``threads`` threads; the torch functions below remain the fallback and its reference.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quant import jit
 from quant.methods import ROW_CHUNK, by_row_chunks, register_quantizer
 from quant.qparams import finish_scale, group_len, grouped, qrange, quantize, scale_dtype_for
 from quant.spec import QuantSpec
@@ -147,23 +152,38 @@ def _codes(x: Tensor, s: Tensor, z: Tensor | None, bits: int) -> Tensor:
     return torch.round(torch.clamp(y, qmin, qmax))
 
 
+def jit_threads(threads: int | None) -> int:
+    """Threads for the compiled search: ``threads``, or this process's CPUs (``os.sched_getaffinity``)
+    capped by ``torch.get_num_threads()`` — so a caller that pins torch to one thread (the GGUF
+    writer's encoders, which are parallel themselves) gets a serial search too."""
+    return max(1, threads) if threads is not None else max(1, min(jit.default_threads(), torch.get_num_threads()))
+
+
 @register_quantizer("mse")
 def mse(
     w: Tensor, spec: QuantSpec, *, hessian: Tensor | None = None, importance: Tensor | None = None,
-    scale_dtype: torch.dtype | None = None, row_chunk: int = ROW_CHUNK,
+    scale_dtype: torch.dtype | None = None, row_chunk: int = ROW_CHUNK, threads: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Grid + least-squares search of each group's qparams; ``importance`` weights the error."""
+    """Grid + least-squares search of each group's qparams; ``importance`` weights the error.
+
+    ``threads``: workers for the compiled search (:func:`jit_threads`); the result does not depend on it.
+    """
     if w.shape[0] > row_chunk:
-        return by_row_chunks(mse, w, spec, importance, row_chunk, scale_dtype=scale_dtype)
+        return by_row_chunks(mse, w, spec, importance, row_chunk, scale_dtype=scale_dtype, threads=threads)
     g = group_len(w.shape[1], spec.group_size)
-    x = grouped(w, g)                                                            # [out, G, g]
-    wt = magnitude_weights(x)
-    imp = group_weights(importance, tuple(w.shape), g)
-    wt = wt if imp is None else wt * imp
     sdt = scale_dtype or scale_dtype_for(w.dtype)
-    if spec.symmetric:
-        scale, zero = finish_scale(_sym_search(x, wt, spec.bits), sdt), None
+    if jit.available():
+        from quant.methods import mse_jit  # imports numba: only when a search runs
+
+        imp = None if importance is None else importance.detach().float().numpy()
+        s, z = mse_jit.search(w.detach().float().numpy(), g, imp, spec.bits, spec.symmetric, jit_threads(threads))
+        s, z = torch.from_numpy(s), None if z is None else torch.from_numpy(z)
     else:
-        s, z = _asym_search(x, wt, spec.bits)
-        scale, zero = finish_scale(s, sdt), z.to(torch.int8)
+        x = grouped(w, g)                                                        # [out, G, g]
+        wt = magnitude_weights(x)
+        imp = group_weights(importance, tuple(w.shape), g)
+        wt = wt if imp is None else wt * imp
+        s, z = (_sym_search(x, wt, spec.bits), None) if spec.symmetric else _asym_search(x, wt, spec.bits)
+    scale = finish_scale(s, sdt)
+    zero = None if z is None else z.to(torch.int8)
     return quantize(w, scale, zero, spec.bits), scale, zero
