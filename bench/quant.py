@@ -95,6 +95,8 @@ def kernels_main(argv: list[str]) -> int:
             continue
         ts: dict[str, list[float]] = {}
         outs: dict[str, list] = {}
+        for fn in tools(qtype).values():  # warm-up: our kernels compile (or load from their cache) on first use
+            fn(mats[0][:64])
         for _ in range(a.reps):
             for name, fn in tools(qtype).items():
                 t0 = time.perf_counter()
@@ -230,7 +232,8 @@ def render(data: dict) -> str:
              report.run_line(f"python -m bench quant --size {data['size']} --runs {data['runs']} --threads "
                              f"{data['threads']}", data["machine"]), "",
              f"Quantizer, one thread each, on float32 matrices {shapes} ({k.get('params', 0) / 1e6:.1f} M params), "
-             f"M params/s, median of {data['runs']}:", "",
+             f"M params/s, median of {data['runs']} after a warm-up call (ours: numba kernels, compiled once per "
+             "machine):", "",
              *report.table(["type", "gguf-py (numpy)", "llama.cpp C (ggml_quantize_chunk)", "ours (quant.gguf_codec)",
                             "ours ÷ gguf-py", "ours ÷ llama.cpp"], krows), "",
              "Every cell of ours holds the same bytes as llama.cpp's (marked otherwise). gguf-py has no K-quant "

@@ -122,10 +122,12 @@ def _quant_rows(d: dict) -> list[list[str]]:
         if not (mse and q4km):
             continue
         r = (e["linear_params"] / mse["exit_s"]) / (e["params"] / q4km["exit_s"])
+        whole = e is w
         out.append([f"gemma2-quantize (default mse, int4 g32 → GGUF) at least as fast as llama.cpp's Q4_K_M "
-                    f"({where})", f"{r:.2f}× its M params/s (wall)", _met(r >= 1),
-                    "" if r >= 1 else f"by {1 / r:.2f}×: fixed costs (Python and torch start-up, loading the "
-                    "compiled kernels, the importance forward pass) weigh more on a small model"])
+                    f"({where})", f"{r:.2f}× its M params/s (wall)", _met(r >= 1) if whole else "(small model)",
+                    "" if r >= 1 else f"{'by ' if whole else ''}{1 / r:.2f}× slower: fixed costs (Python and torch "
+                    "start-up, loading the compiled kernels, the importance forward pass) weigh more on a small "
+                    "model"])
     return out
 
 

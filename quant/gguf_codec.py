@@ -28,7 +28,7 @@ from quant.gguf_types import GGMLType, ggml_type
 
 CHUNK_ELEMENTS = 1 << 20
 """Default row-chunk size (elements) for quantization; results do not depend on it."""
-JIT_CHUNK_ELEMENTS = 1 << 18
+JIT_CHUNK_ELEMENTS = 1 << 20
 """Row-chunk size for the compiled kernels: one chunk per task of a worker thread."""
 
 
