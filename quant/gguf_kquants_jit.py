@@ -499,6 +499,8 @@ def _q6_k_kernel(x, qw, use_qw, nsb_row, out):  # noqa: ANN001,ANN201,C901,PLR09
             s = slx[b] / sl2[b] if sl2[b] != f0 else f0
             scale[b] = s
             best[b] = s * slx[b]
+        # The candidates' sums repeat the loop above rather than call a helper kernel: through a call LLVM
+        # loses the no-alias facts about these scratch arrays and stops vectorizing (Q6_K 183 -> 37 M/s).
         for step in range(-9, 10):
             if step == 0:
                 continue

@@ -684,6 +684,8 @@ def _quantize(name: str, w: Tensor, ref: Callable[[Tensor], Tensor], qw: np.ndar
     bytes can depend on where the block sits in the tensor (vectorized body or scalar tail of its
     reductions and element-wise ops), so only the same call on the same tensor reproduces them.
     """
+    if not jit.have_numba():  # pragma: no cover - the codec only calls these when numba is there
+        return ref(w)
     x = _as_rows(w)
     out, flags = _launch(name, x, qw)
     return ref(x) if flags.any() else out
@@ -691,50 +693,36 @@ def _quantize(name: str, w: Tensor, ref: Callable[[Tensor], Tensor], qw: np.ndar
 
 def quantize_q8_0(w: Tensor) -> Tensor:
     """float ``[rows, cols]`` -> Q8_0 bytes ``[rows, cols//32*34]`` (= :func:`quant.gguf_legacy.quantize_q8_0`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return lg.quantize_q8_0(w)
     return _quantize("q8_0", w, lg.quantize_q8_0)
 
 
 def quantize_q4_0(w: Tensor) -> Tensor:
     """float ``[rows, cols]`` -> Q4_0 bytes ``[rows, cols//32*18]`` (= :func:`quant.gguf_legacy.quantize_q4_0`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return lg.quantize_q4_0(w)
     return _quantize("q4_0", w, lg.quantize_q4_0)
 
 
 def quantize_q4_1(w: Tensor) -> Tensor:
     """float ``[rows, cols]`` -> Q4_1 bytes ``[rows, cols//32*20]`` (= :func:`quant.gguf_legacy.quantize_q4_1`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return lg.quantize_q4_1(w)
     return _quantize("q4_1", w, lg.quantize_q4_1)
 
 
 def quantize_q5_0(w: Tensor) -> Tensor:
     """float ``[rows, cols]`` -> Q5_0 bytes ``[rows, cols//32*22]`` (= :func:`quant.gguf_legacy.quantize_q5_0`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return lg.quantize_q5_0(w)
     return _quantize("q5_0", w, lg.quantize_q5_0)
 
 
 def quantize_q5_1(w: Tensor) -> Tensor:
     """float ``[rows, cols]`` -> Q5_1 bytes ``[rows, cols//32*24]`` (= :func:`quant.gguf_legacy.quantize_q5_1`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return lg.quantize_q5_1(w)
     return _quantize("q5_1", w, lg.quantize_q5_1)
 
 
 def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
     """Q4_0 bytes with per-column importances (= :func:`quant.gguf_imatrix.quantize_q4_0_imatrix`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return im.quantize_q4_0_imatrix(w, quant_weights)
     qw = _importance(quant_weights, w.shape[-1])
     return _quantize("q4_0_imatrix", w, lambda rows: im.quantize_q4_0_imatrix(rows, quant_weights), qw)
 
 
 def quantize_q4_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
     """Q4_1 bytes with per-column importances (= :func:`quant.gguf_imatrix.quantize_q4_1_imatrix`)."""
-    if not jit.have_numba():  # pragma: no cover
-        return im.quantize_q4_1_imatrix(w, quant_weights)
     qw = _importance(quant_weights, w.shape[-1])
     return _quantize("q4_1_imatrix", w, lambda rows: im.quantize_q4_1_imatrix(rows, quant_weights), qw)

@@ -58,3 +58,13 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_cfg(request) -> Gemma2Config:
     return TINY_CONFIGS[request.param]
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """torch on one thread for a module: results do not depend on the thread count, and one thread avoids
+    stalls on a shared, busy machine (use: ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

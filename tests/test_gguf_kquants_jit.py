@@ -15,12 +15,7 @@ TYPES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 F32 = np.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _fns(qtype: str):

@@ -63,13 +63,7 @@ def _weights(shape: tuple[int, ...], kind: int, rng: np.random.Generator) -> np.
     return a
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Results do not depend on the thread count; one thread avoids stalls on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

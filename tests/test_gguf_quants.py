@@ -47,13 +47,7 @@ def _data(kind: str, shape: tuple[int, int] = (48, 512), seed: int = 0) -> np.nd
 DATA_KINDS = ["randn", "zeros", "ties", "heavy", "huge", "tiny", "subnormal"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Results do not depend on the thread count; one thread avoids stalls on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _assert_bytes_equal(ours: np.ndarray, ref: np.ndarray, block_bytes: int, what: str) -> None:

@@ -26,12 +26,7 @@ ROWS, COLS, BAND = 120, 512, 24
 KINDS = ("gauss", "heavy", "zero", "constant", "tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def weights(seed: int = 0) -> torch.Tensor:
