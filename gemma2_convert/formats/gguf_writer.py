@@ -34,8 +34,8 @@ from gemma2_convert.lazy import LazyTensor
 from gemma2_convert.output import Interrupted
 from gemma2_convert.weight_check import WeightCheck
 from quant.gguf_codec import bytes_for, quantize_tensor
-from quant.jit import default_threads
 from quant.gguf_types import ggml_type
+from quant.jit import default_threads
 
 CHUNK_ELEMENTS = 2 << 20
 """Elements converted per step. Temporaries (a float32 copy: 8 MB) stay below glibc's 32 MB mmap
