@@ -22,14 +22,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from gemma2_convert.errors import ConversionError
 from gemma2_convert.formats.gguf_values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
                                                 boolean, f32, string, string_bytes, u32, value_bytes)
-from gemma2_convert.formats.write_behind import WriteBehind
+from gemma2_convert.formats.direct_write import SequentialWriter
 from gemma2_convert.lazy import LazyTensor
 from gemma2_convert.output import Interrupted
 from gemma2_convert.weight_check import WeightCheck
@@ -147,16 +146,15 @@ class _Stream:
     """Overlaps the stages of writing: reading the source ahead (``prefetch``), hashing it (one
     thread), encoding chunks (``threads`` workers for block types; the caller for plain float casts,
     into a ring of reused buffers; nothing when the bytes are the source's) and writing them in order
-    (one thread, which also starts their writeback: ``WriteBehind``). hashlib, torch kernels and file
-    writes release the GIL, so the stages run in parallel. Each stage may run ahead of the next by a
+    (one thread, into a ``SequentialWriter``: direct I/O, or the page cache with write-behind). hashlib,
+    torch kernels and file writes release the GIL, so the stages run in parallel. Each stage may run ahead of the next by a
     bounded amount — ``WRITE_DEPTH`` chunks queued for the writer, ``HASH_BACKLOG`` bytes of source
     tensors queued for the hasher — so a slow moment in one stage does not stall the others. Memory
     stays at a few chunks per worker (queued source tensors are views of the mmap when the reader
     maps the file)."""
 
-    def __init__(self, f: BinaryIO, hasher: hashlib._Hash | None, threads: int) -> None:
-        self.f, self.hasher, self.depth = f, hasher, 2 * threads
-        self.behind = WriteBehind(f.fileno(), f.tell())
+    def __init__(self, sink: SequentialWriter, hasher: hashlib._Hash | None, threads: int) -> None:
+        self.sink, self.hasher, self.depth = sink, hasher, 2 * threads
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gguf-write")
         self.hashing = ThreadPoolExecutor(1, thread_name_prefix="gguf-hash")
         self.encoders = ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode")
@@ -201,14 +199,9 @@ class _Stream:
 
     def _write(self, data: torch.Tensor | bytes) -> None:
         if isinstance(data, bytes):
-            self.f.write(data)
-            n = len(data)
-        else:
-            n = data.numel() * data.element_size()
-            if not n:
-                return
-            self.f.write(memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B"))
-        self.behind.advance(n)
+            self.sink.write(data)
+        elif data.numel():
+            self.sink.write(memoryview(data.contiguous().view(torch.uint8).numpy()))
 
     def encoded(self, t: TensorPlan, src: torch.Tensor) -> Iterator[torch.Tensor]:
         """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder)."""
@@ -264,8 +257,9 @@ def write_gguf(
     path = Path(path)
     check = check or WeightCheck(fix="use --type bf16 or f32")
     with open(path, "wb") as f, _one_intra_op_thread():
-        f.write(header_bytes(metadata, tensors))
-        stream = _Stream(f, source_hash, threads or default_threads())
+        sink = SequentialWriter(f)
+        sink.write(header_bytes(metadata, tensors))
+        stream = _Stream(sink, source_hash, threads or default_threads())
         try:
             for i, t in enumerate(tensors):
                 stream.prefetch(tensors, i)
@@ -289,9 +283,7 @@ def write_gguf(
             stream.finish()
         finally:
             stream.shutdown()
-        f.flush()
-        os.fsync(f.fileno())
-        return f.tell()
+        return sink.finish()
 
 
 def patch_string(path: str | Path, key: str, placeholder: str, value: str) -> None:
