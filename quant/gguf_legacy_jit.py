@@ -32,6 +32,10 @@ scale is inf, as torch's).
 Kernels are serial and release the GIL (:func:`quant.jit.kernel`): one call quantizes a run of whole rows;
 callers run chunks of rows on threads. Arguments: ``x`` / ``xb`` the flat float32 input and its int32 view,
 ``nb`` blocks a row, ``qk`` = 32, ``out`` the flat uint8 output, ``flags[r] = 1`` marks row r.
+
+Each kernel writes its own block loop, preamble included, instead of sharing helper kernels that take the
+scratch arrays: through a call LLVM loses the no-alias facts about them and stops vectorizing (measured on
+the K-quant kernels: 5x slower).
 """
 
 from __future__ import annotations
