@@ -32,7 +32,7 @@ def theirs(t: str) -> str:
 def cases(src: Path, work: Path, lc: Path | None, types: tuple[str, ...] = TYPES) -> dict[str, Case]:
     shards = sorted(str(p) for p in src.glob("*.safetensors"))
     out: dict[str, Case] = {"cp": Case(["cp", *shards, str(work / "cp")], work / "cp", mkdir=True),
-                            STARTUP: Case([PYTHON, "-c", "import gemma2_convert.cli"])}
+                            STARTUP: Case([*CONVERT, "--version"])}
     lc_env = dict(os.environ, PYTHONPATH=str(lc / "gguf-py")) if lc else None
     for t in types:
         out[ours(t)] = Case([*CONVERT, "to-gguf", str(src), str(work / f"ours-{t}.gguf"),
@@ -83,5 +83,5 @@ def render(data: dict, res: dict[str, list[harness.Sample]], notes: list[str]) -
              "", report.run_line(cmd, data["machine"]), "",
              *report.cp_table(res, data["cases"], STARTUP), "", *[f"- {n}" for n in notes], "",
              f"Median of {data['runs']} interleaved runs (min–max); `cp` copies the same safetensors shards. "
-             "to-gguf also hashes every source tensor (sha256, recorded in the file) and fsyncs before its rename."]
+             "to-gguf also fingerprints every source tensor (XXH3-128, recorded in the file) and fsyncs before its rename."]
     return report.section(MARK, lines, data)

@@ -19,7 +19,7 @@ from reference.config import Gemma2Config
 
 MARK = "orig-to-hf"
 CP, OURS, ANCHOR, STARTUP = "cp", "gemma2-convert orig-to-hf --no-verify", \
-    "transformers script (load all, save_pretrained)", "start-up only (python, import gemma2_convert.cli)"
+    "transformers script (load all, save_pretrained)", "start-up only (gemma2-convert --version)"
 
 
 def transformers_script(ckpt: Path, out: Path, cfg: Gemma2Config) -> None:
@@ -64,7 +64,7 @@ def cases(ckpt: Path, cfg_json: Path, out: Path) -> dict[str, Case]:
         OURS: Case(ours, out / "hf"),
         ANCHOR: Case([PYTHON, "-m", "bench", "transformers-script", str(ckpt), str(out / "hf"), "--config",
                       str(cfg_json)], out / "hf"),
-        STARTUP: Case([PYTHON, "-c", "import gemma2_convert.cli"]),
+        STARTUP: Case([*CONVERT, "--version"]),
     }
 
 

@@ -32,7 +32,8 @@ def _startup_note(d: dict, ours: str, hashes: bool) -> str:
         w = p["write_fsync_gb_s"]
         work = [f"the user-space write + fsync ({gb / w:.1f} s at {w:.1f} GB/s; cp copies inside the kernel)"]
         if hashes:
-            work += [f"sha256 of the source ({gb / p['sha256_gb_s']:.1f} s at {p['sha256_gb_s']:.1f} GB/s)",
+            name, key = ("XXH3-128", "xxh3_gb_s") if "xxh3_gb_s" in p else ("sha256", "sha256_gb_s")
+            work += [f"{name} of the source ({gb / p[key]:.1f} s at {p[key]:.1f} GB/s)",
                      f"the bf16→f16 cast ({gb / p['cast_bf16_f16_gb_s']:.1f} s at {p['cast_bf16_f16_gb_s']:.1f} GB/s)"]
         parts.append("per-byte work on one core each: " + ", ".join(work) + f"; {d['machine']['cores']} cores "
                      f"shared with a load average of {d['machine']['load']}")

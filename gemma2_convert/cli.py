@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from gemma2_convert import __version__
-from gemma2_convert.cli_errors import GuardedGroup
+from gemma2_convert.cli_errors import GuardedGroup, quick_exit
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -260,6 +260,7 @@ from gemma2_convert import cli_inspect  # noqa: E402,F401  (registers inspect)
 
 
 def main() -> None:
+    quick_exit()
     cli(prog_name="gemma2-convert")
 
 

@@ -140,7 +140,8 @@ def gguf_provenance(f: Facts) -> Iterator[Finding]:
     if not any(k.startswith(OURS) for k in kv):
         yield Finding("info", "no-provenance", "made elsewhere: no converter version or source is recorded; "
                       "`gemma2-convert verify SOURCE THIS.gguf` compares it with its source")
-    elif str(kv.get(OURS + "source_sha256", "")).startswith("sha256-pending"):
+    elif any(str(kv.get(OURS + key, "")).startswith(pending) for key, pending in
+             (("source_xxh3_128", "pending"), ("source_sha256", "sha256-pending"))):
         yield Finding("error", "incomplete-write", "the source fingerprint was never filled in: the write that "
                       "made this file did not finish")
 

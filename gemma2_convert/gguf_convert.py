@@ -8,7 +8,6 @@ GGUF reader and running the reference on both, and only then renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from gemma2_convert import __version__
 from gemma2_convert.errors import ConfigError, UnsupportedError, name_list
@@ -31,7 +31,7 @@ from gemma2_convert.output import atomic_output, check_output
 from gemma2_convert.verify import Tolerance, VerifyReport, require, verify
 from gemma2_convert.weight_check import WeightCheck
 
-HASH_PLACEHOLDER = "sha256-pending-" + "0" * 49  # 64 characters, replaced once the data is written
+HASH_PLACEHOLDER = "pending-" + "0" * 24  # as long as the hex digest, which replaces it once the data is written
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Verification bounds per stored type on the reference's logits (mean KL, top-1 agreement): sanity
 # checks that catch a broken file, not quality gates. About 2-3× llama.cpp's published mean KLD on
@@ -103,7 +103,7 @@ def provenance(ckpt: Checkpoint, ratio: float) -> list[tuple[str, Value]]:
         (gm.K_SOURCE, string(ckpt.path.name)),
         (gm.K_SOURCE_FORMAT, string(ckpt.format)),
         (gm.K_SOURCE_DTYPE, string(source_dtype(ckpt))),
-        (gm.K_SOURCE_SHA256, string(HASH_PLACEHOLDER)),
+        (gm.K_SOURCE_FINGERPRINT, string(HASH_PLACEHOLDER)),
         (gm.K_QUERY_SCALAR, Value(ValueType.FLOAT64, float(cfg.query_pre_attn_scalar))),
         (gm.K_QUERY_FOLD, Value(ValueType.FLOAT64, ratio)),
         (gm.K_NORM, string(gm.NORM_CONVENTION)),
@@ -206,11 +206,11 @@ def write_checkpoint_gguf(
     report = None
     need = len(header_bytes(meta, plans)) + sum(p.nbytes + 32 for p in plans)
     with atomic_output(out, force, need_bytes=need, inputs=[ckpt.path]) as tmp:
-        h = hashlib.sha256()
+        h = xxhash.xxh3_128()
         with byte_progress(sum(p.source.nbytes for p in plans), "writing", quiet) as bar:
             size = write_gguf(tmp, meta, plans, source_hash=h, on_tensor=bar.advance, threads=threads,
                               check=check)
-        patch_string(tmp, gm.K_SOURCE_SHA256, HASH_PLACEHOLDER, h.hexdigest())
+        patch_string(tmp, gm.K_SOURCE_FINGERPRINT, HASH_PLACEHOLDER, h.hexdigest())
         if verify_output:
             with verify_progress(ckpt.nbytes, quiet) as vbar:
                 rep = verify(ckpt, open_checkpoint(tmp, format="gguf"), tolerance=tolerance(choices, ckpt, ratio),

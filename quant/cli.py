@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from gemma2_convert import __version__
-from gemma2_convert.cli_errors import GuardedCommand
+from gemma2_convert.cli_errors import GuardedCommand, quick_exit
 
 
 def _group(value: str) -> int | None | str:
@@ -108,6 +108,7 @@ def print_result(res, as_json: bool) -> None:
 
 
 def main() -> None:
+    quick_exit()
     cli(prog_name="gemma2-quantize")
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import gguf
 import numpy as np
 import pytest
 import torch
+import xxhash
 from click.testing import CliRunner
 
 from gemma2_convert.cli import cli
@@ -168,14 +168,15 @@ def test_tokenizer_keys_equal_gguf_vocab(fold_model, fold_f32):
         assert (np.allclose(got, value) if key.endswith("scores") else got == value), key
 
 
-def test_source_hash_is_the_sha256_of_the_canonical_weights(fold_model, fold_f32):
+def test_source_fingerprint_is_the_xxh3_128_of_the_canonical_weights(fold_model, fold_f32):
     src = open_checkpoint(fold_model)
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     for t in GGUFFile(fold_f32).tensors.values():
         x = src.tensors[hf_name(t.name)].load()
         h.update(f"{t.name}|{str(x.dtype).removeprefix('torch.')}|{list(x.shape)}\n".encode())
         h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
-    assert GGUFFile(fold_f32).kv["gemma2_convert.source_sha256"] == h.hexdigest()
+    assert GGUFFile(fold_f32).kv["gemma2_convert.source_xxh3_128"] == h.hexdigest()
+    assert "gemma2_convert.source_sha256" not in GGUFFile(fold_f32).kv
 
 
 # ---- round trips -------------------------------------------------------------------------------

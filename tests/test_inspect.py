@@ -116,14 +116,14 @@ def build_artifacts(root: Path) -> dict[str, tuple[Path, ShapeOptions | None]]:
 
 def stable(v: object, root: Path) -> object:
     """Metadata values that change between runs or releases, replaced: the temporary directory, the
-    converter version, sha256 digests."""
+    converter version, digests (sha256, XXH3-128)."""
     if isinstance(v, dict):
         return {k: stable(x, root) for k, x in v.items()}
     if isinstance(v, list):
         return [stable(x, root) for x in v]
     if isinstance(v, str):
         v = v.replace(str(root), "<tmp>").replace(__version__, "<version>")
-        return re.sub(r"[0-9a-f]{64}", "<sha256>", v)
+        return re.sub(r"\b[0-9a-f]{32}\b", "<xxh3_128>", re.sub(r"[0-9a-f]{64}", "<sha256>", v))
     return v
 
 
@@ -198,6 +198,26 @@ def test_cli_json_is_the_library_json(artifacts, tmp_path):
 
 def _codes(path: Path, **kw: object) -> dict[str, str]:
     return {f.code: f.message for f in inspect_path(path, **kw).findings}
+
+
+def test_gguf_whose_fingerprint_was_never_filled_in(artifacts, tmp_path):
+    from gemma2_convert.formats import gguf_metadata as gm
+    from gemma2_convert.formats.gguf_reader import GGUFFile
+    from gemma2_convert.formats.gguf_writer import patch_string
+    from gemma2_convert.gguf_convert import HASH_PLACEHOLDER
+
+    _, arts = artifacts
+    path = tmp_path / "unfinished.gguf"
+    shutil.copyfile(arts["gguf"][0], path)
+    patch_string(path, gm.K_SOURCE_FINGERPRINT, GGUFFile(path).kv[gm.K_SOURCE_FINGERPRINT], HASH_PLACEHOLDER)
+    assert _codes(path)["incomplete-write"].startswith("the source fingerprint was never filled in")
+
+
+@pytest.mark.parametrize("kv, bad", [({"gemma2_convert.source_sha256": "sha256-pending-" + "0" * 49}, True),
+                                     ({"gemma2_convert.source_sha256": "ab" * 32}, False),
+                                     ({"gemma2_convert.source_xxh3_128": "ab" * 16}, False)])
+def test_fingerprint_keys_old_and_new(kv, bad):
+    assert any(f.code == "incomplete-write" for f in diagnose(_facts(gguf_kv=kv))) == bad
 
 
 def test_untied_lm_head(artifacts, tmp_path):

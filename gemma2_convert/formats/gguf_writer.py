@@ -13,7 +13,6 @@ and each tensor is converted in row chunks straight into the file: peak memory i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections import deque
@@ -22,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -45,6 +45,12 @@ HASH_BACKLOG = 256 << 20
 """Bytes of source tensors the hasher may lag behind the encoder (at least one tensor)."""
 PREFETCH_AHEAD = 256 << 20
 """Bytes of source tensors asked for ahead of the one being encoded (at least the next tensor)."""
+
+
+class Hasher(Protocol):
+    """A streaming hash (``xxhash.xxh3_128()``, ``hashlib.sha256()``): ``update`` should release the GIL."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
     return dst.view(torch.uint8)
 
 
-def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+def _hash_tensor(h: Hasher, name: str, t: torch.Tensor) -> None:
     h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
     flat = t.contiguous().reshape(-1)
     if flat.numel():
@@ -146,14 +152,14 @@ class _Stream:
     """Overlaps the stages of writing: reading the source ahead (``prefetch``), hashing it (one
     thread), encoding chunks (``threads`` workers for block types; the caller for plain float casts,
     into a ring of reused buffers; nothing when the bytes are the source's) and writing them in order
-    (one thread, into a ``SequentialWriter``: direct I/O, or the page cache with write-behind). hashlib,
+    (one thread, into a ``SequentialWriter``: direct I/O, or the page cache with write-behind). The hash,
     torch kernels and file writes release the GIL, so the stages run in parallel. Each stage may run ahead of the next by a
     bounded amount — ``WRITE_DEPTH`` chunks queued for the writer, ``HASH_BACKLOG`` bytes of source
     tensors queued for the hasher — so a slow moment in one stage does not stall the others. Memory
     stays at a few chunks per worker (queued source tensors are views of the mmap when the reader
     maps the file)."""
 
-    def __init__(self, sink: SequentialWriter, hasher: hashlib._Hash | None, threads: int) -> None:
+    def __init__(self, sink: SequentialWriter, hasher: Hasher | None, threads: int) -> None:
         self.sink, self.hasher, self.depth = sink, hasher, 2 * threads
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gguf-write")
         self.hashing = ThreadPoolExecutor(1, thread_name_prefix="gguf-hash")
@@ -243,7 +249,7 @@ class _Stream:
 
 def write_gguf(
     path: str | Path, metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan], *,
-    source_hash: hashlib._Hash | None = None, on_tensor: Callable[[str, int], None] | None = None,
+    source_hash: Hasher | None = None, on_tensor: Callable[[str, int], None] | None = None,
     threads: int | None = None, check: WeightCheck | None = None,
 ) -> int:
     """Write a GGUF file, streaming tensor data; return its size in bytes.

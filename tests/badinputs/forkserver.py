@@ -91,6 +91,10 @@ def main() -> None:
     import gemma2_convert.tokenizer  # noqa: F401  (imported once here, not in every child)
     import reference  # noqa: F401
     import rich.progress  # noqa: F401
+    try:  # the Orbax reader's lazy import: tens of MB that would count as the child's growth
+        import tensorstore  # noqa: F401
+    except ImportError:
+        pass
 
     entry = {"gemma2-convert": convert_main, "gemma2-quantize": quantize_main}
     sys.stdout.write('{"ready": true}\n')
