@@ -21,6 +21,19 @@ def _cpuinfo(key: str) -> str:
         return platform.processor() or "?"
 
 
+def _microarchitecture() -> str:
+    """What LLVM calls this CPU (numba compiles the kernels for it) and its widest vector unit: the same model name
+    covers machines whose per-byte costs differ by 2× or more (znver1 with AVX2 against znver4 with AVX-512)."""
+    flags = set(_cpuinfo("flags").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    try:
+        import llvmlite.binding as llvm
+
+        return f"{llvm.get_host_cpu_name()}, {simd}"
+    except Exception:  # noqa: BLE001 - llvmlite comes with numba; the report only loses the name
+        return simd
+
+
 def _meminfo(key: str) -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -58,7 +71,7 @@ def describe(scratch: Path) -> dict:
     du = shutil.disk_usage(scratch)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": _cpuinfo("model name"),
+        "cpu": f"{_cpuinfo('model name')} ({_microarchitecture()})",
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gb": round(_meminfo("MemTotal") / 1e9, 1),
         "swap_gb": round(_meminfo("SwapTotal") / 1e9, 1),
