@@ -18,7 +18,7 @@ from bench.harness import CONVERT, PYTHON, Case
 from bench.orig_to_hf import STARTUP
 
 MARK = "gguf"
-TYPES = ("f16", "q8_0")
+TYPES = ("f16", "bf16", "q8_0")
 
 
 def ours(t: str) -> str:
