@@ -204,12 +204,13 @@ def write_checkpoint_gguf(
             + list(extra_metadata or []))
     out = Path(out)
     report = None
-    need = len(header_bytes(meta, plans)) + sum(p.nbytes + 32 for p in plans)
+    head = header_bytes(meta, plans)
+    need = len(head) + sum(p.nbytes + 32 for p in plans)
     with atomic_output(out, force, need_bytes=need, inputs=[ckpt.path]) as tmp:
         h = xxhash.xxh3_128()
         with byte_progress(sum(p.source.nbytes for p in plans), "writing", quiet) as bar:
             size = write_gguf(tmp, meta, plans, source_hash=h, on_tensor=bar.advance, threads=threads,
-                              check=check)
+                              check=check, header=head)
         patch_string(tmp, gm.K_SOURCE_FINGERPRINT, HASH_PLACEHOLDER, h.hexdigest())
         if verify_output:
             with verify_progress(ckpt.nbytes, quiet) as vbar:

@@ -40,6 +40,13 @@ def describe_nonfinite(t: torch.Tensor) -> str:
     return f"{n_nan} NaN and {n_inf} ±Inf value(s), the first at index {first}"
 
 
+def _fp16_peak(lo: float, hi: float, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> float:
+    """The largest magnitude a tensor with extremes ``lo``/``hi`` has once ``transform`` (monotone) is applied."""
+    if transform is not None:
+        lo, hi = (float(v) for v in transform(torch.tensor([[lo, hi]], dtype=torch.float32)).reshape(-1))
+    return max(-lo, hi)
+
+
 def _ignore(_message: str) -> None:
     return None
 
@@ -61,21 +68,28 @@ class WeightCheck:
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Check ``t`` (the source of tensor ``name``); ``transform`` is the monotone elementwise map the
         writer applies before storing (the +1 on norms, the query fold): the extremes go through it."""
-        if not t.is_floating_point() or t.numel() == 0:
+        if self.passes(t, to_fp16, transform):
             return
-        lo, hi = extremes(t)
+        lo, hi = extremes(t)  # a second pass, only for a tensor with something to report
         if not (math.isfinite(lo) and math.isfinite(hi)):
             self._report(f"tensor {name!r}: {describe_nonfinite(t)}; the source is damaged (or was saved from "
                          "a run that overflowed)", "pass --allow-nonfinite to write it anyway")
             return
-        if to_fp16:
-            if transform is not None:
-                lo, hi = (float(v) for v in transform(torch.tensor([[lo, hi]], dtype=torch.float32)).reshape(-1))
-            peak = max(-lo, hi)
-            if peak >= FP16_OVERFLOW:
-                self._report(f"tensor {name!r}: values beyond the float16 range (max |w| {peak:.4g} > "
-                             f"{FP16_MAX:g}) would be stored as inf", f"{self.fix} (or --allow-nonfinite to write "
-                             "inf)")
+        peak = _fp16_peak(lo, hi, transform)
+        self._report(f"tensor {name!r}: values beyond the float16 range (max |w| {peak:.4g} > "
+                     f"{FP16_MAX:g}) would be stored as inf", f"{self.fix} (or --allow-nonfinite to write inf)")
+
+    @staticmethod
+    def passes(t: torch.Tensor, to_fp16: bool = False,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
+        """True when ``t`` (a whole tensor or some of its rows) has nothing to report: one pass. A writer
+        may run this on each chunk as it encodes it, and the full check on the tensor once a chunk fails."""
+        if not t.is_floating_point() or t.numel() == 0:
+            return True
+        lo, hi = extremes(t)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return False
+        return not to_fp16 or _fp16_peak(lo, hi, transform) < FP16_OVERFLOW
 
     def _report(self, problem: str, remedy: str) -> None:
         if not self.allow_nonfinite:

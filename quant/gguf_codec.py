@@ -49,6 +49,10 @@ class Codec:
     also catches bad input and the separate input pass is skipped."""
     chunk_elements: int = CHUNK_ELEMENTS
     """Rows are quantized this many elements at a time (K-quant searches prefer cache-sized chunks)."""
+    takes_bf16: bool = False
+    """The compiled kernel reads bfloat16 rows as they are: a bfloat16 input is not copied to float32 first."""
+    writes_out: bool = False
+    """The compiled kernel takes ``out=`` (a uint8 ``[rows, row_bytes]`` tensor) and writes its bytes there."""
     compiled: str | None = None
     """``"module:function"`` of compiled kernels giving the same bytes (quant/jit.py), used when numba
     is available and imported on first use: ``function(w)``, and ``function_imatrix(w, quant_weights)``
@@ -64,8 +68,8 @@ class Codec:
         if weighted is None:
             return plain, JIT_CHUNK_ELEMENTS
 
-        def run(w: Tensor, quant_weights: Tensor | None = None) -> Tensor:
-            return plain(w) if quant_weights is None else weighted(w, quant_weights)
+        def run(w: Tensor, quant_weights: Tensor | None = None, **out: Tensor) -> Tensor:
+            return plain(w, **out) if quant_weights is None else weighted(w, quant_weights)
 
         return run, JIT_CHUNK_ELEMENTS
 
@@ -116,9 +120,9 @@ register_codec("F16", Codec(_f16_bytes, _view_dequantize(torch.float16)))
 register_codec("BF16", Codec(_bf16_bytes, _view_dequantize(torch.bfloat16)))
 # Legacy types: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
 # (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
-_LEGACY = {"scales_show_nonfinite": True}
+_LEGACY = {"scales_show_nonfinite": True, "writes_out": True}
 _LEGACY_JIT = "quant.gguf_legacy_jit"
-register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY,
+register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY, takes_bf16=True,
                              compiled=f"{_LEGACY_JIT}:quantize_q8_0"))
 register_codec("Q4_0", Codec(im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,),
                              "used", **_LEGACY, compiled=f"{_LEGACY_JIT}:quantize_q4_0"))
@@ -196,6 +200,8 @@ def _check_scales(raw: Tensor, t: GGMLType, offsets: tuple[int, ...], source: Te
     """Every fp16 scale of the quantized blocks must be finite (as llama.cpp's ``ggml_validate_row_data``)."""
     blocks = raw.reshape(-1, t.type_size)
     for off in offsets:
+        if not blocks.shape[0] or int((blocks[:, off + 1] & 0x7C).max()) != 0x7C:
+            continue  # no fp16 scale has an all-ones exponent (the high byte's bits 2-6): all are finite
         d = blocks[:, off : off + 2].contiguous().view(torch.float16).squeeze(-1)
         bad = ~torch.isfinite(d)
         if bool(bad.any()):
@@ -221,14 +227,16 @@ def _imatrix_kwargs(codec: Codec, qtype: str, cols: int, quant_weights: Tensor |
     return {"quant_weights": qw}
 
 
-def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, threads: int | None = None) -> Tensor:
+def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, threads: int | None = None,
+                    out: Tensor | None = None) -> Tensor:
     """float ``[..., cols]`` -> uint8 ``[..., row_bytes(qtype, cols)]``, GGML type ``qtype``.
 
     ``quant_weights``: optional per-column importance ``[cols]`` (an imatrix entry, mean of squared
     activations); K-quants then follow llama.cpp's ``quantize_row_*_impl``, Q8_0 and float types ignore it.
     ``threads``: worker threads for the compiled kernels (default: every CPU available; the torch
     kernels always run on the calling thread). Callers that already run one quantization per thread
-    pass 1. The bytes do not depend on it.
+    pass 1. The bytes do not depend on it. ``out``: a contiguous CPU uint8 tensor with as many bytes to
+    write the result into (reused buffers spare a fresh allocation's page faults on every call).
     """
     gt, codec = _codec(qtype)
     if t.dim() == 0:
@@ -239,12 +247,24 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
     rows2d = t.detach().reshape(-1, cols)
     if gt.is_quantized and not codec.scales_show_nonfinite:
         _check_finite(rows2d, gt.name)
-    out = torch.empty(rows2d.shape[0], nbytes, dtype=torch.uint8)
+    shape = (rows2d.shape[0], nbytes)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.numel() != shape[0] * nbytes or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 tensor of {shape[0] * nbytes} bytes")
+    else:
+        out = out.view(shape)
     fn, chunk_elements = codec.kernel()
     step = max(1, chunk_elements // cols)
+    compiled = fn is not codec.quantize
+    keep = t.dtype == torch.bfloat16 and codec.takes_bf16 and compiled
+    into = codec.writes_out and compiled
 
     def one(r0: int) -> None:
-        out[r0 : r0 + step] = fn(rows2d[r0 : r0 + step].to(torch.float32), **kwargs)
+        rows, dst = rows2d[r0 : r0 + step], out[r0 : r0 + step]
+        res = fn(rows if keep else rows.to(torch.float32), **kwargs, **({"out": dst} if into else {}))
+        if res.data_ptr() != dst.data_ptr():
+            dst.copy_(res)
 
     workers = 1 if fn is codec.quantize else threads or jit.default_threads()  # torch ports hold the GIL
     jit.parallel_for(one, range(0, rows2d.shape[0], step), workers, "quantize")

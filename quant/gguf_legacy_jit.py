@@ -10,9 +10,10 @@ the *unrounded* scale, ``roundf`` as ``x + copysign(0.49999997f, x)`` truncated 
 ``nearest_int`` (half to even), ``np.sqrt`` on float32 is correctly rounded; every float constant is a
 ``np.float32`` and nothing is fused or reordered (no ``fastmath``).
 
-Speed (one thread, 9216x2304 float32, AMD EPYC znver4; torch port ~150-300 M params/s, gguf-py ~90-210):
-Q8_0 ~1200, Q4_0 ~1000, Q5_0 ~900, Q4_1 ~800, Q5_1 ~750 M params/s; imatrix Q4_0 ~110, Q4_1 ~40 (torch
-~7 / ~4). How: the per-block max / min are integer reductions over the float bits (``|x|`` bits for Q8_0,
+Speed (one thread, 9216x2304 float32, AMD EPYC znver4 with AVX-512; torch port ~150-300 M params/s, gguf-py
+~90-210): Q8_0 ~1200, Q4_0 ~1000, Q5_0 ~900, Q4_1 ~800, Q5_1 ~750 M params/s; imatrix Q4_0 ~110, Q4_1 ~40
+(torch ~7 / ~4). On an AVX2-only znver1: Q8_0 ~720 (from bfloat16 ~600, ~270 before its rewrite), Q4_0 ~190,
+Q5_0 / Q4_1 / Q5_1 ~150 — those four still pay numba's int64 widening (see :func:`_q8_0_kernel`). How: the per-block max / min are integer reductions over the float bits (``|x|`` bits for Q8_0,
 the order-preserving key ``b ^ ((b >> 31) & 0x7fffffff)`` for a signed max and min), which vectorize where
 a float max without ``nnan`` stays a serial chain; the per-block loops run to a block length ``qk`` passed
 at run time (always 32) — with a constant trip count LLVM unrolls them into scalar code, as numba leaves
@@ -50,7 +51,7 @@ from quant import gguf_imatrix as im
 from quant import gguf_legacy as lg
 from quant import jit
 from quant.jit import kernel
-from quant.jit_fp16 import f16_bits, f16_round
+from quant.jit_fp16 import f16_bits, f16_round, f32_bits_of, f32_from_bits, f32_to_bits
 
 QK = 32
 
@@ -203,35 +204,58 @@ def _is_finite(v):  # noqa: ANN001,ANN201 - numba kernel
 
 
 @kernel
-def _q8_0_kernel(x, xb, nb, qk, out, flags):  # noqa: ANN001,ANN201,PLR0913 - numba kernel
-    """Q8_0: ``d = amax/127``, ``q = (int8)(x*id + copysign(0.49999997f, x*id))`` (C ``roundf``)."""
-    si = np.empty(1, np.int32)
-    sf = si.view(np.float32)
+def _q8_0_kernel(xb, nb, qk, out, flags):  # noqa: ANN001,ANN201 - numba kernel
+    """Q8_0: ``d = amax/127``, ``q = (int8)(x*id + copysign(0.49999997f, x*id))`` (C ``roundf``).
+
+    ``xb``: the input's bits, float32 as int32, or bfloat16 as uint16 (:func:`quant.jit_fp16.f32_bits_of`),
+    so a bfloat16 input is read as it is, without a float32 copy.
+
+    Written for what LLVM vectorizes on AVX2 as on AVX-512 (3x faster than per-block helpers on AVX2):
+    elements are indexed directly (a slice per block costs reference-count calls), the ``|x|`` bits stay
+    int32 (numba widens ``int32 & int32`` to int64, and AVX2 has no 64-bit max: a compare-and-blend
+    chain), bits become floats by a bit cast (not through an array), the bfloat16 shift is a constant
+    (a run-time shift count costs a third), and the scales of a row are rounded to fp16 in a separate,
+    call-free pass (the rare scale outside the normal fp16 range is redone after it).
+    """
+    dsc = np.empty(max(nb, 1), np.float32)  # the row's scales
+    hs = np.empty(max(nb, 1), np.int32)  # ... as fp16 bits
     half = np.float32(_HALF_BELOW)
     neg_half = -half
     for r in range(flags.shape[0]):
         for b in range(nb):
             o = (r * nb + b) * QK
-            p = (r * nb + b) * 34
-            xs = x[o:o + QK]
-            xbs = xb[o:o + QK]
-            qs = out[p + 2:p + 34]
+            p = (r * nb + b) * 34 + 2
             m = np.int32(0)
             for j in range(qk):
-                m = max(m, xbs[j] & np.int32(_ABS_MASK))
-            amax = np.float32(np.nan) if m > _INF_BITS else _bits_to_f32(m, si, sf)  # torch: canonical NaN
+                m = max(m, np.int32(f32_bits_of(xb[o + j]) & _ABS_MASK))
+            amax = np.float32(np.nan) if m > _INF_BITS else f32_from_bits(m)  # torch: the canonical NaN
             d = amax / np.float32(127)
-            idf = _safe_inverse(d)
-            _put_f16(out, p, d, si, sf)
-            if m < _INF_BITS and _is_finite(idf):
+            idf = np.float32(1) / d if d != 0 else np.float32(0)
+            dsc[b] = d
+            if m < _INF_BITS and abs(idf) < np.float32(np.inf):
                 for j in range(qk):
-                    v = xs[j] * idf
-                    qs[j] = np.int32(v + (half if v >= 0 else neg_half))
+                    v = f32_from_bits(f32_bits_of(xb[o + j])) * idf
+                    out[p + j] = np.int32(v + (half if v >= 0 else neg_half))
             else:  # NaN/inf in the block, or 1/d overflowed (a block of subnormals): torch's conversions
                 flags[r] = 1
                 for j in range(qk):
-                    v = xs[j] * idf
-                    qs[j] = _cvt_i8(v + (half if v >= 0 else neg_half)) & 0xFF
+                    v = f32_from_bits(f32_bits_of(xb[o + j])) * idf
+                    out[p + j] = _cvt_i8(v + (half if v >= 0 else neg_half)) & 0xFF
+        odd = False  # a scale that is not a normal half (zero, subnormal, overflow, NaN)
+        for b in range(nb):  # normal halves as _f16_bits rounds them
+            db = f32_to_bits(dsc[b])
+            a = db & np.int32(_ABS_MASK)
+            hs[b] = np.int32(((db >> 16) & 0x8000) | (((a - 0x38000000) + 0xFFF + ((a >> 13) & 1)) >> 13))
+            odd |= (a < 0x38800000) | (a >= 0x477FF000)
+        if odd:
+            for b in range(nb):
+                a = f32_to_bits(dsc[b]) & np.int32(_ABS_MASK)
+                if a < 0x38800000 or a >= 0x477FF000:
+                    hs[b] = f16_bits(f16_round(dsc[b]))
+        for b in range(nb):
+            p = (r * nb + b) * 34
+            out[p] = hs[b] & 0xFF
+            out[p + 1] = (hs[b] >> 8) & 0xFF
 
 
 # ---- Q4_0 / Q5_0 -------------------------------------------------------------------------------------
@@ -632,13 +656,15 @@ def _q4_1_imatrix_kernel(x, xb, qw, nb, qk, grid, out, flags):  # noqa: ANN001,A
 # ---- wrappers ----------------------------------------------------------------------------------------
 
 
-def _as_rows(w: Tensor) -> Tensor:
-    """float ``[rows, cols]`` -> float32 contiguous CPU ``[rows, cols]``; ``cols`` a multiple of 32."""
+def _as_rows(w: Tensor, keep_bf16: bool = False) -> Tensor:
+    """float ``[rows, cols]`` -> float32 (or, with ``keep_bf16``, a bfloat16 input as it is) contiguous CPU
+    ``[rows, cols]``; ``cols`` a multiple of 32."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D [rows, cols] tensor, got shape {tuple(w.shape)}")
     if w.shape[1] % QK:
         raise ValueError(f"row length {w.shape[1]} is not a multiple of the block size {QK}")
-    return w.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    dtype = torch.bfloat16 if keep_bf16 and w.dtype == torch.bfloat16 else torch.float32
+    return w.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def _importance(quant_weights: Tensor, cols: int) -> np.ndarray:
@@ -652,22 +678,38 @@ def _importance(quant_weights: Tensor, cols: int) -> np.ndarray:
 _TYPE_SIZE = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
 
 
-def _launch(name: str, x: Tensor, qw: np.ndarray | None = None) -> tuple[Tensor, np.ndarray]:
-    """Run the kernel of ``name`` (``"q4_0"``, ..., ``"q4_0_imatrix"``) on float32 contiguous ``x``.
+def _output(x: Tensor, name: str, out: Tensor | None) -> Tensor:
+    """``out`` checked to be a contiguous uint8 ``[rows, row_bytes]`` for ``x``; a new one when None."""
+    shape = (x.shape[0], x.shape[1] // QK * _TYPE_SIZE[name[:4]])
+    if out is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    if out.dtype != torch.uint8 or tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU uint8 tensor of shape {shape}")
+    return out
+
+
+def _launch(name: str, x: Tensor, qw: np.ndarray | None = None, out: Tensor | None = None) -> tuple[Tensor, np.ndarray]:
+    """Run the kernel of ``name`` (``"q4_0"``, ..., ``"q4_0_imatrix"``) on float32 contiguous ``x``
+    (Q8_0: or bfloat16), into ``out`` when given.
 
     Returns the bytes ``[rows, row_bytes]`` and the per-row fallback marks, before any fallback.
     """
     rows, cols = x.shape
     nb = cols // QK
-    out = torch.empty((rows, nb * _TYPE_SIZE[name[:4]]), dtype=torch.uint8)
+    out = _output(x, name, out)
     flags = np.zeros(rows, dtype=np.uint8)
     if rows == 0 or cols == 0:
         return out, flags
+    o = out.numpy().reshape(-1)
+    if x.dtype == torch.bfloat16:
+        if name != "q8_0":  # pragma: no cover - _quantize converts for the other kernels
+            raise TypeError(f"the {name} kernel takes float32")
+        _q8_0_kernel(x.view(torch.int16).numpy().view(np.uint16).reshape(-1), nb, QK, o, flags)
+        return out, flags
     xn = x.numpy().reshape(-1)
     xb = xn.view(np.int32)
-    o = out.numpy().reshape(-1)
     if name == "q8_0":
-        _q8_0_kernel(xn, xb, nb, QK, o, flags)
+        _q8_0_kernel(xb, nb, QK, o, flags)
     elif name in ("q4_0", "q5_0"):
         _symmetric_kernel(xn, xb, nb, QK, 8 if name == "q4_0" else 16, name == "q5_0", o, flags)
     elif name in ("q4_1", "q5_1"):
@@ -681,43 +723,49 @@ def _launch(name: str, x: Tensor, qw: np.ndarray | None = None) -> tuple[Tensor,
     return out, flags
 
 
-def _quantize(name: str, w: Tensor, ref: Callable[[Tensor], Tensor], qw: np.ndarray | None = None) -> Tensor:
-    """The kernel's bytes; if it marked a row, the torch function ``ref`` on the whole input instead.
+def _quantize(name: str, w: Tensor, ref: Callable[[Tensor], Tensor], qw: np.ndarray | None = None,
+              out: Tensor | None = None) -> Tensor:
+    """The kernel's bytes (in ``out`` when given); if it marked a row, the torch function ``ref`` on the
+    whole input instead.
 
     The whole input, not the marked rows alone: for a NaN, or for a zero extreme of both signs, torch's
     bytes can depend on where the block sits in the tensor (vectorized body or scalar tail of its
     reductions and element-wise ops), so only the same call on the same tensor reproduces them.
     """
     if not jit.have_numba():  # pragma: no cover - the codec only calls these when numba is there
-        return ref(w)
-    x = _as_rows(w)
-    out, flags = _launch(name, x, qw)
-    return ref(x) if flags.any() else out
+        res = ref(w)
+        return res if out is None else out.copy_(res)
+    x = _as_rows(w, keep_bf16=name == "q8_0")
+    out, flags = _launch(name, x, qw, out)
+    return out.copy_(ref(x.float())) if flags.any() else out
 
 
-def quantize_q8_0(w: Tensor) -> Tensor:
-    """float ``[rows, cols]`` -> Q8_0 bytes ``[rows, cols//32*34]`` (= :func:`quant.gguf_legacy.quantize_q8_0`)."""
-    return _quantize("q8_0", w, lg.quantize_q8_0)
+def quantize_q8_0(w: Tensor, out: Tensor | None = None) -> Tensor:
+    """float ``[rows, cols]`` -> Q8_0 bytes ``[rows, cols//32*34]`` (= :func:`quant.gguf_legacy.quantize_q8_0`).
+
+    A bfloat16 input is read as it is (no float32 copy of it is made). ``out``: a contiguous uint8 tensor of
+    that shape to write into (as every plain quantizer here takes)."""
+    return _quantize("q8_0", w, lg.quantize_q8_0, out=out)
 
 
-def quantize_q4_0(w: Tensor) -> Tensor:
+def quantize_q4_0(w: Tensor, out: Tensor | None = None) -> Tensor:
     """float ``[rows, cols]`` -> Q4_0 bytes ``[rows, cols//32*18]`` (= :func:`quant.gguf_legacy.quantize_q4_0`)."""
-    return _quantize("q4_0", w, lg.quantize_q4_0)
+    return _quantize("q4_0", w, lg.quantize_q4_0, out=out)
 
 
-def quantize_q4_1(w: Tensor) -> Tensor:
+def quantize_q4_1(w: Tensor, out: Tensor | None = None) -> Tensor:
     """float ``[rows, cols]`` -> Q4_1 bytes ``[rows, cols//32*20]`` (= :func:`quant.gguf_legacy.quantize_q4_1`)."""
-    return _quantize("q4_1", w, lg.quantize_q4_1)
+    return _quantize("q4_1", w, lg.quantize_q4_1, out=out)
 
 
-def quantize_q5_0(w: Tensor) -> Tensor:
+def quantize_q5_0(w: Tensor, out: Tensor | None = None) -> Tensor:
     """float ``[rows, cols]`` -> Q5_0 bytes ``[rows, cols//32*22]`` (= :func:`quant.gguf_legacy.quantize_q5_0`)."""
-    return _quantize("q5_0", w, lg.quantize_q5_0)
+    return _quantize("q5_0", w, lg.quantize_q5_0, out=out)
 
 
-def quantize_q5_1(w: Tensor) -> Tensor:
+def quantize_q5_1(w: Tensor, out: Tensor | None = None) -> Tensor:
     """float ``[rows, cols]`` -> Q5_1 bytes ``[rows, cols//32*24]`` (= :func:`quant.gguf_legacy.quantize_q5_1`)."""
-    return _quantize("q5_1", w, lg.quantize_q5_1)
+    return _quantize("q5_1", w, lg.quantize_q5_1, out=out)
 
 
 def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:

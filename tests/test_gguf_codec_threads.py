@@ -65,3 +65,17 @@ def test_compiled_kernels_report_bad_input_like_the_torch_ports(qtype, torch_ker
         monkeypatch.setenv(jit.ENV, env)
         with pytest.raises(ConversionError, match="overflow fp16"):
             quantize_tensor(big, qtype, threads=2)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_quantize_tensor_writes_into_out(qtype):
+    """``out=``: the bytes land in the caller's buffer (written there by the kernels that can, copied
+    otherwise), for bfloat16 and float32 input; a buffer of the wrong size is refused."""
+    w = torch.randn(40, 512, generator=torch.Generator().manual_seed(5))
+    for src in (w, w.to(torch.bfloat16)):
+        want = quantize_tensor(src, qtype)
+        buf = torch.zeros(want.numel(), dtype=torch.uint8)
+        got = quantize_tensor(src, qtype, threads=2, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want) and torch.equal(buf.view_as(want), want)
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_tensor(w, qtype, out=torch.zeros(3, dtype=torch.uint8))

@@ -331,3 +331,46 @@ def test_bf16_and_noncontiguous_input() -> None:
     for src in (w.to(torch.bfloat16), w.T.contiguous().T, w[:, ::1]):
         for name, (fn, ref) in PLAIN.items():
             _check(fn(src), ref(src))
+
+
+def test_q8_0_reads_bf16_bits_as_they_are() -> None:
+    """A bfloat16 input goes to the Q8_0 kernel as its 16-bit patterns (no float32 copy) and gives the bytes
+    of the torch port on the same values, every edge case included (the fallback keeps NaN's bytes)."""
+    for case, w in CASES.items():
+        b = w.to(torch.bfloat16)
+        _check(lj.quantize_q8_0(b), lg.quantize_q8_0(b.float()))
+        raw, flags = lj._launch("q8_0", b.contiguous())
+        assert (case in FALLBACK_CASES) or not flags.any(), case
+
+
+def test_q8_0_scales_round_like_numpy() -> None:
+    """Q8_0's fp16 scales (rounded in the kernel's own row pass) equal numpy's float16 of amax/127 for
+    block maxima spread over the whole float32 range: normal halves, subnormal halves, zero, overflow."""
+    g = np.random.default_rng(1)
+    bits = np.concatenate([g.integers(0x00800000, 0x7F800000, 1 << 14), np.arange(0x3C000000, 0x3C100000, 61),
+                           np.arange(0x4A7D0000, 0x4A800000, 7), [0, 1, 0x00800000, 0x7F7FFFFF]]).astype(np.uint32)
+    amax = bits.view(np.float32)
+    w = torch.zeros(len(amax), QK)
+    w[:, 0] = torch.from_numpy(amax)
+    w[:, 1] = -torch.from_numpy(amax) / 2
+    raw, _ = lj._launch("q8_0", w)  # its own scales, also in a row it marks (1/d overflows for amax 1e-45)
+    got = raw[:, :2].contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    with np.errstate(over="ignore"):
+        want = (amax / np.float32(127)).astype(np.float16).view(np.uint16)
+    assert np.array_equal(got, want)
+    _check(lj.quantize_q8_0(w), lg.quantize_q8_0(w))
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_out_receives_the_bytes(name: str) -> None:
+    fn, ref = PLAIN[name]
+    w = CASES["heavy_lognormal"]
+    out = torch.full((w.shape[0], w.shape[1] // QK * TYPE_SIZE[name]), 7, dtype=torch.uint8)
+    assert fn(w, out=out).data_ptr() == out.data_ptr()
+    _check(out, ref(w))
+    nan = CASES["nonfinite"]  # the torch fallback's bytes land in out too
+    out = torch.empty((nan.shape[0], nan.shape[1] // QK * TYPE_SIZE[name]), dtype=torch.uint8)
+    _check(fn(nan, out=out), ref(nan))
+    _check(out, ref(nan))
+    with pytest.raises(ValueError, match="out must be"):
+        fn(w, out=torch.empty(3, dtype=torch.uint8))

@@ -94,3 +94,33 @@ def test_write_behind_gives_up_quietly_where_unsupported(tmp_path, monkeypatch):
         wb = write_behind.WriteBehind(f.fileno())
         wb.advance(10_000)
         assert not wb.enabled
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "F32", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("path", ["copy", "encode"])
+def test_weight_check_runs_on_every_chunk(tmp_path, monkeypatch, qtype, path):
+    """The weight check scans chunk by chunk, whatever path a tensor takes (bytes as they are, a cast on
+    the calling thread, block encoding on the workers): a NaN in the last chunk is still the check's
+    error naming the tensor and counting all its NaNs; allowed, it is one warning per tensor however many
+    chunks hold a NaN."""
+    from gemma2_convert.errors import NonFiniteError
+    from gemma2_convert.weight_check import WeightCheck
+
+    monkeypatch.setattr(gguf_writer, "CHUNK_ELEMENTS", 256 * 4)  # 4 rows a chunk: 16 chunks
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(qtype, torch.bfloat16)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    w[63, 255] = float("nan")
+    w[10, 3] = float("nan")
+    transform = (lambda x: x * 2) if path == "encode" else None
+    plan = TensorPlan("blk.0.attn_q.weight", LazyTensor.of(w), qtype, transform)
+    with pytest.raises(NonFiniteError, match=r"tensor 'blk\.0\.attn_q\.weight': 2 NaN and 0 ±Inf value\(s\), "
+                                             r"the first at index \[10, 3\]"):
+        write_gguf(tmp_path / "x.gguf", META, [plan], threads=2)
+    warnings: list[str] = []
+    check = WeightCheck(allow_nonfinite=True, warn=warnings.append)
+    if qtype in ("Q8_0", "Q4_K"):  # quantizing a NaN stays an error after the warning
+        with pytest.raises(Exception, match="non-finite"):
+            write_gguf(tmp_path / "y.gguf", META, [plan], threads=2, check=check)
+    else:
+        write_gguf(tmp_path / "y.gguf", META, [plan], threads=2, check=check)
+    assert len(warnings) == 1 and "2 NaN" in warnings[0], warnings

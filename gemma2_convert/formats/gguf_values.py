@@ -73,6 +73,9 @@ def array(item_type: ValueType, values: Sequence) -> Value:
     return Value(ValueType.ARRAY, values, item_type)
 
 
+_U64 = struct.Struct("<Q")
+
+
 def string_bytes(s: str) -> bytes:
     raw = s.encode("utf-8")
     return struct.pack("<Q", len(raw)) + raw
@@ -80,8 +83,12 @@ def string_bytes(s: str) -> bytes:
 
 def array_bytes(item_type: ValueType, values: Sequence) -> bytes:
     head = struct.pack("<IQ", item_type, len(values))
-    if item_type == ValueType.STRING:
-        return head + b"".join(string_bytes(v) for v in values)
+    if item_type == ValueType.STRING:  # u64 length + UTF-8 bytes each, interleaved in one join
+        raws = [v.encode("utf-8") for v in values]
+        parts: list[bytes] = [b""] * (2 * len(raws))
+        parts[0::2] = map(_U64.pack, map(len, raws))
+        parts[1::2] = raws
+        return head + b"".join(parts)
     if item_type == ValueType.ARRAY:
         raise ValueError("nested GGUF arrays are not written")
     if isinstance(values, (bytes, bytearray)):

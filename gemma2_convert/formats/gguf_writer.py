@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from gemma2_convert.errors import ConversionError
+from gemma2_convert.errors import ConversionError, NonFiniteError
 from gemma2_convert.formats.gguf_values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
                                                 boolean, f32, string, string_bytes, u32, value_bytes)
 from gemma2_convert.formats.direct_write import SequentialWriter
@@ -112,15 +113,18 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Float rows [r, cols] → the uint8 bytes of those rows in ``qtype``.
 
-    F32/F16 (and BF16 from bf16) are plain IEEE casts, written into ``out`` (a reusable uint8
-    buffer) when given: a copy into an existing buffer is several times faster than allocating a
-    fresh tensor per chunk. BF16 from wider floats and the block types go through ``quant.gguf_codec``.
+    The bytes go into ``out`` (a reusable uint8 buffer) when it is large enough: writing into an
+    existing buffer is several times faster than allocating a fresh tensor per chunk (its pages are
+    faulted in once). F32/F16 (and BF16 from bf16) are plain IEEE casts; BF16 from wider floats and the
+    block types go through ``quant.gguf_codec``.
     """
     if transform is not None:
         chunk = transform(chunk.float())
     target = _FLOAT_TYPES.get(qtype)
     if target is None or (target == torch.bfloat16 and chunk.dtype != torch.bfloat16):
-        return quantize_tensor(chunk, qtype, threads=1)  # one chunk per encoder thread
+        nbytes = bytes_for(qtype, chunk.shape)
+        dst = out[:nbytes] if out is not None and out.numel() >= nbytes else None
+        return quantize_tensor(chunk, qtype, threads=1, out=dst)  # one chunk per encoder thread
     nbytes = chunk.numel() * target.itemsize
     if out is None or out.numel() < nbytes:
         return chunk.to(target).contiguous().view(torch.uint8)
@@ -159,8 +163,10 @@ class _Stream:
     stays at a few chunks per worker (queued source tensors are views of the mmap when the reader
     maps the file)."""
 
-    def __init__(self, sink: SequentialWriter, hasher: Hasher | None, threads: int) -> None:
-        self.sink, self.hasher, self.depth = sink, hasher, 2 * threads
+    def __init__(self, sink: SequentialWriter, hasher: Hasher | None, threads: int, check: WeightCheck) -> None:
+        self.sink, self.hasher, self.depth, self.check = sink, hasher, 2 * threads, check
+        self.failed: set[str] = set()  # tensors whose full check has run (a warning is given once)
+        self.failed_lock = threading.Lock()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="gguf-write")
         self.hashing = ThreadPoolExecutor(1, thread_name_prefix="gguf-hash")
         self.encoders = ThreadPoolExecutor(threads, thread_name_prefix="gguf-encode")
@@ -172,6 +178,10 @@ class _Stream:
         # one more buffer than writes in flight: the one being filled is never being written
         self.buffers = [torch.empty(CHUNK_ELEMENTS * 4, dtype=torch.uint8) for _ in range(WRITE_DEPTH + 1)]
         self.turn = 0
+        # encoded block chunks: one per chunk that may be encoding, queued for the writer or being filled
+        # (allocated on first use, the size of a Q8_0 chunk: the widest block type per element)
+        self.block_buffers: list[torch.Tensor] = []
+        self.block_turn = 0
 
     def prefetch(self, tensors: Sequence[TensorPlan], i: int) -> None:
         """Called as tensor ``i`` starts: ask for the sources of the next tensors, ``PREFETCH_AHEAD``
@@ -209,26 +219,47 @@ class _Stream:
         elif data.numel():
             self.sink.write(memoryview(data.contiguous().view(torch.uint8).numpy()))
 
+    def checked(self, t: TensorPlan, src: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """``chunk`` (rows of ``src``) after the weight check: one pass over the rows about to be encoded,
+        while they are in cache, in whichever thread encodes them. A chunk that fails runs the full check on
+        the whole tensor (its error, or its warning once per tensor)."""
+        to_fp16 = t.qtype == "F16"
+        if not self.check.passes(chunk, to_fp16, t.transform):
+            with self.failed_lock:
+                first = t.name not in self.failed
+                self.failed.add(t.name)
+            if first:
+                self.check(t.name, src, to_fp16=to_fp16, transform=t.transform)
+        return chunk
+
+    def _encode(self, t: TensorPlan, src: torch.Tensor, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return encode_chunk(self.checked(t, src, chunk), t.qtype, t.transform, out)
+
     def encoded(self, t: TensorPlan, src: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder)."""
+        """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder), each chunk
+        checked (:meth:`checked`) before it is encoded."""
         if t.encoder is not None:
-            w = src.float()
+            w = self.checked(t, src, src).float()
             yield t.encoder(w if t.transform is None else t.transform(w))
             return
         chunks = _row_chunks(src, CHUNK_ELEMENTS)
         target = _FLOAT_TYPES.get(t.qtype)
         if t.transform is None and target == src.dtype:
             for c in chunks:  # the source bytes as they are: written from the source's memory, no copy
-                yield c.contiguous().view(torch.uint8)
+                yield self.checked(t, src, c).contiguous().view(torch.uint8)
             return
         if t.transform is None and target is not None and (target != torch.bfloat16 or src.dtype == target):
             for c in chunks:  # a cast: memory-bound, one thread is enough
                 self.turn = (self.turn + 1) % len(self.buffers)
-                yield encode_chunk(c, t.qtype, None, self.buffers[self.turn])
+                yield self._encode(t, src, c, self.buffers[self.turn])
             return
         pending: deque[Future] = deque()
+        if not self.block_buffers:
+            self.block_buffers = [torch.empty(-(-CHUNK_ELEMENTS // 32) * 34, dtype=torch.uint8)
+                                  for _ in range(self.depth + WRITE_DEPTH + 1)]
         for c in chunks:
-            pending.append(self.encoders.submit(encode_chunk, c, t.qtype, t.transform))
+            self.block_turn = (self.block_turn + 1) % len(self.block_buffers)
+            pending.append(self.encoders.submit(self._encode, t, src, c, self.block_buffers[self.block_turn]))
             if len(pending) >= self.depth:
                 yield pending.popleft().result()
         while pending:
@@ -250,35 +281,38 @@ class _Stream:
 def write_gguf(
     path: str | Path, metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan], *,
     source_hash: Hasher | None = None, on_tensor: Callable[[str, int], None] | None = None,
-    threads: int | None = None, check: WeightCheck | None = None,
+    threads: int | None = None, check: WeightCheck | None = None, header: bytes | None = None,
 ) -> int:
     """Write a GGUF file, streaming tensor data; return its size in bytes.
 
     ``source_hash``, if given, is updated with every source tensor (name, dtype, shape, bytes) in
     write order, before any transform — a fingerprint of the canonical weights. ``threads``
-    (default: all CPUs) encode block-quantized chunks in parallel. ``check`` runs on every source
-    tensor as it is loaded (NaN/Inf, and the float16 range of F16 tensors after the transform);
-    default: both are errors.
+    (default: all CPUs) encode block-quantized chunks in parallel. ``check`` covers every source
+    tensor (NaN/Inf, and the float16 range of F16 tensors after the transform; default: both are
+    errors): each chunk is scanned as it is encoded, and a tensor with a failing chunk gets the full
+    check (so a scan of a whole tensor no longer stalls the pipeline at every tensor). ``header``:
+    ``header_bytes(metadata, tensors)`` when the caller has it already (a 256k-token vocabulary takes a
+    quarter of a second to encode).
     """
     path = Path(path)
     check = check or WeightCheck(fix="use --type bf16 or f32")
     with open(path, "wb") as f, _one_intra_op_thread():
         sink = SequentialWriter(f)
-        sink.write(header_bytes(metadata, tensors))
-        stream = _Stream(sink, source_hash, threads or default_threads())
+        sink.write(header_bytes(metadata, tensors) if header is None else header)
+        stream = _Stream(sink, source_hash, threads or default_threads(), check)
         try:
             for i, t in enumerate(tensors):
                 stream.prefetch(tensors, i)
                 src = t.source.load()
-                check(t.name, src, to_fp16=t.qtype == "F16", transform=t.transform)
                 stream.hash(t.name, src)
                 written = 0
                 try:
                     for data in stream.encoded(t, src):
                         stream.write(data)
                         written += data.numel()
-                except Interrupted:
-                    raise  # a signal that arrived while waiting for the writer: not about this tensor
+                except (Interrupted, NonFiniteError):
+                    raise  # a signal that arrived while waiting for the writer: not about this tensor; or
+                    # the weight check's error, which names the tensor
                 except ConversionError as e:
                     raise ConversionError(f"tensor {t.name!r}: {e}") from None
                 if written != t.nbytes:
