@@ -105,11 +105,24 @@ def _f16_bits(v, si, sf):  # noqa: ANN001,ANN201 - numba kernel
     through :func:`quant.jit_fp16.f16_round` / :func:`quant.jit_fp16.f16_bits`.
     """
     sf[0] = v
-    b = np.int64(si[0])
-    a = b & _ABS_MASK
-    if a >= 0x38800000 and a < 0x477FF000:
-        return ((b >> 16) & 0x8000) | (((a - 0x38000000) + 0xFFF + ((a >> 13) & 1)) >> 13)
+    b = si[0]
+    if _is_normal_half(b):
+        return _normal_half_bits(b)
     return f16_bits(f16_round(v))
+
+
+@kernel
+def _is_normal_half(b):  # noqa: ANN001,ANN201 - numba kernel
+    """Whether the float32 with bits ``b`` (int32) rounds to a normal fp16 value (``2**-14 <= |v| < 65520``)."""
+    a = b & np.int32(_ABS_MASK)
+    return (a >= 0x38800000) & (a < 0x477FF000)
+
+
+@kernel
+def _normal_half_bits(b):  # noqa: ANN001,ANN201 - numba kernel
+    """fp16 bits of the float32 with bits ``b`` (int32) where :func:`_is_normal_half`: re-biased, rounded at bit 13."""
+    a = b & np.int32(_ABS_MASK)
+    return np.int32(((b >> 16) & 0x8000) | (((a - 0x38000000) + 0xFFF + ((a >> 13) & 1)) >> 13))
 
 
 @kernel
@@ -241,16 +254,14 @@ def _q8_0_kernel(xb, nb, qk, out, flags):  # noqa: ANN001,ANN201 - numba kernel
                 for j in range(qk):
                     v = f32_from_bits(f32_bits_of(xb[o + j])) * idf
                     out[p + j] = _cvt_i8(v + (half if v >= 0 else neg_half)) & 0xFF
-        odd = False  # a scale that is not a normal half (zero, subnormal, overflow, NaN)
+        normal = True  # every scale is a normal half (not zero, subnormal, overflow, NaN)
         for b in range(nb):  # normal halves as _f16_bits rounds them
             db = f32_to_bits(dsc[b])
-            a = db & np.int32(_ABS_MASK)
-            hs[b] = np.int32(((db >> 16) & 0x8000) | (((a - 0x38000000) + 0xFFF + ((a >> 13) & 1)) >> 13))
-            odd |= (a < 0x38800000) | (a >= 0x477FF000)
-        if odd:
+            hs[b] = _normal_half_bits(db)
+            normal &= _is_normal_half(db)
+        if not normal:
             for b in range(nb):
-                a = f32_to_bits(dsc[b]) & np.int32(_ABS_MASK)
-                if a < 0x38800000 or a >= 0x477FF000:
+                if not _is_normal_half(f32_to_bits(dsc[b])):
                     hs[b] = f16_bits(f16_round(dsc[b]))
         for b in range(nb):
             p = (r * nb + b) * 34
