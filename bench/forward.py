@@ -76,7 +76,7 @@ def child_main(argv: list[str]) -> int:
 
 def fits(params: int, dtype: str) -> bool:
     """Whether one copy in ``dtype`` (transformers holds one; the reference one when casting) fits in half of RAM."""
-    from reference.loading import available_memory
+    from gemma2_convert.core.memory import available_memory
 
     return params * (2 if dtype == "bf16" else 4) < 0.5 * available_memory()
 

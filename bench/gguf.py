@@ -45,7 +45,7 @@ def cases(src: Path, work: Path, lc: Path | None, types: tuple[str, ...] = TYPES
 
 def compare_files(a_path: Path, b_path: Path) -> str:
     """How many tensors of two GGUFs hold identical bytes."""
-    from gemma2_convert.formats.gguf_file import GGUFFile
+    from gemma2_convert.formats.gguf.file import GGUFFile
 
     a, b = GGUFFile(a_path), GGUFFile(b_path)
     same = [n for n in a.tensors if n in b.tensors and a.tensors[n].type_name == b.tensors[n].type_name

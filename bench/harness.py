@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PYTHON = sys.executable
-CONVERT = (PYTHON, "-c", "from gemma2_convert.cli import main; main()")  # the console scripts, as child commands
-QUANTIZE = (PYTHON, "-c", "from quant.cli import main; main()")
+CONVERT = (PYTHON, "-c", "from gemma2_convert.cli.main import main; main()")  # the console scripts, as child commands
+QUANTIZE = (PYTHON, "-c", "from gemma2_convert.cli.quantize import main; main()")
 REPO = Path(__file__).resolve().parent.parent
 
 

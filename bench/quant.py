@@ -54,7 +54,7 @@ def kernels_main(argv: list[str]) -> int:
     import torch
     from gguf import GGMLQuantizationType, quants
 
-    from gemma2_convert.synthetic import random_tensors
+    from gemma2_convert.formats.synthetic import random_tensors
     from quant.gguf_codec import quantize_tensor
 
     ap = argparse.ArgumentParser(prog="python -m bench quant-kernels")

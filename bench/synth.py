@@ -1,6 +1,6 @@
 """Synthetic checkpoints of the published shapes, written tensor by tensor (never the whole model in RAM).
 
-Random weights (``gemma2_convert.synthetic``, deterministic per name), bf16, real tensor names:
+Random weights (``gemma2_convert.formats.synthetic``, deterministic per name), bf16, real tensor names:
 
 * gemma_pytorch ``model.ckpt``: the torch zip layout ``torch.save`` produces (``data.pkl`` pickling
   ``{"model_state_dict": {name: tensor}}`` with ``freqs_cis``, then one 64-byte-aligned record per
@@ -95,8 +95,8 @@ def _orig_plan(cfg: Gemma2Config, share_layers: bool) -> tuple[dict[str, _Tensor
 def write_orig_ckpt(path: Path, cfg: Gemma2Config, *, share_layers: bool = False, seed: int = 0) -> int:
     """A bf16 gemma_pytorch ``model.ckpt`` of random weights, streamed; returns its size in bytes."""
     from gemma2_convert.formats.gemma_pytorch import fuse_qkv
-    from gemma2_convert.synthetic import random_tensors
-    from gemma2_convert.testing import freqs_cis
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.testing import freqs_cis
 
     state, records = _orig_plan(cfg, share_layers)
     freqs = freqs_cis(cfg)
@@ -126,8 +126,8 @@ def write_orig_ckpt(path: Path, cfg: Gemma2Config, *, share_layers: bool = False
 def write_hf_source(out: Path, cfg: Gemma2Config, *, seed: int = 0, max_shard_size: str = "5GB") -> int:
     """A bf16 HF directory of random weights with a small tokenizer; returns its parameter count."""
     from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.synthetic import random_tensors
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     out.mkdir(parents=True)
     tok = make_tiny_spm(out.parent / f"{out.name}.tokenizer.model", min(512, cfg.vocab_size))

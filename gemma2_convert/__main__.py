@@ -1,5 +1,5 @@
 """``python -m gemma2_convert``: the gemma2-convert command."""
 
-from gemma2_convert.cli import main
+from gemma2_convert.cli.main import main
 
 main()

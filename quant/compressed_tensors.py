@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemma2_convert.errors import FormatError, UnsupportedError
+from gemma2_convert.core.errors import FormatError, UnsupportedError
 from quant.pack import pack_int32, unpack_int32
 from quant.qparams import dequantize
 from quant.spec import QuantSpec

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemma2_convert.errors import ConversionError, UnsupportedError
+from gemma2_convert.core.errors import ConversionError, UnsupportedError
 
 from quant import gguf_imatrix as im
 from quant import gguf_kquants as kq

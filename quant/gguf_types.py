@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gemma2_convert.errors import UnsupportedError, name_list
+from gemma2_convert.core.errors import UnsupportedError, name_list
 
 
 @dataclass(frozen=True)

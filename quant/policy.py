@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from gemma2_convert.errors import UnsupportedError
+from gemma2_convert.core.errors import UnsupportedError
 from quant.spec import QuantSpec
 
 LINEAR_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")

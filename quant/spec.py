@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gemma2_convert.errors import TensorMismatchError, UnsupportedError
+from gemma2_convert.core.errors import TensorMismatchError, UnsupportedError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, 256)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma2_convert.errors import ConfigError
+from gemma2_convert.core.errors import ConfigError
 
 HEADS = {
     "Gemma2ForCausalLM": "causal_lm", "Gemma2Model": "base",

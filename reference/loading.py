@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gemma2_convert.lazy import dtype_nbytes
+from gemma2_convert.core.lazy import dtype_nbytes
 from reference.weights import WeightStore
 
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ class Gemma2Model:
     def from_tensors(cls, config: Gemma2Config, tensors: dict, dtype: torch.dtype = torch.float32,
                      resident: bool = True) -> Any:
         """Build from {HF name: Tensor | LazyTensor} (e.g. a transformers state dict)."""
-        from gemma2_convert.lazy import LazyTensor
+        from gemma2_convert.core.lazy import LazyTensor
 
         lazy = {k: v if isinstance(v, LazyTensor) else LazyTensor.of(v) for k, v in tensors.items()}
         return cls(config, WeightStore(lazy, config, dtype, resident))

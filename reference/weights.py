@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from gemma2_convert.errors import TensorMismatchError, check_names
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.errors import TensorMismatchError, check_names
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 
 LAYER_TENSORS = (

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from gemma2_convert.formats.hf import write_hf_dir
-from gemma2_convert.lazy import LazyTensor
-from gemma2_convert.synthetic import random_tensors
-from gemma2_convert.tiny_tokenizer import make_tiny_spm
+from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.synthetic import random_tensors
+from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 from reference.config import Gemma2Config
 
 VOCAB = 512  # the tiny tokenizer's size; the embedding has exactly as many rows

@@ -44,8 +44,8 @@ def test_bench_all_tiny_writes_every_section_and_cleans_up(tmp_path):
 
 def test_streamed_ckpt_equals_torch_save(tmp_path):
     """synth.write_orig_ckpt writes, record by record, what torch.save of the same state dict holds."""
-    from gemma2_convert.synthetic import random_tensors
-    from gemma2_convert.testing import orig_state_dict
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.testing import orig_state_dict
 
     cfg = synth.preset("tiny")
     synth.write_orig_ckpt(tmp_path / "a.ckpt", cfg)

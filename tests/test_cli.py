@@ -9,8 +9,8 @@ import sys
 
 from click.testing import CliRunner
 
-from gemma2_convert.cli import cli
-from quant.cli import cli as qcli
+from gemma2_convert.cli.main import cli
+from gemma2_convert.cli.quantize import cli as qcli
 
 
 def test_help_and_version():
@@ -25,7 +25,7 @@ def test_help_and_version():
 def test_commands_freeze_the_heap_at_exit():
     """main() registers gc.freeze at exit (shutdown then skips collecting torch's objects); handlers registered
     before it still run after it, and output is still flushed."""
-    code = ("import atexit, gc; from gemma2_convert.cli_errors import quick_exit; "
+    code = ("import atexit, gc; from gemma2_convert.cli.errors import quick_exit; "
             "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); quick_exit(); print('x' * 100000)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "x" * 100000 + "\nfrozen True\n", r.stderr
@@ -33,7 +33,7 @@ def test_commands_freeze_the_heap_at_exit():
 
 def test_demo_runs_and_prints_table(tmp_path):
     work = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli", "demo", "--workdir", str(work)],
+    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli.main", "demo", "--workdir", str(work)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "240"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "gemma2-convert demo" in r.stdout and "FAIL" not in r.stdout
@@ -46,7 +46,7 @@ def test_demo_runs_and_prints_table(tmp_path):
 
 
 def test_demo_flax_step_without_tensorstore(tmp_path, monkeypatch):
-    from gemma2_convert.demo import step_flax_to_hf
+    from gemma2_convert.pipeline.demo import step_flax_to_hf
     from reference import Gemma2Config
 
     monkeypatch.setitem(sys.modules, "tensorstore", None)  # import tensorstore → ImportError
@@ -57,7 +57,7 @@ def test_demo_flax_step_without_tensorstore(tmp_path, monkeypatch):
 
 def test_demo_refuses_non_empty_workdir(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
-    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli", "demo", "--workdir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli.main", "demo", "--workdir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "already exists; pass --force" in r.stderr and "Traceback" not in r.stderr

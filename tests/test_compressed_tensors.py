@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.errors import FormatError, UnsupportedError
+from gemma2_convert.core.errors import FormatError, UnsupportedError
 from quant.compressed_tensors import (
     compress_weight,
     pack_quantized,

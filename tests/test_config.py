@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gemma2_convert.errors import ConfigError
+from gemma2_convert.core.errors import ConfigError
 from reference.config import FULL, SLIDING, Gemma2Config
 
 # The published google/gemma-2-2b config.json (transformers 4.44.2 era; spec §4.3).

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.errors import DiskSpaceError, NonFiniteError
+from gemma2_convert.core.errors import DiskSpaceError, NonFiniteError
 from tests.badinputs.corpus import CFG, Good, build_good
 from tests.badinputs.runner import REPO, ForkServer, tree_digest
 
@@ -49,8 +49,8 @@ def one_error_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def big_ckpt(tmp_path_factory) -> tuple[Path, Path]:
     """A ~200 MB gemma_pytorch checkpoint: writing and verifying it takes seconds."""
-    from gemma2_convert.synthetic import random_tensors
-    from gemma2_convert.testing import write_orig_ckpt
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.testing import write_orig_ckpt
 
     cfg = CFG.replace(vocab_size=65536, hidden_size=768, intermediate_size=256, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
@@ -86,8 +86,8 @@ def test_interrupted_conversion_leaves_nothing(sig, big_ckpt, tmp_path):
 def big_hf(tmp_path_factory) -> Path:
     """A ~130 MB bf16 HF directory (with a tokenizer) of the big_ckpt shapes."""
     from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.synthetic import random_tensors
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     cfg = CFG.replace(vocab_size=65536, hidden_size=768, intermediate_size=256, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
@@ -139,11 +139,11 @@ def test_disk_full_leaves_nothing(command, good, server, tmp_path):
 # ---- free space, checked before writing --------------------------------------------------------
 
 def test_free_space_is_checked_before_writing(good, tmp_path, monkeypatch):
-    import gemma2_convert.output as output
-    from gemma2_convert.convert import orig_to_hf
+    import gemma2_convert.formats.output as output
+    from gemma2_convert.pipeline.convert import orig_to_hf
     from gemma2_convert.formats.orig_config import ShapeOptions
-    from gemma2_convert.gguf_convert import gguf_to_hf, to_gguf
-    from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
+    from gemma2_convert.pipeline.gguf import gguf_to_hf, to_gguf
+    from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 
     monkeypatch.setattr(output, "free_bytes", lambda path: 123_456)
     runs = {
@@ -162,8 +162,8 @@ def test_free_space_is_checked_before_writing(good, tmp_path, monkeypatch):
 def test_free_space_error_through_the_cli(good, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import gemma2_convert.output as output
-    from gemma2_convert.cli import cli
+    import gemma2_convert.formats.output as output
+    from gemma2_convert.cli.main import cli
 
     monkeypatch.setattr(output, "free_bytes", lambda path: 10)
     out = tmp_path / "x.gguf"
@@ -232,7 +232,7 @@ def _ckpt_with(good: Good, tmp_path: Path, name: str, index: tuple[int, int], va
     """The corpus model as a model.ckpt (its tokenizer next to it) with one weight set to ``value``."""
     import shutil
 
-    from gemma2_convert.testing import write_orig_ckpt
+    from gemma2_convert.formats.testing import write_orig_ckpt
     from tests.badinputs.corpus import tensors
 
     sd = tensors()
@@ -259,7 +259,7 @@ def test_float16_overflow_is_refused_unless_allowed(good, server, tmp_path):
 
 
 def test_nonfinite_library_errors_name_the_tensor(good, tmp_path):
-    from gemma2_convert.convert import orig_to_safetensors
+    from gemma2_convert.pipeline.convert import orig_to_safetensors
     from gemma2_convert.formats.orig_config import ShapeOptions
 
     ckpt = _ckpt_with(good, tmp_path, "model.layers.0.mlp.gate_proj.weight", (1, 2), math.nan)

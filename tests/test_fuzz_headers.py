@@ -13,12 +13,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma2_convert.errors import ConversionError
-from gemma2_convert.formats.gguf_file import GGUFFile
-from gemma2_convert.formats.gguf_values import ValueType, array, string, u32
-from gemma2_convert.formats.gguf_writer import TensorPlan, write_gguf
+from gemma2_convert.core.errors import ConversionError
+from gemma2_convert.formats.gguf.file import GGUFFile
+from gemma2_convert.formats.gguf.values import ValueType, array, string, u32
+from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
 from gemma2_convert.formats.safetensors import DTYPES, SafetensorsFile, write_safetensors
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
 
 FUZZ = settings(max_examples=250, deadline=2000, suppress_health_check=[HealthCheck.too_slow],
                 database=None, derandomize=True)

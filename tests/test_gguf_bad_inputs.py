@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from gemma2_convert.errors import ConfigError, FormatError, TensorMismatchError
+from gemma2_convert.core.errors import ConfigError, FormatError, TensorMismatchError
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.formats.gguf_reader import GGUFFile
-from gemma2_convert.formats.gguf_writer import TensorPlan, write_gguf
-from gemma2_convert.gguf_convert import to_gguf
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.formats.gguf.reader import GGUFFile
+from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
+from gemma2_convert.pipeline.gguf import to_gguf
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 from tests.gguf_helpers import CONFIGS, write_model
 
@@ -31,7 +31,7 @@ def good(tmp_path_factory):
 def _rewrite(good, tmp_path, change_meta=None, drop_tensor=None) -> str:
     """``good`` rewritten with edited metadata (a dict key → Value or None to delete) or a tensor left out."""
     f = GGUFFile(good)
-    from gemma2_convert.gguf_convert import _copy_value
+    from gemma2_convert.pipeline.gguf import _copy_value
 
     meta = [(k, _copy_value(f, k)) for k in f.kv]
     for key, value in (change_meta or {}).items():
@@ -53,7 +53,7 @@ def _as_f32(raw, shape):
 
 
 def test_vocabulary_shorter_than_the_embedding(good, tmp_path):
-    from gemma2_convert.formats.gguf_values import ValueType, array
+    from gemma2_convert.formats.gguf.values import ValueType, array
 
     f = GGUFFile(good)
     short = {k: array(ValueType(f.kv_types[k][1]), f.kv[k][:500])
@@ -75,7 +75,7 @@ def test_writer_refuses_a_foreign_tokenizer(tmp_path):
     """A tokenizer with more pieces than the embedding has rows is not this model's."""
     cfg = CONFIGS["mha"]
     src = write_model(tmp_path / "hf", cfg)
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     big = make_tiny_spm(tmp_path / "big.model", 600)
     with pytest.raises(ConfigError, match="600 pieces but the model's vocab_size is 512"):
@@ -89,7 +89,7 @@ def test_writer_refuses_a_foreign_tokenizer(tmp_path):
 def test_float16_overflow_is_refused(tmp_path):
     import torch
 
-    from gemma2_convert.errors import ConversionError
+    from gemma2_convert.core.errors import ConversionError
 
     w = torch.randn(4, 64)
     w[1, 3] = 1e6

@@ -51,7 +51,7 @@ def test_compiled_equals_torch_on_any_thread_count(qtype, monkeypatch):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
 def test_compiled_kernels_report_bad_input_like_the_torch_ports(qtype, torch_kernels, monkeypatch):
-    from gemma2_convert.errors import ConversionError
+    from gemma2_convert.core.errors import ConversionError
 
     w = torch.randn(8, 256)
     w[5, 17] = float("nan")

@@ -11,18 +11,18 @@ import torch
 import xxhash
 from click.testing import CliRunner
 
-from gemma2_convert.cli import cli
+from gemma2_convert.cli.main import cli
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.formats.gguf_names import (GGUF_TO_HF, add_one, fold_query, gguf_name, hf_name,
+from gemma2_convert.formats.gguf.names import (GGUF_TO_HF, add_one, fold_query, gguf_name, hf_name,
                                                llama_cpp_query_scalar, norm_residual, query_fold_ratio, sub_one,
                                                unfold_query)
-from gemma2_convert.formats.gguf_reader import GGUFFile
-from gemma2_convert.formats.gguf_values import Value, ValueType, array, boolean, f32, string, u32
-from gemma2_convert.formats.gguf_writer import TensorPlan, write_gguf
-from gemma2_convert.gguf_convert import gguf_to_hf, to_gguf
-from gemma2_convert.gguf_mix import choose_type, use_more_bits
-from gemma2_convert.lazy import LazyTensor
-from gemma2_convert.tokenizer import gguf_vocab
+from gemma2_convert.formats.gguf.reader import GGUFFile
+from gemma2_convert.formats.gguf.values import Value, ValueType, array, boolean, f32, string, u32
+from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
+from gemma2_convert.pipeline.gguf import gguf_to_hf, to_gguf
+from gemma2_convert.formats.gguf.mix import choose_type, use_more_bits
+from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.tokenizer.spm import gguf_vocab
 from reference import Gemma2ForCausalLM
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
@@ -291,11 +291,11 @@ def test_requantize_a_gguf_keeps_its_vocabulary(fold_f32, tmp_path):
 
 
 def test_orig_to_gguf_and_cli(tmp_path):
-    from gemma2_convert.testing import write_orig_ckpt
+    from gemma2_convert.formats.testing import write_orig_ckpt
 
     cfg = CONFIGS["mha"]
     ckpt = write_orig_ckpt(tmp_path / "orig" / "model.ckpt", tensors(cfg, 7), cfg)
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     make_tiny_spm(tmp_path / "orig" / "tokenizer.model", 512)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))

@@ -26,10 +26,10 @@ import sentencepiece as spm
 import torch
 
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.formats.gguf_names import llama_cpp_query_scalar, query_fold_ratio
-from gemma2_convert.formats.gguf_reader import GGUFFile
-from gemma2_convert.gguf_convert import to_gguf
-from gemma2_convert.gguf_mix import choose_type
+from gemma2_convert.formats.gguf.names import llama_cpp_query_scalar, query_fold_ratio
+from gemma2_convert.formats.gguf.reader import GGUFFile
+from gemma2_convert.pipeline.gguf import to_gguf
+from gemma2_convert.formats.gguf.mix import choose_type
 from quant.gguf_types import file_type_id
 from reference import Gemma2ForCausalLM
 from reference.weights import WeightStore

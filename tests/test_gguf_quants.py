@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GQT
 
-from gemma2_convert.errors import ConversionError, UnsupportedError
+from gemma2_convert.core.errors import ConversionError, UnsupportedError
 from quant import gguf_codec, gguf_kquants, gguf_legacy
 from quant.gguf_codec import bytes_for, dequantize_tensor, fallback_type, quantize_tensor
 from quant.gguf_types import FILE_TYPES, GGML_TYPES, file_type_id, ggml_type

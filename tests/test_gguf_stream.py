@@ -10,11 +10,12 @@ import hashlib
 import pytest
 import torch
 
-from gemma2_convert.formats import gguf_writer, write_behind
-from gemma2_convert.formats.gguf_values import string
-from gemma2_convert.formats.gguf_writer import TensorPlan, write_gguf
+from gemma2_convert.formats import write_behind
+import gemma2_convert.formats.gguf.writer as gguf_writer
+from gemma2_convert.formats.gguf.values import string
+from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
 from gemma2_convert.formats.safetensors import SafetensorsFile, write_safetensors
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
 
 META = [("general.architecture", string("gemma2"))]
 
@@ -103,8 +104,8 @@ def test_weight_check_runs_on_every_chunk(tmp_path, monkeypatch, qtype, path):
     the calling thread, block encoding on the workers): a NaN in the last chunk is still the check's
     error naming the tensor and counting all its NaNs; allowed, it is one warning per tensor however many
     chunks hold a NaN."""
-    from gemma2_convert.errors import NonFiniteError
-    from gemma2_convert.weight_check import WeightCheck
+    from gemma2_convert.core.errors import NonFiniteError
+    from gemma2_convert.formats.weight_check import WeightCheck
 
     monkeypatch.setattr(gguf_writer, "CHUNK_ELEMENTS", 256 * 4)  # 4 rows a chunk: 16 chunks
     dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(qtype, torch.bfloat16)

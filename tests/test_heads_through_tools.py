@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from gemma2_convert.errors import UnsupportedError
+from gemma2_convert.core.errors import UnsupportedError
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
-from gemma2_convert.verify import Tolerance, verify
+from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+from gemma2_convert.pipeline.verify import Tolerance, verify
 from reference import AutoModel, Gemma2ForSequenceClassification
 from tests.conftest import TINY_CONFIGS, hf_config
 
@@ -62,15 +62,15 @@ def test_quantize_keeps_the_head_and_verifies_class_logits(cls_dir, tmp_path):
 
 
 def test_gguf_export_refuses_a_classifier_unless_dropping_the_head(cls_dir, tmp_path):
-    from gemma2_convert.gguf_convert import to_gguf
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.pipeline.gguf import to_gguf
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     tok = make_tiny_spm(tmp_path / "tokenizer.model", 512)
     src = open_checkpoint(cls_dir)
     big = tmp_path / "cls512"
     # llama.cpp needs the vocabulary: give the classifier a vocabulary the tiny tokenizer covers
     from gemma2_convert.formats.hf import write_hf_dir
-    from gemma2_convert.lazy import LazyTensor
+    from gemma2_convert.core.lazy import LazyTensor
 
     cfg = src.config.replace(vocab_size=512)
     big.mkdir()
@@ -81,7 +81,7 @@ def test_gguf_export_refuses_a_classifier_unless_dropping_the_head(cls_dir, tmp_
     with pytest.raises(UnsupportedError, match=r"Gemma2ForSequenceClassification \(3 labels\).*--drop-head"):
         to_gguf(big, tmp_path / "x.gguf", type_name="f32", tokenizer=tok, quiet=True)
     assert not (tmp_path / "x.gguf").exists()
-    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli", "to-gguf", str(big), str(tmp_path / "x.gguf"),
+    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli.main", "to-gguf", str(big), str(tmp_path / "x.gguf"),
                         "--type", "f32", "--tokenizer", str(tok), "--drop-head"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from gemma2_convert.errors import FormatError, TensorMismatchError
+from gemma2_convert.core.errors import FormatError, TensorMismatchError
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.formats.hf import write_hf_dir
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
 from reference import Gemma2ForCausalLM
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
 

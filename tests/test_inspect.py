@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.doctor import Facts, diagnose
+from gemma2_convert.pipeline.doctor import Facts, diagnose
 from gemma2_convert.formats.orig_config import ShapeOptions
-from gemma2_convert.inspect import Inspection, inspect_path
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.pipeline.inspect import Inspection, inspect_path
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 from tests.badinputs.corpus import CFG, tensors
 
@@ -48,8 +48,8 @@ def write_stale_gguf(path: Path, tok: Path, cfg: Gemma2Config = CFG, plus_one: b
     sliding window, no key/value length, <end_of_turn> left USER_DEFINED, no provenance."""
     import gguf
 
-    from gemma2_convert.formats.gguf_names import gguf_name, is_norm
-    from gemma2_convert.tokenizer import read_spm
+    from gemma2_convert.formats.gguf.names import gguf_name, is_norm
+    from gemma2_convert.formats.tokenizer.spm import read_spm
 
     w = gguf.GGUFWriter(str(path), "gemma2")
     w.add_name("stale")
@@ -81,10 +81,10 @@ def write_stale_gguf(path: Path, tok: Path, cfg: Gemma2Config = CFG, plus_one: b
 def build_artifacts(root: Path) -> dict[str, tuple[Path, ShapeOptions | None]]:
     """One small checkpoint per format (the corpus model, seed 0), and the stale GGUF."""
     from gemma2_convert.formats.single_safetensors import write_single_safetensors
-    from gemma2_convert.gguf_convert import to_gguf
-    from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
-    from gemma2_convert.testing import write_orig_ckpt
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.pipeline.gguf import to_gguf
+    from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+    from gemma2_convert.formats.testing import write_orig_ckpt
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     root.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_spm(root / "tokenizer.model", CFG.vocab_size)
@@ -130,7 +130,7 @@ def stable(v: object, root: Path) -> object:
 def as_text(ins: Inspection) -> str:
     from rich.console import Console
 
-    from gemma2_convert.cli_inspect import render
+    from gemma2_convert.cli.inspect import render
 
     buf = io.StringIO()
     render(ins, Console(file=buf, width=WIDTH, color_system=None, force_terminal=False, highlight=False))
@@ -186,7 +186,7 @@ def test_stale_gguf_findings(artifacts):
 def test_cli_json_is_the_library_json(artifacts, tmp_path):
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     _, arts = artifacts
     r = CliRunner().invoke(cli, ["inspect", str(arts["gguf"][0]), "--json"])
@@ -201,10 +201,10 @@ def _codes(path: Path, **kw: object) -> dict[str, str]:
 
 
 def test_gguf_whose_fingerprint_was_never_filled_in(artifacts, tmp_path):
-    from gemma2_convert.formats import gguf_metadata as gm
-    from gemma2_convert.formats.gguf_reader import GGUFFile
-    from gemma2_convert.formats.gguf_writer import patch_string
-    from gemma2_convert.gguf_convert import HASH_PLACEHOLDER
+    import gemma2_convert.formats.gguf.metadata as gm
+    from gemma2_convert.formats.gguf.reader import GGUFFile
+    from gemma2_convert.formats.gguf.writer import patch_string
+    from gemma2_convert.pipeline.gguf import HASH_PLACEHOLDER
 
     _, arts = artifacts
     path = tmp_path / "unfinished.gguf"
@@ -230,7 +230,7 @@ def test_untied_lm_head(artifacts, tmp_path):
                     "untied head", msg), msg
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     r = CliRunner().invoke(cli, ["inspect", str(hf)])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1
@@ -254,7 +254,7 @@ def test_hf_norms_stored_with_the_plus_one(artifacts, tmp_path):
 def test_gguf_without_key_length_and_head_dim_not_hidden_over_heads(artifacts, tmp_path):
     root, _ = artifacts
     cfg = CFG.replace(head_dim=16, query_pre_attn_scalar=16)  # hidden / heads = 32 ≠ 16
-    from gemma2_convert.synthetic import random_tensors
+    from gemma2_convert.formats.synthetic import random_tensors
 
     sd = {k: v.load() for k, v in random_tensors(cfg, 0, torch.float32).items()}
     codes = _codes(write_stale_gguf(tmp_path / "x.gguf", root / "tokenizer.model", cfg, sd=sd))

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("tensorstore", reason="the Orbax reader needs tensorstore (pip install 'gemma2-convert[flax]')")
 
-from gemma2_convert.errors import ConfigError, ConversionError, FormatError, TensorMismatchError  # noqa: E402
+from gemma2_convert.core.errors import ConfigError, ConversionError, FormatError, TensorMismatchError  # noqa: E402
 from gemma2_convert.formats import detect_format, open_checkpoint  # noqa: E402
 from gemma2_convert.formats import flax_map as fm  # noqa: E402
 from gemma2_convert.formats.hf import write_hf_dir  # noqa: E402
@@ -402,7 +402,7 @@ def test_two_checkpoints_in_one_archive(kaggle_copy):
 def test_orig_to_hf_command_converts_orbax(tmp_path):
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     r = CliRunner().invoke(cli, ["orig-to-hf", str(FIXTURES / "gemma2_27b_layout" / "kaggle"), str(tmp_path / "hf"),
                                  "--query-pre-attn-scalar", "4", "--json"])
@@ -415,7 +415,7 @@ def test_orig_to_hf_command_converts_orbax(tmp_path):
 def test_verify_command_compares_orbax_with_its_source():
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     d = FIXTURES / "gemma2_2b_layout"
     r = CliRunner().invoke(cli, ["verify", str(d / "kaggle"), str(d / "hf"), "--config", str(d / "hf" / "config.json"),

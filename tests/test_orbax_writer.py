@@ -16,14 +16,14 @@ import torch
 
 pytest.importorskip("tensorstore", reason="the Orbax writer needs tensorstore (pip install 'gemma2-convert[flax]')")
 
-from gemma2_convert.errors import OutputExistsError, TensorMismatchError  # noqa: E402
+from gemma2_convert.core.errors import OutputExistsError, TensorMismatchError  # noqa: E402
 from gemma2_convert.formats import flax_map as fm  # noqa: E402
 from gemma2_convert.formats import open_checkpoint  # noqa: E402
 from gemma2_convert.formats.orbax import read_arrays  # noqa: E402
 from gemma2_convert.formats.orbax_writer import TARGET_FILE_BYTES, chunk_shape, write_orbax  # noqa: E402
 from gemma2_convert.formats.orig_config import ShapeOptions  # noqa: E402
-from gemma2_convert.lazy import LazyTensor  # noqa: E402
-from gemma2_convert.synthetic import random_tensors  # noqa: E402
+from gemma2_convert.core.lazy import LazyTensor  # noqa: E402
+from gemma2_convert.formats.synthetic import random_tensors  # noqa: E402
 from reference.config import Gemma2Config  # noqa: E402
 from tests.test_orbax import FIXTURES, assert_equal  # noqa: E402
 
@@ -125,7 +125,7 @@ def test_writing_never_imports_jax(tmp_path):
 import json, sys
 from pathlib import Path
 from gemma2_convert.formats.orbax_writer import write_orbax
-from gemma2_convert.synthetic import random_tensors
+from gemma2_convert.formats.synthetic import random_tensors
 from reference.config import Gemma2Config
 cfg = Gemma2Config.preset("tiny")
 write_orbax(Path({str(tmp_path / "ckpt")!r}), cfg, random_tensors(cfg), rows=576)

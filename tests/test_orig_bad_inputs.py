@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.testing import write_orig_ckpt
+from gemma2_convert.formats.testing import write_orig_ckpt
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
 
 CFG = TINY_CONFIGS["gqa2"]
@@ -33,11 +33,11 @@ def run(*args: object, subprocess_: bool = False) -> subprocess.CompletedProcess
     """The command in this process (click's runner), or as a real subprocess."""
     argv = ["orig-to-hf", *map(str, args)]
     if subprocess_:
-        return subprocess.run([sys.executable, "-m", "gemma2_convert.cli", *argv], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "gemma2_convert.cli.main", *argv], capture_output=True, text=True,
                               timeout=120)
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     r = CliRunner().invoke(cli, argv)
     return subprocess.CompletedProcess(argv, r.exit_code, r.stdout, r.stderr)
@@ -104,8 +104,8 @@ def test_corrupt_tensor_bytes_fail_verification(tmp_path, good):
 
 
 def test_failed_verification_leaves_nothing(tmp_path, good, monkeypatch):
-    import gemma2_convert.convert as convert
-    from gemma2_convert.errors import VerificationError
+    import gemma2_convert.pipeline.convert as convert
+    from gemma2_convert.core.errors import VerificationError
 
     real = convert.verify
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from gemma2_convert.convert import orig_to_hf, orig_to_safetensors, verify_paths
+from gemma2_convert.pipeline.convert import orig_to_hf, orig_to_safetensors, verify_paths
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.formats.gemma_pytorch import dequantize_int8, fuse_qkv, orig_shapes, split_qkv
 from gemma2_convert.formats.orig_config import ShapeOptions, infer_config
-from gemma2_convert.testing import dequantized_hf, quantize_int8, write_orig_ckpt, write_orig_sharded
+from gemma2_convert.formats.testing import dequantized_hf, quantize_int8, write_orig_ckpt, write_orig_sharded
 from reference import Gemma2ForCausalLM
 from reference.config import PRESETS
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
@@ -91,7 +91,7 @@ def test_tokenizer_parity_and_head_flags(tmp_path):
     import sentencepiece as spm
     import transformers
 
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     cfg = TINY_CONFIGS["gqa2"].replace(vocab_size=512, sliding_window=4096, max_position_embeddings=8192)
     sd = hf_state_dict(make_hf_model(cfg))
@@ -162,7 +162,7 @@ def test_verify_any_two_checkpoints(tmp_path):
 
 def test_verify_reports_progress_per_tensor_and_per_layer(tmp_path):
     from gemma2_convert.formats import open_checkpoint
-    from gemma2_convert.verify import verify
+    from gemma2_convert.pipeline.verify import verify
 
     cfg = TINY_CONFIGS["mha"]
     sd = hf_state_dict(make_hf_model(cfg))
@@ -179,7 +179,7 @@ def test_verify_reports_progress_per_tensor_and_per_layer(tmp_path):
 
 def test_int8_quantizer_is_per_row_symmetric():
     cfg = TINY_CONFIGS["mha"]
-    from gemma2_convert.testing import orig_state_dict
+    from gemma2_convert.formats.testing import orig_state_dict
 
     q = quantize_int8(orig_state_dict(hf_state_dict(make_hf_model(cfg)), cfg), cfg)
     w, s = q["model.layers.0.mlp.down_proj.weight"], q["model.layers.0.mlp.down_proj.weight_scaler"]
@@ -189,7 +189,7 @@ def test_int8_quantizer_is_per_row_symmetric():
 def test_cli_orig_to_safetensors_and_verify_json(tmp_path):
     from click.testing import CliRunner
 
-    from gemma2_convert.cli import cli
+    from gemma2_convert.cli.main import cli
 
     cfg = TINY_CONFIGS["gqa4"]
     src = write_orig_ckpt(tmp_path / "model.ckpt", hf_state_dict(make_hf_model(cfg)), cfg)

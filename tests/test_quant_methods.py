@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma2_convert.errors import ConversionError, UnsupportedError
+from gemma2_convert.core.errors import ConversionError, UnsupportedError
 from quant.methods import QUANTIZERS, get_quantizer, quantize_weight, register_quantizer
 from quant.methods.gptq import accumulate_hessian, gptq, inverse_cholesky_upper
 from quant.metrics import sqnr_db

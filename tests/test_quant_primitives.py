@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gemma2_convert.errors import ConversionError, TensorMismatchError, UnsupportedError
+from gemma2_convert.core.errors import ConversionError, TensorMismatchError, UnsupportedError
 from quant.metrics import kl_divergence, perplexity, rel_rmse, sqnr_db, top1_agreement
 from quant.pack import pack_int4, pack_int32, unpack_int4, unpack_int32
 from quant.policy import default_policy

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.formats.gguf_file import GGUFFile
-from gemma2_convert.gguf_convert import to_gguf
-from gemma2_convert.llama_runner import llama_cpp_logits, llama_quantize
-from gemma2_convert.quality import eval_prompts
-from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
+from gemma2_convert.formats.gguf.file import GGUFFile
+from gemma2_convert.pipeline.gguf import to_gguf
+from gemma2_convert.pipeline.llama_runner import llama_cpp_logits, llama_quantize
+from gemma2_convert.pipeline.quality import eval_prompts
+from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 from quant.metrics import kl_divergence
 
 FIX = Path(__file__).parent / "fixtures"
@@ -65,7 +65,7 @@ def test_q6_k_embedding_is_llama_cpp_q4_0_layout_byte_for_byte(work):
 
 
 def test_q6_k_embedding_is_gguf_only(tmp_path):
-    from gemma2_convert.errors import UnsupportedError
+    from gemma2_convert.core.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="q6_k is a GGUF type"):
         quantize_checkpoint(MODEL, tmp_path / "o", QuantizeOptions(4, 32, True, "rtn", "hf", embedding="q6_k"))

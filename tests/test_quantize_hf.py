@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.errors import OutputExistsError
-from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint
+from gemma2_convert.core.errors import OutputExistsError
+from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 from reference import Gemma2ForCausalLM
 from tests.conftest import TINY_CONFIGS, make_hf_model
 
@@ -53,7 +53,7 @@ def test_transformers_loads_our_output_with_our_logits(src_dir, tmp_path, bits, 
 
 def test_cli_json_report_and_no_overwrite(src_dir, tmp_path):
     out = tmp_path / "q"
-    cmd = [sys.executable, "-m", "quant.cli", str(src_dir), str(out), "--group-size", "32", "--json"]
+    cmd = [sys.executable, "-m", "gemma2_convert.cli.quantize", str(src_dir), str(out), "--group-size", "32", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -67,7 +67,7 @@ def test_cli_json_report_and_no_overwrite(src_dir, tmp_path):
 
 
 def test_group_that_does_not_divide_is_one_clear_error(src_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "quant.cli", str(src_dir), str(tmp_path / "q"), "--group-size", "64"],
+    r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli.quantize", str(src_dir), str(tmp_path / "q"), "--group-size", "64"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "in_features=96, not a multiple of group_size=64" in r.stderr
@@ -77,7 +77,7 @@ def test_group_that_does_not_divide_is_one_clear_error(src_dir, tmp_path):
 def test_default_mse_needs_no_calibration_text_on_a_long_window_model(tmp_path):
     """With a tokenizer and no --calibration, mse/hqq weigh by activations on the built-in text even when
     it is shorter than a calibration sequence (2B/9B/27B: 2048 tokens); gptq asks for real text."""
-    from gemma2_convert.errors import ConversionError
+    from gemma2_convert.core.errors import ConversionError
 
     src = tmp_path / "long-window"
     shutil.copytree(Path(__file__).parent / "fixtures" / "gemma2-tiny-trained", src)

@@ -153,7 +153,7 @@ def test_specific_class_on_other_checkpoints(tmp_path):
     assert torch.equal(bare(ids), cls(ids, return_dict=True, output_hidden_states=True).hidden_states[-1])
     causal_dir = tmp_path / "causal"
     _hf("Gemma2ForCausalLM", cfg, causal_dir)
-    from gemma2_convert.errors import TensorMismatchError
+    from gemma2_convert.core.errors import TensorMismatchError
 
     with pytest.raises(TensorMismatchError, match=r"missing 1 tensors: score\.weight"):
         Gemma2ForSequenceClassification.from_pretrained(str(causal_dir))

@@ -9,9 +9,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import reference.model as model_mod
-from gemma2_convert.lazy import LazyTensor
-from gemma2_convert.synthetic import random_tensors
-from gemma2_convert.verify import tensor_diff
+from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.synthetic import random_tensors
+from gemma2_convert.pipeline.verify import tensor_diff
 from quant.metrics import sqnr_db
 from reference import Gemma2ForCausalLM
 from reference.config import Gemma2Config
@@ -58,7 +58,7 @@ def test_streaming_forward_never_casts_the_whole_embedding(weights, monkeypatch)
 
 
 def test_tensor_diff_in_row_blocks_matches_whole_tensor_metrics(monkeypatch):
-    import gemma2_convert.verify as verify_mod
+    import gemma2_convert.pipeline.verify as verify_mod
 
     monkeypatch.setattr(verify_mod, "COMPARE_ELEMENTS", 100)  # many blocks of 3 rows
     g = torch.Generator().manual_seed(1)

@@ -12,9 +12,9 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer
 
-from gemma2_convert.errors import ConfigError, ConversionError, FormatError, UnsupportedError
-from gemma2_convert.tiny_tokenizer import CORPUS, USER_DEFINED_PIECES, make_tiny_spm
-from gemma2_convert.tokenizer import (
+from gemma2_convert.core.errors import ConfigError, ConversionError, FormatError, UnsupportedError
+from gemma2_convert.formats.tokenizer.tiny import CORPUS, USER_DEFINED_PIECES, make_tiny_spm
+from gemma2_convert.formats.tokenizer.spm import (
     GEMMA2_CHAT_TEMPLATE,
     Piece,
     PieceType,
@@ -24,7 +24,7 @@ from gemma2_convert.tokenizer import (
     read_spm,
     write_hf_tokenizer,
 )
-from gemma2_convert.tokenizer_hf import hf_merges, hf_vocab
+from gemma2_convert.formats.tokenizer.hf_files import hf_merges, hf_vocab
 
 FIRST_BYTE_ID = 4 + len(USER_DEFINED_PIECES)  # <pad> <eos> <bos> <unk>, user-defined, then <0x00>
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma2_convert.tiny_tokenizer import make_tiny_spm
+from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 from reference.config import Gemma2Config
 
 

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gemma2_convert.formats import open_checkpoint  # noqa: E402
-from gemma2_convert.gguf_convert import to_gguf  # noqa: E402
-from gemma2_convert.llama_runner import llama_cpp_logits, llama_quantize  # noqa: E402
-from gemma2_convert.quality import eval_prompts  # noqa: E402
-from gemma2_convert.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
+from gemma2_convert.pipeline.gguf import to_gguf  # noqa: E402
+from gemma2_convert.pipeline.llama_runner import llama_cpp_logits, llama_quantize  # noqa: E402
+from gemma2_convert.pipeline.quality import eval_prompts  # noqa: E402
+from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 from quant.metrics import kl_divergence, perplexity, top1_agreement  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> int:
         work = Path(tmp)
         hf = hf_rows(work, n_params)
         gg, ppl_f32 = gguf_rows(work, n_params, prompts)
-    from gemma2_convert.quality import quality_report
+    from gemma2_convert.pipeline.quality import quality_report
 
     src_ppl = quality_report(src, src, EVAL.read_text())["ppl_a"]
     args.out.write_text(render(hf, gg, ppl_f32, src_ppl, n_params, sum(len(p) - 1 for p in prompts)))

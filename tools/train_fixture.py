@@ -12,7 +12,7 @@ English prose (the language-reference topics in ``pydoc_data/topics.py`` and the
 top-level stdlib modules) and Python code (the full source of the modules in CODE_MODULES). The
 documents named in EVAL / CALIBRATION are held out of tokenizer and model training.
 
-Tokenizer: SentencePiece BPE in Gemma's layout (the trainer flags of ``gemma2_convert.tiny_tokenizer``:
+Tokenizer: SentencePiece BPE in Gemma's layout (the trainer flags of ``gemma2_convert.formats.tokenizer.tiny``:
 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, <mask>, <start_of_turn>, <end_of_turn>, whitespace runs, byte fallback).
 
 Model: real Gemma 2 structure at small size — GQA 4:2, head_dim 128 != H/N = 64, both softcaps, sliding
@@ -55,8 +55,8 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from gemma2_convert.tiny_tokenizer import trainer_options  # the Gemma-layout SentencePiece flags
-from gemma2_convert.tokenizer import write_hf_tokenizer
+from gemma2_convert.formats.tokenizer.tiny import trainer_options  # the Gemma-layout SentencePiece flags
+from gemma2_convert.formats.tokenizer.spm import write_hf_tokenizer
 from reference.config import Gemma2Config
 
 MODEL_DIR = "gemma2-tiny-trained"

@@ -8,7 +8,7 @@ from gemma2_convert.formats import hf  # noqa: F401  (registers the reader)
 from gemma2_convert.formats import single_safetensors  # noqa: F401
 from gemma2_convert.formats import gemma_pytorch  # noqa: F401
 from gemma2_convert.formats import orbax  # noqa: F401  (tensorstore is imported only when reading)
-from gemma2_convert.formats import gguf_reader  # noqa: F401
+import gemma2_convert.formats.gguf.reader as gguf_reader  # noqa: F401
 from gemma2_convert.formats.registry import READERS, Checkpoint, detect_format, open_checkpoint
 
 __all__ = ["READERS", "Checkpoint", "detect_format", "open_checkpoint"]

@@ -6,17 +6,17 @@ Read lazily (mmap); written shard by shard from a stream of lazy tensors (spec Â
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.errors import FormatError, TensorMismatchError, UnsupportedError
+from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.core.units import parse_size
 from reference.config import Gemma2Config
 
 INDEX = "model.safetensors.index.json"
@@ -110,17 +110,6 @@ def open_hf_dir(path: Path, **_: object) -> Checkpoint:
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def parse_size(s: str | int) -> int:
-    """'5GB', '500MB', '2GiB', or a byte count â†’ bytes."""
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", s, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse size {s!r}; use e.g. 5GB, 500MB or a byte count")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
-
-
 def plan_shards(items: list[tuple[str, LazyTensor]], max_bytes: int) -> list[list[tuple[str, LazyTensor]]]:
     """Split in order into shards of at most max_bytes (a bigger single tensor gets its own shard)."""
     shards: list[list[tuple[str, LazyTensor]]] = [[]]
@@ -176,7 +165,7 @@ def write_hf_dir(
     written.append(_write_json(out / "config.json", cfg))
     written.append(_write_json(out / "generation_config.json", generation_config(config)))
     if tokenizer is not None:
-        from gemma2_convert.tokenizer import write_hf_tokenizer
+        from gemma2_convert.formats.tokenizer.spm import write_hf_tokenizer
 
         written += write_hf_tokenizer(tokenizer, out)
     written.append(_write_json(out / "gemma2_convert.json", {"converter": f"gemma2-convert {__version__}",

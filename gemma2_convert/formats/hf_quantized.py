@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemma2_convert.errors import FormatError, UnsupportedError
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.errors import FormatError, UnsupportedError
+from gemma2_convert.core.lazy import LazyTensor
 from quant.compressed_tensors import QUANT_METHOD, read_compressed
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma2_convert.errors import FormatError, UnsupportedError, check_names, name_list
+from gemma2_convert.core.errors import FormatError, UnsupportedError, check_names, name_list
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.zarr_check import check_chunks
-from gemma2_convert.lazy import LazyTensor, Shape
+from gemma2_convert.core.lazy import LazyTensor, Shape
 
 METADATA = "_METADATA"
 MANIFEST = "manifest.ocdbt"
@@ -283,7 +283,7 @@ def open_arrays(d: Path, meta: TreeMetadata) -> dict[str, OrbaxArray]:
 def _tokenizer_pieces(tok: Path | None) -> int | None:
     if tok is None:
         return None
-    from gemma2_convert.tokenizer import read_spm
+    from gemma2_convert.formats.tokenizer.spm import read_spm
 
     return len(read_spm(tok).pieces)
 
@@ -304,7 +304,7 @@ def read_arrays(path: Path) -> tuple[Path, dict[str, OrbaxArray], fm.FlaxDims]:
                  "directory holding tokenizer.model and one", _detect)
 def open_orbax(path: Path, options: ShapeOptions | None = None, tokenizer: str | Path | None = None,
                **_: object) -> Checkpoint:
-    from gemma2_convert.tokenizer import find_tokenizer
+    from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 
     d, arrays, dims = read_arrays(Path(path))
     opts = options or ShapeOptions()

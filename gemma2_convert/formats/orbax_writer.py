@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma2_convert.errors import TensorMismatchError, check_names
+from gemma2_convert.core.errors import TensorMismatchError, check_names
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.gemma_pytorch import check_shapes
 from gemma2_convert.formats.orbax import METADATA, _tensorstore
-from gemma2_convert.lazy import LazyTensor, Shape
-from gemma2_convert.output import atomic_output
+from gemma2_convert.core.lazy import LazyTensor, Shape
+from gemma2_convert.formats.output import atomic_output
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gemma2_convert.errors import ConfigError, TensorMismatchError
+from gemma2_convert.core.errors import ConfigError, TensorMismatchError
 from reference.config import PRESETS, Gemma2Config
 
 VARIANTS = ("2b", "9b", "27b")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma2_convert.errors import UnknownFormatError, UnsupportedError
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.errors import UnknownFormatError, UnsupportedError
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 
 

@@ -19,12 +19,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from gemma2_convert.errors import ConfigError, FormatError, check_names
+from gemma2_convert.core.errors import ConfigError, FormatError, check_names
 from gemma2_convert.formats.gemma_pytorch import orig_names, to_hf
 from gemma2_convert.formats.hf import config_for_output, drop_tied_head
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.safetensors import SafetensorsFile, write_safetensors
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 
 CONFIG_KEY = "gemma2.config"
@@ -72,7 +72,7 @@ def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
         drop_tied_head(tensors, cfg)
     else:
         raise FormatError(f"__metadata__ {NAMES_KEY!r} is {names!r}; expected one of {', '.join(NAMES)}", path)
-    from gemma2_convert.tokenizer import find_tokenizer
+    from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 
     return Checkpoint("safetensors", path, cfg, tensors, find_tokenizer(path), dict(f.metadata))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gemma2_convert.errors import FormatError
+from gemma2_convert.core.errors import FormatError
 
 ZIP_MAGIC = b"PK\x03\x04"
 

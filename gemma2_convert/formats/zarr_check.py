@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gemma2_convert.errors import FormatError, name_list
+from gemma2_convert.core.errors import FormatError, name_list
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEAD = 18

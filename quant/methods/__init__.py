@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemma2_convert.errors import UnsupportedError
+from gemma2_convert.core.errors import UnsupportedError
 from quant.spec import QuantSpec
 
 Quantizer = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]

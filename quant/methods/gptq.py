@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from gemma2_convert.errors import ConversionError
+from gemma2_convert.core.errors import ConversionError
 from quant.methods import register_quantizer
 from quant.methods.mse import mse
 from quant.qparams import choose_qparams, group_len, qrange, scale_dtype_for

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gemma2_convert.lazy import LazyTensor
+from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 
 CFG = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -70,7 +70,7 @@ class Case:
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
-    from gemma2_convert.synthetic import random_tensors
+    from gemma2_convert.formats.synthetic import random_tensors
 
     return {k: v.load() for k, v in random_tensors(CFG, seed, torch.float32).items()}
 
@@ -78,9 +78,9 @@ def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 def build_good(root: Path) -> Good:
     from gemma2_convert.formats.hf import write_hf_dir
     from gemma2_convert.formats.single_safetensors import write_single_safetensors
-    from gemma2_convert.gguf_convert import to_gguf
-    from gemma2_convert.testing import write_orig_ckpt, write_orig_sharded
-    from gemma2_convert.tiny_tokenizer import make_tiny_spm
+    from gemma2_convert.pipeline.gguf import to_gguf
+    from gemma2_convert.formats.testing import write_orig_ckpt, write_orig_sharded
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 
     root.mkdir(parents=True, exist_ok=True)
     tok = make_tiny_spm(root / "tokenizer.model", CFG.vocab_size)

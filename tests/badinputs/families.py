@@ -165,7 +165,7 @@ def _gguf_lies(d: Path, g: Good) -> list[Case]:
 def _pickles(d: Path, g: Good) -> list[Case]:
     import pickle
 
-    from gemma2_convert.testing import orig_state_dict
+    from gemma2_convert.formats.testing import orig_state_dict
 
     marker = d / "PWNED"
     evil_dir, legacy_dir, hf_names_dir, junk_dir, zip_dir, nt_dir, other_dir = (d / n for n in (
@@ -231,8 +231,8 @@ def _indexes(d: Path, g: Good) -> list[Case]:
 
 
 def _nonfinite(d: Path, g: Good) -> list[Case]:
-    from gemma2_convert.formats.gguf_reader import GGUFFile
-    from gemma2_convert.testing import write_orig_ckpt
+    from gemma2_convert.formats.gguf.reader import GGUFFile
+    from gemma2_convert.formats.testing import write_orig_ckpt
 
     hf = d / "hf-nan"
     shutil.copytree(g.hf, hf)

@@ -82,13 +82,13 @@ def _run(req: dict, entry: dict) -> dict:
 
 
 def main() -> None:
-    from gemma2_convert.cli import main as convert_main
-    from quant.cli import main as quantize_main
-    import gemma2_convert.convert  # noqa: F401  (everything a command imports lazily, imported once here)
-    import gemma2_convert.gguf_convert  # noqa: F401
-    import gemma2_convert.inspect  # noqa: F401
-    import gemma2_convert.quantize  # noqa: F401
-    import gemma2_convert.tokenizer  # noqa: F401  (imported once here, not in every child)
+    from gemma2_convert.cli.main import main as convert_main
+    from gemma2_convert.cli.quantize import main as quantize_main
+    import gemma2_convert.pipeline.convert  # noqa: F401  (everything a command imports lazily, imported once here)
+    import gemma2_convert.pipeline.gguf  # noqa: F401
+    import gemma2_convert.pipeline.inspect  # noqa: F401
+    import gemma2_convert.pipeline.quantize  # noqa: F401
+    import gemma2_convert.formats.tokenizer.spm  # noqa: F401  (imported once here, not in every child)
     import reference  # noqa: F401
     import rich.progress  # noqa: F401
     try:  # the Orbax reader's lazy import: tens of MB that would count as the child's growth

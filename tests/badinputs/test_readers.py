@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gemma2_convert.errors import ConversionError
+from gemma2_convert.core.errors import ConversionError
 from gemma2_convert.formats import READERS
 from gemma2_convert.formats.orig_config import ShapeOptions
 from tests.badinputs.runner import REPO

@@ -1,0 +1,116 @@
+"""The ``gemma2-quantize`` command: parse options, call ``gemma2_convert.pipeline.quantize``, print the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from gemma2_convert import __version__
+from gemma2_convert.cli.errors import GuardedCommand, quick_exit
+
+
+def _group(value: str) -> int | None | str:
+    if value == "auto":
+        return "auto"
+    if value == "channel":
+        return None
+    if value in ("32", "64", "128", "256"):
+        return int(value)
+    raise click.BadParameter(f"{value!r}; use 32, 64, 128, 256, channel or auto")
+
+
+@click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gemma2-quantize")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.Choice(["8", "4"]), default="4", show_default=True, help="Weight bits.")
+@click.option("--group-size", default="auto", show_default=True,
+              help="Columns sharing one scale: 32, 64, 128, 256, or 'channel' (one per output row). "
+                   "auto: 128 for --format hf, 32 for --format gguf.")
+@click.option("--scheme", type=click.Choice(["sym", "asym"]), default="sym", show_default=True,
+              help="Symmetric (scale only) or asymmetric (scale + zero point).")
+@click.option("--method", type=click.Choice(["rtn", "mse", "hqq", "gptq"]), default="mse", show_default=True,
+              help="rtn: min/max; mse: least-squares scale search; hqq: half-quadratic zero-point fit; "
+                   "gptq: Hessian-based error feedback, calibrated on --calibration text.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: compressed-tensors pack-quantized directory (transformers, vLLM); gguf: llama.cpp file.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text for gptq calibration (default: a built-in sample; longer is better).")
+@click.option("--eval", "eval_text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 held-out text for the quality report (default: a built-in sample).")
+@click.option("--embedding", type=click.Choice(["keep", "int8", "int4", "q6_k"]), default="keep", show_default=True,
+              help="The tied embedding is also the output head: keep it (default) or quantize it; q6_k "
+                   "(--format gguf only) is llama.cpp's own choice for it in Q4_0/Q4_1 files.")
+@click.option("--verify/--no-verify", "verify_output", default=True, show_default=True,
+              help="Compare against the source with the reference model; on failure the output is removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Quantize weights holding NaN/Inf with a warning, instead of refusing them with an error.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: str, fmt: str,
+        calibration: Path | None, eval_text: Path | None, embedding: str, verify_output: bool, as_json: bool,
+        force: bool, quiet: bool, allow_nonfinite: bool, debug: bool) -> None:
+    """Quantize the Gemma 2 checkpoint SRC (HF dir, original checkpoint, safetensors, GGUF F32/F16/BF16)
+    to int8 / int4 into OUT, and report its quality against SRC.
+
+    \b
+    Examples:
+      gemma2-quantize ./gemma-2-2b-hf ./gemma-2-2b-int4 --bits 4
+      gemma2-quantize ./gemma-2-2b-hf gemma-2-2b-q4.gguf --format gguf --method mse
+      gemma2-quantize model.ckpt ./int4-gptq --method gptq --calibration wiki.txt --eval held-out.txt
+    """
+    from gemma2_convert.cli.console import verify_progress
+    from gemma2_convert.formats import open_checkpoint
+    from gemma2_convert.formats.output import check_output
+    from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+
+    opts = QuantizeOptions(int(bits), _group(group_size), scheme == "sym", method, fmt, embedding,
+                           calibration, eval_text, verify_output, force, allow_nonfinite)
+    check_output(out, force, [src])  # before reading anything
+    ckpt = open_checkpoint(src)
+    with verify_progress(ckpt.nbytes, quiet or as_json, label="quantizing") as bar:
+        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.tensor, on_layer=bar.layer, warn=_warn)
+    print_result(res, as_json)
+
+
+def _warn(message: str) -> None:
+    from gemma2_convert.cli.errors import warn
+
+    warn(message)
+
+
+def print_result(res, as_json: bool) -> None:
+    from gemma2_convert.cli.console import human_bytes, out, table
+
+    stats = sorted(res.stats, key=lambda s: s.sqnr_db)
+    if as_json:
+        click.echo(json.dumps({"output": str(res.out), "format": res.format, "quantized": res.quantized,
+                               "kept": res.kept, "source_bytes": res.source_bytes, "output_bytes": res.output_bytes,
+                               "quality": res.quality, "tensors": [s.__dict__ for s in stats]}, indent=2))
+        return
+    out.print(table(f"gemma2-quantize → {res.out}", ["tensor", "spec", "SQNR dB", "rel. RMSE"],
+                    [(s.name, s.spec, f"{s.sqnr_db:.2f}", f"{s.rel_rmse:.4f}") for s in stats[:8]]
+                    + ([("…", f"{len(stats) - 8} more", "", "")] if len(stats) > 8 else [])))
+    rows = [("tensors quantized / kept", f"{res.quantized} / {res.kept}"),
+            ("size", f"{human_bytes(res.source_bytes)} → {human_bytes(res.output_bytes)}")]
+    q = res.quality
+    if q:
+        rows += [("mean KL (source ‖ quantized)", f"{q['mean_kl']:.5f}"), ("top-1 agreement", f"{q['top1']:.2%}"),
+                 ("perplexity source / quantized", f"{q['ppl_a']:.3f} / {q['ppl_b']:.3f}"),
+                 ("eval tokens", q["tokens"]),
+                 ("reference weight memory", f"{human_bytes(q['weights_bytes_packed'])} packed vs "
+                                             f"{human_bytes(q['weights_bytes_dense_fp32'])} dense fp32")]
+    out.print(table("quality", ["", ""], rows))
+
+
+def main() -> None:
+    quick_exit()
+    cli(prog_name="gemma2-quantize")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""``gemma2-quantize --format gguf``: our methods' scales and codes, written as stock GGUF blocks.
+
+Spec → ggml type: 8 bits → Q8_0; 4 bits in groups of 32 → Q4_0 (symmetric) or Q4_1 (asymmetric);
+4 bits in other groups → Q4_K (its 32-element sub-blocks under 256-element super-blocks, chosen by
+llama.cpp's imatrix search with our activation importance). The method (rtn / mse / hqq / gptq)
+picks fp16 scales and integer codes; the blocks decode with llama.cpp's own dequantization, so the
+gain comes from better scales, not a new format (../shared/spec/QUANT_FORMATS.md §1.1–1.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gemma2_convert.formats.gguf.names import is_query, query_fold_ratio
+from gemma2_convert.formats.gguf.values import string
+from gemma2_convert.formats.gguf.writer import TensorPlan
+from gemma2_convert.formats.registry import Checkpoint
+from gemma2_convert.formats.gguf.mix import TypeChoice
+from quant import jit
+from quant.gguf_codec import dequantize_tensor, quantize_tensor
+from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q8_0
+from quant.metrics import BLOCK_ELEMENTS, error_sums, rel_rmse_from_sums
+from quant.policy import EMBEDDING_NAMES
+from quant.spec import QuantSpec
+
+K_QUANTIZATION = "gemma2_convert.quantization"
+FILE_TYPE_KEYS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
+
+
+def gguf_type_for(spec: QuantSpec) -> str:
+    if spec.bits == 8:
+        return "Q8_0"
+    if spec.group_size == 32:
+        return "Q4_0" if spec.symmetric else "Q4_1"
+    return "Q4_K"
+
+
+def keep_type(dtype: torch.dtype) -> str:
+    """A tensor the policy keeps: its own float type (F32 for anything else)."""
+    return {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
+
+
+def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str, w: torch.Tensor,
+           keep_codes: bool = False) -> torch.Tensor:
+    """Signed codes ``q [rows, cols]`` (int8), fp16 scales ``s [rows, cols/32]`` and zeros → block bytes.
+
+    Q4_1 stores ``x = d·u + m`` with u ∈ [0, 15]: ``d = s``, ``m = -s·(z + 8)``; m is rounded to fp16,
+    so the codes are re-rounded against the stored d and m (optimal per weight given them) — unless
+    ``keep_codes``: GPTQ's codes carry the error feedback of earlier columns, and re-rounding the
+    original weights would undo it, so they are kept (``u = q + 8``)."""
+    rows, cols = q.shape
+    qb = q.reshape(rows, cols // 32, 32)  # [rows, nb, 32]
+    d = s.to(torch.float16)  # [rows, nb]
+    if qtype == "Q8_0":
+        return pack_q8_0(d, qb)
+    if qtype == "Q4_0":
+        return pack_q4_0(d, (qb.to(torch.int16) + 8).to(torch.uint8))
+    m = (-d.float() * (z.float() + 8)).to(torch.float16)  # [rows, nb]
+    if keep_codes:
+        return pack_q4_1(d, m, (qb.to(torch.int16) + 8).to(torch.uint8))
+    x = w.float().reshape(rows, cols // 32, 32)
+    u = torch.round((x - m.float()[..., None]) / d.float().clamp_min(1e-30)[..., None]).clamp(0, 15)
+    u = torch.where(d.float()[..., None] > 0, u, torch.zeros_like(u))
+    return pack_q4_1(d, m, u.to(torch.uint8))
+
+
+def make_planner(specs: dict[str, QuantSpec | None], mq,
+                 embedding: str = "keep") -> Callable[[Checkpoint, str], tuple[list, list]]:
+    """A ``gguf_convert.plan_tensors`` replacement whose quantized tensors carry our block encoders;
+    ``embedding='q6_k'``: the tied embedding as Q6_K by llama.cpp's reference quantizer."""
+    from gemma2_convert.pipeline.gguf import plan_tensors
+
+    def planner(ckpt: Checkpoint, key: str) -> tuple[list[TensorPlan], list[TypeChoice]]:
+        base, _ = plan_tensors(ckpt, "f32")
+        ratio = query_fold_ratio(ckpt.config)
+        plans, choices = [], []
+        hf_names = {p.name: n for n, p in zip(_hf_order(ckpt), base)}
+        for p in base:
+            hf = hf_names[p.name]
+            spec = specs.get(hf)
+            if spec is None and embedding == "q6_k" and hf in EMBEDDING_NAMES:
+                plans.append(TensorPlan(p.name, p.source, "Q6_K", p.transform))
+                choices.append(TypeChoice(p.name, "Q6_K", "output head"))
+                continue
+            if spec is None:
+                qtype = "F32" if p.qtype == "F32" and (p.transform is not None or len(p.source.shape) == 1) \
+                    else keep_type(p.source.dtype)
+                plans.append(TensorPlan(p.name, p.source, qtype, p.transform))
+                choices.append(TypeChoice(p.name, qtype, "kept"))
+                continue
+            qtype = gguf_type_for(spec)
+            fold = ratio if is_query(hf) else 1.0
+            plans.append(TensorPlan(p.name, p.source, qtype, p.transform, _encoder(hf, spec, qtype, mq, fold)))
+            choices.append(TypeChoice(p.name, qtype, ""))
+        return plans, choices
+
+    return planner
+
+
+def _hf_order(ckpt: Checkpoint) -> list[str]:
+    from gemma2_convert.pipeline.gguf import tensor_order
+
+    return tensor_order(ckpt)
+
+
+def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Block bytes for one tensor: ``rtn`` is llama.cpp's reference quantizer; ``mse`` llama.cpp's
+    importance-weighted search (Q4_0 / Q4_1 / Q4_K ``_impl`` paths) fed our activation importance;
+    ``hqq`` / ``gptq`` write their own fp16 scales and codes."""
+
+    def encode(w: torch.Tensor) -> torch.Tensor:  # w: float32 [rows, cols], query fold applied
+        if qtype == "Q4_K" or spec.method in ("rtn", "mse"):
+            qw = mq.importance.get(hf)
+            if spec.method == "mse" and qw is None:
+                qw = torch.ones(w.shape[1])
+            data = quantize_tensor(w, qtype, quant_weights=qw if spec.method != "rtn" else None)
+        else:
+            q, s, z = mq.codes(hf, w, torch.float16, gptq_scale=fold, record=False)
+            data = blocks(q, s, z, qtype, w, keep_codes=spec.method == "gptq")
+        mq.record_error(hf, f"{spec.label()}→{qtype}", block_error(w, data, qtype))
+        return data
+
+    return encode
+
+
+def block_error(w: torch.Tensor, data: torch.Tensor, qtype: str) -> float:
+    """Relative RMSE of ``w [rows, cols]`` against its ``qtype`` bytes, decoded a block of rows at a time (no
+    float copy of the whole tensor: a 27B ``gate_proj`` is 170 M values), the blocks on every CPU (torch
+    kernels release the GIL; the GGUF writer keeps torch itself to one thread)."""
+    rows, cols = w.shape
+    raw = data.reshape(rows, -1)
+    step = max(1, BLOCK_ELEMENTS // cols)
+    starts = range(0, rows, step)
+    sums: list[tuple[float, float]] = [(0.0, 0.0)] * len(starts)
+
+    def one(k: int) -> None:
+        i = starts[k]
+        sums[k] = error_sums(w[i:i + step], dequantize_tensor(raw[i:i + step], qtype, (min(step, rows - i), cols)))
+
+    jit.parallel_for(one, range(len(starts)), jit.default_threads(), "block-error")
+    return rel_rmse_from_sums(sums)
+
+
+def main_type(specs: dict[str, QuantSpec | None]) -> str:
+    """The ``--type`` key for ``general.file_type``: the type most quantized tensors get."""
+    types = [gguf_type_for(s) for s in specs.values() if s is not None]
+    return FILE_TYPE_KEYS[max(set(types), key=types.count)]
+
+
+def write_gguf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq, opts,
+                         on_tensor: Callable[[str, int], None] | None = None) -> None:
+    """Write ``ckpt`` as a GGUF whose quantized tensors come from ``mq`` (a ``quantize.ModuleQuantizer``)."""
+    from gemma2_convert.pipeline.gguf import write_checkpoint_gguf
+
+    if ckpt.config.head != "causal_lm":
+        from gemma2_convert.core.errors import UnsupportedError
+
+        raise UnsupportedError(f"llama.cpp's gemma2 has no {ckpt.config.head} head; use --format hf", ckpt.path)
+    label = next(s for s in specs.values() if s is not None).label()
+    write_checkpoint_gguf(ckpt, out, type_name=main_type(specs), verify_output=False, force=True, quiet=True,
+                          planner=make_planner(specs, mq, opts.embedding), extra_metadata=[(K_QUANTIZATION, string(label))],
+                          allow_nonfinite=opts.allow_nonfinite)

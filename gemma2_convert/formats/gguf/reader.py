@@ -1,0 +1,136 @@
+"""The ``gguf`` reader: a gemma2 GGUF (ours or llama.cpp's) as the canonical checkpoint.
+
+The file is parsed and validated by ``gguf_file.GGUFFile``; here the tensors get their HF names
+back, norms their zero-centred values (−1, plus the float32 low bits our writer records),
+``attn_q`` its true scale (÷ the recorded fold), and the config comes from the metadata. Tensors
+are dequantized lazily from the mapped file: F32/F16/BF16 are zero-copy views.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError, name_list
+from gemma2_convert.formats.gguf.metadata import (K_HF_CONFIG, K_NORM_RESIDUAL, K_QUERY_FOLD, K_SOURCE_DTYPE,
+                                                  K_TOKENIZER_MODEL, PREFIX, config_from_metadata)
+from gemma2_convert.formats.gguf.names import ARCH, hf_name, is_norm, is_query, sub_one, unfold_query
+from gemma2_convert.formats.gguf.file import GGUFFile, TensorInfo
+from gemma2_convert.formats.gguf.values import GGUF_MAGIC
+from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.core.lazy import LazyTensor
+from quant.gguf_codec import dequantize_tensor
+from quant.gguf_types import GGML_TYPES
+
+_FLOAT_VIEWS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _is_gguf(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def dequantize(f: GGUFFile, info: TensorInfo) -> torch.Tensor:
+    """The stored tensor in PyTorch layout: a zero-copy view for F32/F16/BF16, else float32."""
+    raw = f.raw(info.name)
+    if info.type_name in _FLOAT_VIEWS:
+        return torch.from_numpy(raw).view(_FLOAT_VIEWS[info.type_name]).reshape(info.shape)
+    if info.type_name in GGML_TYPES:
+        return dequantize_tensor(torch.from_numpy(raw), info.type_name, info.shape)
+    import gguf  # types we do not write (Q2_K, Q3_K, IQ*): gguf-py's numpy dequantizers
+
+    qtype = gguf.GGMLQuantizationType(info.type_id)
+    return torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32)).reshape(info.shape)
+
+
+def stored_dtype(info: TensorInfo) -> torch.dtype:
+    return _FLOAT_VIEWS.get(info.type_name, torch.float32)
+
+
+def _canonical(f: GGUFFile, info: TensorInfo, hf: str, fold: float, source_dtype: torch.dtype | None) -> LazyTensor:
+    """Undo the GGUF transforms lazily: −1 (+ recorded low bits) on norms, ÷fold on q_proj."""
+    shape = info.shape
+    if is_norm(hf):
+        residual = f.kv.get(K_NORM_RESIDUAL + info.name)
+        if residual is not None and len(residual) != math.prod(shape):
+            raise FormatError(f"{K_NORM_RESIDUAL + info.name} has {len(residual)} values for a tensor of "
+                              f"{math.prod(shape)}", f.path)
+
+        def norm() -> torch.Tensor:
+            w = sub_one(dequantize(f, info))
+            return w if residual is None else w + torch.tensor(residual, dtype=torch.float32).reshape(shape)
+
+        return LazyTensor(shape, torch.float32, norm)
+    if is_query(hf) and fold != 1.0:
+        exact_dtype = source_dtype if info.type_name == "F32" and source_dtype in (torch.bfloat16, torch.float16) else None
+
+        def query() -> torch.Tensor:
+            q = unfold_query(dequantize(f, info), fold)
+            return q if exact_dtype is None else q.to(exact_dtype).float()  # back onto the source grid
+
+        return LazyTensor(shape, torch.float32, query)
+    return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info))
+
+
+def _source_dtype(f: GGUFFile) -> torch.dtype | None:
+    name = f.kv.get(K_SOURCE_DTYPE)
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
+
+
+def _tensors(f: GGUFFile, fold: float) -> dict[str, LazyTensor]:
+    unknown = []
+    out: dict[str, LazyTensor] = {}
+    for name, info in f.tensors.items():
+        try:
+            hf = hf_name(name)
+        except TensorMismatchError:
+            unknown.append(name)
+            continue
+        out[hf] = _canonical(f, info, hf, fold, _source_dtype(f))
+    if unknown:
+        raise TensorMismatchError(f"{len(unknown)} tensor(s) that a Gemma 2 GGUF does not have: "
+                                  f"{name_list(unknown)}", f.path)
+    return out
+
+
+def _check_vocab(f: GGUFFile) -> int:
+    """Embedding rows, checked against the vocabulary length."""
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise TensorMismatchError("no token_embd.weight tensor", f.path)
+    rows = embd.shape[0]
+    tokens = f.kv.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != rows:
+        raise FormatError(f"the vocabulary has {len(tokens)} tokens but token_embd.weight has {rows} rows; "
+                          "llama.cpp refuses this file. Rebuild it with the tokenizer that belongs to the "
+                          "model", f.path)
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in f.kv and tokens is not None and len(f.kv[key]) != len(tokens):
+            raise FormatError(f"{key} has {len(f.kv[key])} entries for {len(tokens)} tokens", f.path)
+    return rows
+
+
+@register_reader("gguf", "a llama.cpp GGUF file of architecture gemma2", _is_gguf)
+def open_gguf(path: Path, **_: object) -> Checkpoint:
+    f = GGUFFile(path)
+    arch = f.kv.get("general.architecture")
+    if arch != ARCH:
+        raise UnsupportedError(f"GGUF architecture is {arch!r}; only {ARCH!r} (Gemma 2) is supported", path)
+    cfg = config_from_metadata(f.kv, _check_vocab(f), str(path))
+    fold = float(f.kv.get(K_QUERY_FOLD, 1.0))
+    if not math.isfinite(fold) or fold <= 0:
+        raise FormatError(f"{K_QUERY_FOLD} is {fold}, expected a positive factor", path)
+    types = sorted({i.type_name for i in f.tensors.values()})
+    meta = {"gguf_version": str(f.version), "tensor_types": ", ".join(types),
+            "file_type": str(f.kv.get("general.file_type", "?"))}
+    meta.update({k.removeprefix(PREFIX): str(v) for k, v in f.kv.items()
+                 if k.startswith(PREFIX) and not k.startswith(K_NORM_RESIDUAL) and k not in (K_HF_CONFIG, K_TOKENIZER_MODEL)})
+    return Checkpoint("gguf", path, cfg, _tensors(f, fold), None, meta)
+
+
+__all__ = ["GGUFFile", "TensorInfo", "dequantize", "open_gguf"]

@@ -1,0 +1,251 @@
+"""``gemma2-quantize``: int8 / int4 group-wise quantization of any checkpoint the project reads.
+
+Stream: source tensors (lazy) → policy predicate → method (rtn / mse / hqq / gptq) → packed tensors
+→ writer, one module at a time. GPTQ's calibration runs layer by layer as the writer asks for each
+layer (``calibrate.SequentialGPTQ``). The output is written to a temporary sibling, verified against
+the source with the reference model (``quality.py``) and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from gemma2_convert.core.errors import ConversionError, UnsupportedError
+from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
+from gemma2_convert.core.lazy import LazyTensor
+from quant.metrics import db_from_rel_rmse, rel_rmse
+from quant.methods import quantize_weight
+from quant.policy import default_policy
+from quant.qparams import dequantize, scale_dtype_for
+from quant.spec import QuantSpec
+
+FORMATS = ("hf", "gguf")
+DEFAULT_GROUP = {"hf": 128, "gguf": 32}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    bits: int = 4
+    group_size: int | None | str = "auto"
+    """Columns per scale; None = one per output channel; 'auto' = 128 for hf, 32 for gguf."""
+    symmetric: bool = True
+    method: str = "mse"
+    format: str = "hf"
+    embedding: str = "keep"
+    calibration: Path | None = None
+    eval_text: Path | None = None
+    verify: bool = True
+    force: bool = False
+    allow_nonfinite: bool = False
+    """Quantize NaN/Inf weights with a warning instead of failing."""
+
+    def group(self) -> int | None:
+        return DEFAULT_GROUP[self.format] if self.group_size == "auto" else self.group_size  # type: ignore[return-value]
+
+
+@dataclass
+class TensorStat:
+    name: str
+    spec: str
+    sqnr_db: float
+    rel_rmse: float
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    format: str
+    quantized: int = 0
+    kept: int = 0
+    source_bytes: int = 0
+    output_bytes: int = 0
+    stats: list[TensorStat] = field(default_factory=list)
+    quality: dict = field(default_factory=dict)
+
+
+def layer_order(name: str) -> tuple[int, str]:
+    """Embedding first, then layer by layer, then the rest (what GPTQ's sequential calibration needs)."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1, name
+    return (0, name) if "embed" in name else (1 << 30, name)
+
+
+def plan_specs(ckpt: Checkpoint, opts: QuantizeOptions) -> dict[str, QuantSpec | None]:
+    """The policy's verdict for every tensor (shape errors raised up front, before any work, naming the file)."""
+    try:
+        return {
+            name: default_policy(name, t.shape, bits=opts.bits, group_size=opts.group(), symmetric=opts.symmetric,
+                                 method=opts.method, embedding=opts.embedding)
+            for name, t in ckpt.tensors.items()
+        }
+    except ConversionError as e:
+        if e.path is not None:
+            raise
+        raise type(e)(str(e), ckpt.path) from None
+
+
+class ModuleQuantizer:
+    """Quantizes each weight once, when the writer first asks for one of its stored tensors."""
+
+    def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], stats: list[TensorStat],
+                 gptq: Callable[[str], tuple] | None = None,
+                 importance: dict[str, torch.Tensor] | None = None) -> None:
+        self.ckpt, self.specs, self.stats, self.gptq = ckpt, specs, stats, gptq
+        self.importance = importance or {}
+        self._last: tuple[str, tuple] | None = None
+
+    def codes(self, name: str, w: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
+              gptq_scale: float = 1.0, record: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, scale, zero) for weight ``name`` (or the given transformed ``w``); the latest result
+        is kept for its sibling tensors. ``gptq_scale`` rescales GPTQ scales when ``w`` was rescaled."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        spec = self.specs[name]
+        w = self.ckpt.tensors[name].load() if w is None else w
+        sd = scale_dtype or scale_dtype_for(w.dtype)
+        if spec.method == "gptq" and self.gptq is not None:
+            q, s, z = self.gptq(name)
+            s = (s.float() * gptq_scale).to(sd)
+        else:
+            q, s, z = quantize_weight(w, spec, name=name, importance=self.importance.get(name), scale_dtype=sd)
+        if record:
+            self.record(name, spec.label(), w, dequantize(q, s, z))
+        self._last = (name, (q, s, z))
+        return q, s, z
+
+    def record(self, name: str, label: str, w: torch.Tensor, approx: torch.Tensor) -> None:
+        self.record_error(name, label, rel_rmse(w, approx))  # in float64 blocks: no full-size copy of either
+
+    def record_error(self, name: str, label: str, e: float) -> None:
+        """Record a tensor's relative RMSE ``e`` (and its SQNR) for the quality report."""
+        self.stats.append(TensorStat(name, label, db_from_rel_rmse(e), e))
+
+
+def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
+                     mq: ModuleQuantizer) -> list[tuple[str, LazyTensor]]:
+    """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
+    from quant.compressed_tensors import pack_quantized, packed_layout
+
+    items: list[tuple[str, LazyTensor]] = []
+    for name in sorted(ckpt.tensors, key=layer_order):
+        lt, spec = ckpt.tensors[name], specs[name]
+        if spec is None:
+            items.append((name, lt))
+            continue
+        prefix = name.removesuffix(".weight")
+        layout = packed_layout(prefix, lt.shape, spec, scale_dtype_for(lt.dtype))
+        for part, (shape, dtype) in layout.items():
+            def load(part: str = part, name: str = name, prefix: str = prefix, spec: QuantSpec = spec):
+                return pack_quantized(prefix, *mq.codes(name), spec)[part]
+            items.append((part, LazyTensor(shape, dtype, load)))
+    return items
+
+
+def write_hf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: ModuleQuantizer,
+                       on_tensor: Callable[[str, int], None] | None = None) -> None:
+    from gemma2_convert import __version__
+    from gemma2_convert.formats.hf import write_hf_dir
+    from quant.compressed_tensors import quantization_config
+
+    # every Linear but lm_head must be listed (kept ones go to `ignore`): decoder projections and a classifier
+    modules = {n.removesuffix(".weight"): s for n, s in specs.items()
+               if s is not None or n.endswith("_proj.weight") or n == "score.weight"}
+    qcfg = quantization_config(modules)
+    write_hf_dir(out, ckpt.config, compressed_items(ckpt, specs, mq), tokenizer=ckpt.tokenizer,
+                 extra_config={"quantization_config": qcfg}, on_tensor=on_tensor,
+                 provenance={"source": str(ckpt.path), "quantized_by": f"gemma2-quantize {__version__}"})
+
+
+def estimate_bytes(ckpt: Checkpoint, specs: dict[str, QuantSpec | None]) -> int:
+    """About what the output takes: packed codes plus a scale (and zero) per group, kept tensors as they are."""
+    total = 0
+    for name, t in ckpt.tensors.items():
+        spec = specs[name]
+        if spec is None:
+            total += t.nbytes
+        else:
+            groups = t.numel // (spec.group_size or t.shape[-1])
+            total += t.numel * spec.bits // 8 + groups * 4 * (1 if spec.symmetric else 2)
+    return total + (1 << 20)
+
+
+def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: QuantizeOptions,
+                        on_tensor: Callable[[str, int], None] | None = None,
+                        warn: Callable[[str], None] = lambda m: None,
+                        on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed). Every
+    weight is checked for NaN/Inf when it is first read (``opts.allow_nonfinite``: a warning).
+    Progress: ``on_tensor(name, nbytes)`` per tensor written, ``on_layer(done, total)`` per decoder layer
+    of the quality report's forward passes."""
+    from gemma2_convert.formats.output import atomic_output, check_free_space, check_output
+    from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
+    from gemma2_convert.formats.weight_check import WeightCheck, checked_once
+
+    if opts.format not in FORMATS:
+        raise UnsupportedError(f"format {opts.format!r}; choose one of {list(FORMATS)}")
+    if opts.embedding == "q6_k" and opts.format != "gguf":
+        raise UnsupportedError("--embedding q6_k is a GGUF type; use --format gguf, or int8 / int4 for --format hf")
+    check_output(Path(out), opts.force, [] if isinstance(src, Checkpoint) else [src])
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    ckpt = replace(ckpt, tensors=checked_once(ckpt.tensors, WeightCheck(opts.allow_nonfinite, warn, ckpt.path)))
+    specs = plan_specs(ckpt, opts)
+    if not any(specs.values()):
+        raise UnsupportedError("no tensor of this checkpoint is quantizable by the policy", ckpt.path)
+    check_free_space(Path(out), estimate_bytes(ckpt, specs))  # before calibration and writing
+    res = QuantizeResult(Path(out), opts.format, sum(s is not None for s in specs.values()),
+                         sum(s is None for s in specs.values()), ckpt.nbytes)
+    gptq = _gptq_engine(ckpt, specs, opts) if opts.method == "gptq" else None
+    importance = _importance(ckpt, specs, opts) if opts.method in ("mse", "hqq") else None
+    mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
+    directory = opts.format == "hf"
+    with atomic_output(out, opts.force, directory=directory, inputs=[ckpt.path]) as tmp:
+        if opts.format == "hf":
+            write_hf_quantized(tmp, ckpt, specs, mq, on_tensor)
+        else:
+            from gemma2_convert.formats.gguf.quantized import write_gguf_quantized
+
+            write_gguf_quantized(tmp, ckpt, specs, mq, opts, on_tensor)
+        res.output_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if directory \
+            else tmp.stat().st_size
+        if opts.verify:
+            from gemma2_convert.pipeline.calibrate import read_text
+
+            text = read_text(opts.eval_text, DEFAULT_EVAL_TEXT)
+            res.quality = quality_report(ckpt, open_checkpoint(tmp), text, on_layer=on_layer)
+            check_quality(res.quality, opts.bits, tmp)
+    return res
+
+
+def _calibration(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
+    from gemma2_convert.pipeline.calibrate import calibration_ids, read_text
+    from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT
+
+    text = read_text(opts.calibration, DEFAULT_EVAL_TEXT)
+    seq_len = min(2 * ckpt.config.sliding_window, ckpt.config.max_position_embeddings, 2048)
+    # gptq needs real calibration text; the activation importance of mse/hqq makes do with the built-in one
+    return calibration_ids(ckpt, text, seq_len, shorter_ok=opts.calibration is None and opts.method != "gptq")
+
+
+def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):
+    from gemma2_convert.pipeline.calibrate import SequentialGPTQ
+
+    layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
+    scale_dtype = torch.float16 if opts.format == "gguf" else None  # GGUF blocks store fp16 scales
+    return SequentialGPTQ(ckpt, layers, _calibration(ckpt, opts), scale_dtype=scale_dtype).result
+
+
+def _importance(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
+                opts: QuantizeOptions) -> dict[str, torch.Tensor] | None:
+    """Activation-weighted error for mse/hqq when calibration text is given (or a tokenizer is there)."""
+    from gemma2_convert.pipeline.calibrate import activation_importance
+
+    if opts.calibration is None and ckpt.tokenizer is None:
+        return None
+    names = {n for n, s in specs.items() if s is not None and "layers." in n}
+    return activation_importance(ckpt, names, _calibration(ckpt, opts))
