@@ -25,9 +25,10 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 def _load(tool: str, src: Path, dtype):
     if tool == "ref":
+        from gemma2_convert.pipeline.load import from_pretrained
         from reference import Gemma2ForCausalLM
 
-        return Gemma2ForCausalLM.from_pretrained(str(src), dtype=dtype, resident=True)
+        return from_pretrained(src, Gemma2ForCausalLM, dtype=dtype, resident=True)
     import transformers
 
     return transformers.Gemma2ForCausalLM.from_pretrained(str(src), dtype=dtype, attn_implementation="eager").eval()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gemma2_convert.core.errors import FormatError, UnsupportedError
+from quant.methods import quantize_weight
 from quant.pack import pack_int32, unpack_int32
 from quant.qparams import dequantize
 from quant.spec import QuantSpec
@@ -67,8 +68,6 @@ def compress_weight(
     importance: Tensor | None = None, **options: Any,
 ) -> dict[str, Tensor]:
     """Quantize ``w [out, in]`` with ``spec.method`` and return its ``pack-quantized`` tensors."""
-    from quant.methods import quantize_weight
-
     q, scale, zero = quantize_weight(
         w, spec, name=f"{prefix}.weight", hessian=hessian, importance=importance, **options
     )

@@ -6,149 +6,19 @@ byte-identical to llama.cpp's ``llama_model_quantize`` (legacy types and K-quant
 imatrix) and to gguf-py's ``gguf.quants.quantize`` (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; F16 too, except
 for NaN payloads). ``dequantize_tensor`` inverts it as ggml's ``dequantize_row_*`` does. Rows are
 processed in chunks so that temporaries stay small; a NaN/inf input or an fp16 scale overflow is an error.
+Everything about a type (block layout, codec functions, fallback) comes from its entry in
+``quant.gguf_types.GGML_TYPES``.
 """
 
 from __future__ import annotations
-
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
-
-from quant import gguf_imatrix as im
-from quant import gguf_kquants as kq
-from quant import gguf_legacy as lg
 from quant import jit
-from quant.gguf_types import GGMLType, ggml_type
-
-CHUNK_ELEMENTS = 1 << 20
-"""Default row-chunk size (elements) for quantization; results do not depend on it."""
-JIT_CHUNK_ELEMENTS = 1 << 20
-"""Row-chunk size for the compiled kernels: one chunk per task of a worker thread."""
-
-
-@dataclass(frozen=True)
-class Codec:
-    """Row-wise quantize/dequantize functions of one GGML type."""
-
-    quantize: Callable[..., Tensor]
-    """``[rows, cols]`` float32 -> ``[rows, row_bytes]`` uint8; takes ``quant_weights=`` if ``imatrix == "used"``."""
-    dequantize: Callable[[Tensor], Tensor]
-    """``[rows, row_bytes]`` uint8 -> ``[rows, cols]`` float32."""
-    scale_offsets: tuple[int, ...] = ()
-    """Byte offsets of the fp16 scales inside a block (checked to be finite after quantization)."""
-    imatrix: str = "ignored"
-    """What an importance matrix does: ``"used"``, ``"ignored"`` (as llama.cpp) or ``"unsupported"`` here."""
-    scales_show_nonfinite: bool = False
-    """A NaN/inf input always yields a non-finite scale in its block (max/min based), so the scale check
-    also catches bad input and the separate input pass is skipped."""
-    chunk_elements: int = CHUNK_ELEMENTS
-    """Rows are quantized this many elements at a time (K-quant searches prefer cache-sized chunks)."""
-    takes_bf16: bool = False
-    """The compiled kernel reads bfloat16 rows as they are: a bfloat16 input is not copied to float32 first."""
-    writes_out: bool = False
-    """The compiled kernel takes ``out=`` (a uint8 ``[rows, row_bytes]`` tensor) and writes its bytes there."""
-    compiled: str | None = None
-    """``"module:function"`` of compiled kernels giving the same bytes (quant/jit.py), used when numba
-    is available and imported on first use: ``function(w)``, and ``function_imatrix(w, quant_weights)``
-    where ``imatrix == "used"`` and the legacy module keeps it apart."""
-
-    def kernel(self) -> tuple[Callable[..., Tensor], int]:
-        """The quantize function to run (``quantize``'s signature) and its row-chunk size in elements."""
-        if self.compiled is None or not jit.available():
-            return self.quantize, self.chunk_elements
-        module_name, name = self.compiled.split(":")
-        module = importlib.import_module(module_name)
-        plain, weighted = getattr(module, name), getattr(module, f"{name}_imatrix", None)
-        if weighted is None:
-            return plain, JIT_CHUNK_ELEMENTS
-
-        def run(w: Tensor, quant_weights: Tensor | None = None, **out: Tensor) -> Tensor:
-            return plain(w, **out) if quant_weights is None else weighted(w, quant_weights)
-
-        return run, JIT_CHUNK_ELEMENTS
-
-
-CODECS: dict[str, Codec] = {}
-
-
-def register_codec(name: str, codec: Codec) -> None:
-    """Add ``codec`` for GGML type ``name``; a second registration of the same name is an error."""
-    if name in CODECS:
-        raise ValueError(f"a codec for {name} is already registered")
-    ggml_type(name)
-    CODECS[name] = codec
-
-
-# ---- float types ------------------------------------------------------------------------------
-
-
-def _f32_bytes(w: Tensor) -> Tensor:
-    return w.to(torch.float32).contiguous().view(torch.uint8)
-
-
-def _f16_bytes(w: Tensor) -> Tensor:
-    return w.to(torch.float32).to(torch.float16).contiguous().view(torch.uint8)
-
-
-def _bf16_bytes(w: Tensor) -> Tensor:
-    """ggml ``fp32_to_bf16``: round to nearest even; a NaN keeps its sign and top bits and is made quiet."""
-    n = w.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
-    quiet = ((n & 0xFFFF0000) | (64 << 16)) >> 16
-    h = torch.where(nan, quiet, rounded)  # [0, 0xFFFF]
-    return (((h + 0x8000) & 0xFFFF) - 0x8000).to(torch.int16).view(torch.uint8)
-
-
-def _view_dequantize(dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-    def dequantize(raw: Tensor) -> Tensor:
-        if dtype == torch.bfloat16:
-            return (raw.contiguous().view(torch.int16).to(torch.int32) << 16).view(torch.float32)
-        return raw.contiguous().view(dtype).to(torch.float32)
-
-    return dequantize
-
-
-register_codec("F32", Codec(_f32_bytes, _view_dequantize(torch.float32)))
-register_codec("F16", Codec(_f16_bytes, _view_dequantize(torch.float16)))
-register_codec("BF16", Codec(_bf16_bytes, _view_dequantize(torch.bfloat16)))
-# Legacy types: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
-# (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
-_LEGACY = {"scales_show_nonfinite": True, "writes_out": True}
-_LEGACY_JIT = "quant.gguf_legacy_jit"
-register_codec("Q8_0", Codec(lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY, takes_bf16=True,
-                             compiled=f"{_LEGACY_JIT}:quantize_q8_0"))
-register_codec("Q4_0", Codec(im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,),
-                             "used", **_LEGACY, compiled=f"{_LEGACY_JIT}:quantize_q4_0"))
-register_codec("Q4_1", Codec(im.with_imatrix(lg.quantize_q4_1, im.quantize_q4_1_imatrix), lg.dequantize_q4_1,
-                             (0, 2), "used", **_LEGACY, compiled=f"{_LEGACY_JIT}:quantize_q4_1"))
-register_codec("Q5_0", Codec(lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY,
-                             compiled=f"{_LEGACY_JIT}:quantize_q5_0"))
-register_codec("Q5_1", Codec(lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY,
-                             compiled=f"{_LEGACY_JIT}:quantize_q5_1"))
-# K-quants: the search passes prefer cache-sized chunks.
-_KQUANT = {"chunk_elements": 1 << 18}
-_KQUANT_JIT = "quant.gguf_kquants_jit"
-register_codec("Q4_K", Codec(kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT,
-                             compiled=f"{_KQUANT_JIT}:quantize_q4_k"))
-register_codec("Q5_K", Codec(kq.quantize_q5_k, kq.dequantize_q5_k, (0, 2), "used", **_KQUANT,
-                             compiled=f"{_KQUANT_JIT}:quantize_q5_k"))
-register_codec("Q6_K", Codec(kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT,
-                             compiled=f"{_KQUANT_JIT}:quantize_q6_k"))
-
-
-# ---- public API ---------------------------------------------------------------------------------
-
-
-def _codec(qtype: str) -> tuple[GGMLType, Codec]:
-    t = ggml_type(qtype)
-    return t, CODECS[t.name]
+from quant.gguf_types import GGML_TYPES, Codec, GGMLType, ggml_type
 
 
 def row_bytes(qtype: str, cols: int) -> int:
@@ -173,14 +43,13 @@ def bytes_for(qtype: str, shape: tuple[int, ...] | list[int] | torch.Size) -> in
 def fallback_type(qtype: str, cols: int) -> str:
     """The type llama.cpp's ``tensor_type_fallback`` stores a row of ``cols`` elements as.
 
-    ``qtype`` itself when ``cols`` is a multiple of its block; otherwise Q4_K -> Q5_0, Q5_K -> Q5_1,
-    Q6_K -> Q8_0, and F16 when even the 32-element fallback (or a 32-block ``qtype``) does not fit.
+    ``qtype`` itself when ``cols`` is a multiple of its block; otherwise the entry's ``fallback`` (Q4_K ->
+    Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), and F16 when that does not fit either (or is F16: the 32-block types).
     """
     t = ggml_type(qtype)
     if cols % t.block_size == 0:
         return t.name
-    smaller = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(t.name, t.name)
-    return smaller if cols % ggml_type(smaller).block_size == 0 else "F16"
+    return t.fallback if cols % ggml_type(t.fallback).block_size == 0 else "F16"
 
 
 def _check_finite(t: Tensor, qtype: str) -> None:
@@ -216,7 +85,7 @@ def _imatrix_kwargs(codec: Codec, qtype: str, cols: int, quant_weights: Tensor |
     if quant_weights is None or codec.imatrix == "ignored":
         return {}
     if codec.imatrix == "unsupported":
-        used = sorted(k for k, c in CODECS.items() if c.imatrix == "used")
+        used = sorted(k for k, t in GGML_TYPES.items() if t.codec.imatrix == "used")
         raise UnsupportedError(
             f"importance-matrix quantization to {qtype} is not implemented; it is for {', '.join(used)}"
         )
@@ -228,7 +97,7 @@ def _imatrix_kwargs(codec: Codec, qtype: str, cols: int, quant_weights: Tensor |
 
 
 def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, threads: int | None = None,
-                    out: Tensor | None = None) -> Tensor:
+                    out: Tensor | None = None, compiled: bool = True) -> Tensor:
     """float ``[..., cols]`` -> uint8 ``[..., row_bytes(qtype, cols)]``, GGML type ``qtype``.
 
     ``quant_weights``: optional per-column importance ``[cols]`` (an imatrix entry, mean of squared
@@ -237,8 +106,11 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
     kernels always run on the calling thread). Callers that already run one quantization per thread
     pass 1. The bytes do not depend on it. ``out``: a contiguous CPU uint8 tensor with as many bytes to
     write the result into (reused buffers spare a fresh allocation's page faults on every call).
+    ``compiled``: run the type's compiled kernel where numba is installed (quant/jit.py; the same bytes);
+    False runs the torch port.
     """
-    gt, codec = _codec(qtype)
+    gt = ggml_type(qtype)
+    codec = gt.codec
     if t.dim() == 0:
         raise ValueError("quantize_tensor needs a tensor with at least one dimension")
     cols = t.shape[-1]
@@ -254,11 +126,11 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
         raise ValueError(f"out must be a contiguous uint8 tensor of {shape[0] * nbytes} bytes")
     else:
         out = out.view(shape)
-    fn, chunk_elements = codec.kernel()
+    fn, chunk_elements = codec.kernel(compiled)
     step = max(1, chunk_elements // cols)
-    compiled = fn is not codec.quantize
-    keep = t.dtype == torch.bfloat16 and codec.takes_bf16 and compiled
-    into = codec.writes_out and compiled
+    kernel = fn is not codec.quantize
+    keep = t.dtype == torch.bfloat16 and codec.takes_bf16 and kernel
+    into = codec.writes_out and kernel
 
     def one(r0: int) -> None:
         rows, dst = rows2d[r0 : r0 + step], out[r0 : r0 + step]
@@ -266,7 +138,7 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
         if res.data_ptr() != dst.data_ptr():
             dst.copy_(res)
 
-    workers = 1 if fn is codec.quantize else threads or jit.default_threads()  # torch ports hold the GIL
+    workers = (threads or jit.default_threads()) if kernel else 1  # the torch ports hold the GIL
     jit.parallel_for(one, range(0, rows2d.shape[0], step), workers, "quantize")
     _check_scales(out, gt, codec.scale_offsets, rows2d)
     return out.reshape(*t.shape[:-1], nbytes)
@@ -274,7 +146,7 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
 
 def dequantize_tensor(data: Tensor | np.ndarray, qtype: str, shape: tuple[int, ...] | list[int] | torch.Size) -> Tensor:
     """Raw bytes of a ``qtype`` tensor -> float32 of ``shape`` (last dim = row)."""
-    gt, codec = _codec(qtype)
+    gt = ggml_type(qtype)
     shape = tuple(int(s) for s in shape)
     if isinstance(data, np.ndarray):  # e.g. a read-only GGUFReader memmap: torch needs a writable array
         data = np.ascontiguousarray(data) if data.flags.writeable else np.array(data)
@@ -286,4 +158,4 @@ def dequantize_tensor(data: Tensor | np.ndarray, qtype: str, shape: tuple[int, .
             f"{gt.name} tensor of shape {list(shape)} needs {expected} bytes, got {raw.numel()}; "
             "the file is truncated or the header lies"
         )
-    return codec.dequantize(raw.reshape(-1, row_bytes(gt.name, shape[-1]))).reshape(shape)
+    return gt.codec.dequantize(raw.reshape(-1, row_bytes(gt.name, shape[-1]))).reshape(shape)

@@ -743,7 +743,7 @@ def _quantize(name: str, w: Tensor, ref: Callable[[Tensor], Tensor], qw: np.ndar
     bytes can depend on where the block sits in the tensor (vectorized body or scalar tail of its
     reductions and element-wise ops), so only the same call on the same tensor reproduces them.
     """
-    if not jit.have_numba():  # pragma: no cover - the codec only calls these when numba is there
+    if not jit.available():  # pragma: no cover - the codec only calls these when numba is there
         res = ref(w)
         return res if out is None else out.copy_(res)
     x = _as_rows(w, keep_bf16=name == "q8_0")

@@ -1,4 +1,15 @@
-"""The GGML tensor types this package reads and writes, and llama.cpp's ``general.file_type`` ids.
+"""The GGML tensor types this package reads and writes (one registry entry each), and llama.cpp's file types.
+
+An entry (:class:`GGMLType`) carries every fact about its type: the ggml name and id, the block layout,
+the codec (:class:`Codec`: quantize/dequantize, scale offsets, what an importance matrix does, the
+compiled kernel), the type llama.cpp falls back to for rows that are not whole blocks, the verification
+bound on a file that stores it, the ``general.file_type`` of a file of that type, and a one-line help.
+The GGUF writer, reader, ``--type`` choices and help, and the verification bounds all read ``GGML_TYPES``.
+
+The entries are registered at the end of this module, one :func:`register_type` statement each, so the
+registry is complete whenever this module is imported. A new type (say IQ4_NL) is one codec module in
+``quant/`` (its ``quantize``/``dequantize`` on ``[rows, cols]``) plus two lines here: its import and its
+``register_type(GGMLType(...))``.
 
 Numbers follow gguf-py ``constants.py`` (``GGMLQuantizationType``, ``GGML_QUANT_SIZES``,
 ``LlamaFileType``) and ``ggml-common.h``; ``tests/test_gguf_quants.py`` checks them against the
@@ -10,14 +21,72 @@ along the contiguous row (ggml ``ne[0]``, the ``in_features`` of a ``[out, in]``
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from gemma2_convert.core.errors import UnsupportedError, name_list
+from quant import gguf_float as fl
+from quant import gguf_imatrix as im
+from quant import gguf_kquants as kq
+from quant import gguf_legacy as lg
+from quant import jit
+
+CHUNK_ELEMENTS = 1 << 20
+"""Default row-chunk size (elements) of the torch quantizers; results do not depend on it."""
+JIT_CHUNK_ELEMENTS = 1 << 20
+"""Row-chunk size for the compiled kernels: one chunk per task of a worker thread."""
+IMATRIX_USES = ("used", "ignored", "unsupported")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Row-wise quantize/dequantize functions of one GGML type."""
+
+    quantize: Callable[..., Tensor]
+    """``[rows, cols]`` float32 -> ``[rows, row_bytes]`` uint8; takes ``quant_weights=`` if ``imatrix == "used"``."""
+    dequantize: Callable[[Tensor], Tensor]
+    """``[rows, row_bytes]`` uint8 -> ``[rows, cols]`` float32."""
+    scale_offsets: tuple[int, ...] = ()
+    """Byte offsets of the fp16 scales inside a block (checked to be finite after quantization)."""
+    imatrix: str = "ignored"
+    """What an importance matrix does: ``"used"``, ``"ignored"`` (as llama.cpp) or ``"unsupported"`` here."""
+    scales_show_nonfinite: bool = False
+    """A NaN/inf input always yields a non-finite scale in its block (max/min based), so the scale check
+    also catches bad input and the separate input pass is skipped."""
+    chunk_elements: int = CHUNK_ELEMENTS
+    """Rows are quantized this many elements at a time (K-quant searches prefer cache-sized chunks)."""
+    takes_bf16: bool = False
+    """The compiled kernel reads bfloat16 rows as they are: a bfloat16 input is not copied to float32 first."""
+    writes_out: bool = False
+    """The compiled kernel takes ``out=`` (a uint8 ``[rows, row_bytes]`` tensor) and writes its bytes there."""
+    compiled: str | None = None
+    """``"module:function"`` of compiled kernels giving the same bytes (quant/jit.py), imported on first
+    use: ``function(w)``, and ``function_imatrix(w, quant_weights)`` where ``imatrix == "used"`` and the
+    module keeps it apart."""
+
+    def kernel(self, compiled: bool = True) -> tuple[Callable[..., Tensor], int]:
+        """The quantize function to run (``quantize``'s signature) and its row-chunk size in elements: the
+        compiled kernel when ``compiled`` is True, the type has one and numba is installed; else ``quantize``."""
+        if not compiled or self.compiled is None or not jit.available():
+            return self.quantize, self.chunk_elements
+        module_name, name = self.compiled.split(":")
+        module = importlib.import_module(module_name)  # deferred: the kernel modules import numba
+        plain, weighted = getattr(module, name), getattr(module, f"{name}_imatrix", None)
+        if weighted is None:
+            return plain, JIT_CHUNK_ELEMENTS
+
+        def run(w: Tensor, quant_weights: Tensor | None = None, **out: Tensor) -> Tensor:
+            return plain(w, **out) if quant_weights is None else weighted(w, quant_weights)
+
+        return run, JIT_CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
 class GGMLType:
-    """One GGML tensor type."""
+    """One GGML tensor type: its layout, its codec, and what the writer, verifier and CLI need to know."""
 
     name: str
     """The ggml type name, e.g. ``"Q4_K"``."""
@@ -27,6 +96,21 @@ class GGMLType:
     """Row elements per block (1 for the float types)."""
     type_size: int
     """Bytes per block."""
+    codec: Codec
+    """How rows are encoded and decoded."""
+    file_type: str
+    """The ``FILE_TYPES`` name a file announces when its matrices are stored in this type."""
+    help: str
+    """One line for ``--help`` and the docs: what the type stores."""
+    fallback: str = "F16"
+    """The type llama.cpp's ``tensor_type_fallback`` stores a row that is not whole blocks as (F16 when
+    that does not fit either; see ``quant.gguf_codec.fallback_type``)."""
+    lossy_bound: tuple[float, float] | None = None
+    """(max mean KL, min top-1 agreement) that verification demands of the reference's logits on a file
+    whose loosest stored type is this one; None: exact (F32). Sanity checks that catch a broken file, not
+    quality gates: about 2-3× llama.cpp's published mean KLD on LLaMA-3-8B (Q8_0 0.0014, Q6_K 0.0055,
+    Q5_K_M 0.011, Q4_0 0.072; QUANT_FORMATS.md §7.1) and above what random tiny models give (Q8_0 2e-4,
+    Q6_K 2e-3, Q5_0 1.1e-2, Q4_0 4.4e-2, all top-1 100 %)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -38,24 +122,6 @@ class GGMLType:
         """True for block-quantized types, False for F32/F16/BF16."""
         return self.block_size > 1
 
-
-GGML_TYPES: dict[str, GGMLType] = {
-    t.name: t
-    for t in (
-        GGMLType("F32", 0, 1, 4),
-        GGMLType("F16", 1, 1, 2),
-        GGMLType("BF16", 30, 1, 2),
-        GGMLType("Q4_0", 2, 32, 18),
-        GGMLType("Q4_1", 3, 32, 20),
-        GGMLType("Q5_0", 6, 32, 22),
-        GGMLType("Q5_1", 7, 32, 24),
-        GGMLType("Q8_0", 8, 32, 34),
-        GGMLType("Q4_K", 12, 256, 144),
-        GGMLType("Q5_K", 13, 256, 176),
-        GGMLType("Q6_K", 14, 256, 210),
-    )
-}
-"""The types handled by ``quant.gguf_codec``, keyed by ggml name."""
 
 FILE_TYPES: dict[str, int] = {
     "ALL_F32": 0,
@@ -72,23 +138,32 @@ FILE_TYPES: dict[str, int] = {
     "MOSTLY_Q6_K": 18,
     "MOSTLY_BF16": 32,
 }
-"""``general.file_type`` values (llama.cpp ``enum llama_ftype`` / gguf-py ``LlamaFileType``)."""
+"""``general.file_type`` values (llama.cpp ``enum llama_ftype`` / gguf-py ``LlamaFileType``); each is also
+known by its name without the ``ALL_`` / ``MOSTLY_`` prefix (``"Q4_K_M"``)."""
 
-_FILE_TYPE_ALIASES: dict[str, str] = {
-    "F32": "ALL_F32",
-    "F16": "MOSTLY_F16",
-    "BF16": "MOSTLY_BF16",
-    "Q4_0": "MOSTLY_Q4_0",
-    "Q4_1": "MOSTLY_Q4_1",
-    "Q8_0": "MOSTLY_Q8_0",
-    "Q5_0": "MOSTLY_Q5_0",
-    "Q5_1": "MOSTLY_Q5_1",
-    "Q4_K_S": "MOSTLY_Q4_K_S",
-    "Q4_K_M": "MOSTLY_Q4_K_M",
-    "Q5_K_S": "MOSTLY_Q5_K_S",
-    "Q5_K_M": "MOSTLY_Q5_K_M",
-    "Q6_K": "MOSTLY_Q6_K",
-}
+GGML_TYPES: dict[str, GGMLType] = {}
+"""The types handled by ``quant.gguf_codec``, keyed by ggml name, in ``--type`` order."""
+
+
+def register_type(t: GGMLType) -> GGMLType:
+    """Add ``t`` to ``GGML_TYPES``; a second type of the same name or ggml id, or an entry that names an
+    unknown file type or fallback, is an error."""
+    for other in GGML_TYPES.values():
+        if t.name == other.name or t.ggml_id == other.ggml_id:
+            raise ValueError(f"GGML type {t.name} (id {t.ggml_id}) clashes with the registered "
+                             f"{other.name} (id {other.ggml_id}); each name and id is registered once")
+    if t.file_type not in FILE_TYPES:
+        raise ValueError(f"{t.name}: file_type {t.file_type!r} is not one of FILE_TYPES; add it there first")
+    fb = GGML_TYPES.get(t.fallback)
+    if t.is_quantized and (fb is None or fb.block_size >= t.block_size):
+        raise ValueError(f"{t.name}: fallback {t.fallback!r} must be a registered type with a smaller block "
+                         f"than {t.block_size}; register it before {t.name}")
+    if t.codec.imatrix not in IMATRIX_USES:
+        raise ValueError(f"{t.name}: codec.imatrix is {t.codec.imatrix!r}; expected one of {IMATRIX_USES}")
+    if any(off + 2 > t.type_size for off in t.codec.scale_offsets):
+        raise ValueError(f"{t.name}: scale offsets {t.codec.scale_offsets} run past the {t.type_size}-byte block")
+    GGML_TYPES[t.name] = t
+    return t
 
 
 def ggml_type(name: str) -> GGMLType:
@@ -102,10 +177,61 @@ def ggml_type(name: str) -> GGMLType:
 
 
 def file_type_id(name: str) -> int:
-    """The ``general.file_type`` id for ``name`` (``"Q4_K_M"`` or ``"MOSTLY_Q4_K_M"``)."""
+    """The ``general.file_type`` id for ``name`` (``"Q4_K_M"`` or ``"MOSTLY_Q4_K_M"``, case-insensitive)."""
+    short = {k.split("_", 1)[1]: k for k in FILE_TYPES}  # "Q4_K_M" -> "MOSTLY_Q4_K_M"
     key = name.upper()
-    key = _FILE_TYPE_ALIASES.get(key, key)
+    key = short.get(key, key)
     if key not in FILE_TYPES:
-        valid = list(FILE_TYPES) + list(_FILE_TYPE_ALIASES)
+        valid = list(FILE_TYPES) + list(short)
         raise UnsupportedError(f"unsupported GGUF file type {name!r}; valid names: {name_list(valid, 40)}")
     return FILE_TYPES[key]
+
+
+# ---- the types ------------------------------------------------------------------------------------
+# Float types: plain casts, no compiled kernel.
+register_type(GGMLType("F32", 0, 1, 4, Codec(fl.quantize_f32, fl.dequantize_f32), "ALL_F32",
+                       "float32, exact for any source"))
+register_type(GGMLType("F16", 1, 1, 2, Codec(fl.quantize_f16, fl.dequantize_f16), "MOSTLY_F16",
+                       "IEEE half float, exact for float16 weights", lossy_bound=(1e-3, 0.95)))
+register_type(GGMLType("BF16", 30, 1, 2, Codec(fl.quantize_bf16, fl.dequantize_bf16), "MOSTLY_BF16",
+                       "bfloat16, exact for bfloat16 weights: Gemma 2's own dtype", lossy_bound=(2e-3, 0.95)))
+# Legacy 32-blocks: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
+# (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
+_LEGACY = {"scales_show_nonfinite": True, "writes_out": True}
+_LEGACY_JIT = "quant.gguf_legacy_jit"
+register_type(GGMLType("Q8_0", 8, 32, 34, Codec(
+    lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY, takes_bf16=True,
+    compiled=f"{_LEGACY_JIT}:quantize_q8_0"), "MOSTLY_Q8_0",
+    "8-bit codes, an fp16 scale per 32 weights; near lossless", lossy_bound=(1e-2, 0.9)))
+register_type(GGMLType("Q4_0", 2, 32, 18, Codec(
+    im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,), "used", **_LEGACY,
+    compiled=f"{_LEGACY_JIT}:quantize_q4_0"), "MOSTLY_Q4_0",
+    "4-bit codes, an fp16 scale per 32 weights", lossy_bound=(0.2, 0.7)))
+register_type(GGMLType("Q4_1", 3, 32, 20, Codec(
+    im.with_imatrix(lg.quantize_q4_1, im.quantize_q4_1_imatrix), lg.dequantize_q4_1, (0, 2), "used", **_LEGACY,
+    compiled=f"{_LEGACY_JIT}:quantize_q4_1"), "MOSTLY_Q4_1",
+    "4-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(0.2, 0.7)))
+register_type(GGMLType("Q5_0", 6, 32, 22, Codec(
+    lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY,
+    compiled=f"{_LEGACY_JIT}:quantize_q5_0"), "MOSTLY_Q5_0",
+    "5-bit codes, an fp16 scale per 32 weights", lossy_bound=(5e-2, 0.8)))
+register_type(GGMLType("Q5_1", 7, 32, 24, Codec(
+    lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY,
+    compiled=f"{_LEGACY_JIT}:quantize_q5_1"), "MOSTLY_Q5_1",
+    "5-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(5e-2, 0.8)))
+# K-quants: 256-element super-blocks; the search passes prefer cache-sized chunks. A row that is not
+# whole super-blocks falls back to a 32-block type as llama.cpp does.
+_KQUANT = {"chunk_elements": 1 << 18}
+_KQUANT_JIT = "quant.gguf_kquants_jit"
+register_type(GGMLType("Q4_K", 12, 256, 144, Codec(
+    kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q4_k"),
+    "MOSTLY_Q4_K_S", "4-bit K-quant: 256-weight super-blocks, 6-bit scales and minimums per 32",
+    fallback="Q5_0", lossy_bound=(0.2, 0.7)))
+register_type(GGMLType("Q5_K", 13, 256, 176, Codec(
+    kq.quantize_q5_k, kq.dequantize_q5_k, (0, 2), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q5_k"),
+    "MOSTLY_Q5_K_S", "5-bit K-quant: Q4_K's super-blocks with one more bit per weight",
+    fallback="Q5_1", lossy_bound=(5e-2, 0.8)))
+register_type(GGMLType("Q6_K", 14, 256, 210, Codec(
+    kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q6_k"),
+    "MOSTLY_Q6_K", "6-bit K-quant: 256-weight super-blocks, 8-bit scales per 16",
+    fallback="Q8_0", lossy_bound=(2e-2, 0.85)))

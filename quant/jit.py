@@ -7,7 +7,9 @@ same order, in one pass over the data, without the GIL. Both give the same bytes
 (tests/test_gguf_*_jit.py, tests/test_gguf_codec_threads.py), so those kernels are purely a speed-up.
 The ``mse`` method's search (``quant/methods/mse_jit.py``) sums in float64 where the torch version sums
 in float32, so the two may pick different candidates among near-ties (never a worse one:
-tests/test_mse_jit.py). ``GEMMA2_CONVERT_JIT=0`` in the environment switches all of them off.
+tests/test_mse_jit.py). Callers choose: ``compiled=False`` on ``quant.gguf_codec.quantize_tensor``, the
+``mse`` method and ``quant.metrics.error_sums`` runs the torch code; ``compiled=True`` (the default) runs
+the kernels where numba is installed (:func:`available`) and the torch code where it is not.
 
 Kernels are compiled on first use and cached on disk (numba's ``cache=True``: ``__pycache__`` next to
 the module, or numba's per-user cache directory when that is read-only). They run on one thread and
@@ -20,24 +22,15 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ENV = "GEMMA2_CONVERT_JIT"
-
-
-@cache
-def have_numba() -> bool:
-    """numba is installed (found without importing it: importing costs a third of a second, so only the
-    kernel modules, themselves imported on first use, do)."""
-    return importlib.util.find_spec("numba") is not None
-
 
 def available() -> bool:
-    """True when the compiled kernels are used: numba is installed and ``GEMMA2_CONVERT_JIT`` is not 0/false/off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off") and have_numba()
+    """numba is installed, so the compiled kernels can run. Found without importing it (importing costs a
+    third of a second, so only the kernel modules, themselves imported on first use, do)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def kernel(fn: F) -> F:
@@ -46,11 +39,11 @@ def kernel(fn: F) -> F:
     ``error_model="numpy"``: a float division by zero gives inf/NaN as in C instead of raising. No
     ``fastmath``: LLVM then neither reassociates sums nor fuses multiply-adds, so float32 results
     equal the C reference compiled without ``-ffast-math``. Without numba ``fn`` is returned as is
-    (plain Python, only ever called when :func:`available` is False — i.e. never).
+    (plain Python, never called: callers check :func:`available` first).
     """
-    if not have_numba():  # pragma: no cover
+    if not available():  # pragma: no cover
         return fn
-    import numba
+    import numba  # deferred: only the kernel modules, imported on first use, pay for numba
 
     return numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)(fn)
 

@@ -4,7 +4,8 @@ Weight space (cheap, for unit tests): ``sqnr_db`` (torchao's ``compute_error``) 
 ``sqnr_db = -20·log10(rel_rmse)``. Output space (against reference logits): ``kl_divergence``
 (llama-perplexity's per-token ``Σ p_ref·(log p_ref - log p_q)``, here over the whole vocabulary
 without its log p < -16 cut-off, mean over positions),
-``top1_agreement`` ("same top p") and ``perplexity``. Everything is computed in float64.
+``top1_agreement`` ("same top p") and ``perplexity``. Everything is computed in float64. The weight-space
+sums run as one compiled pass (``quant/metrics_jit.py``) where numba is installed, unless ``compiled=False``.
 """
 
 from __future__ import annotations
@@ -17,33 +18,34 @@ from torch import Tensor
 
 from quant import jit
 
-
 BLOCK_ELEMENTS = 1 << 22
 """Elements per step of ``rel_rmse``: its float64 temporaries stay at a few times 32 MB for any tensor size."""
 
 
-def rel_rmse(ref: Tensor, approx: Tensor) -> float:
+def rel_rmse(ref: Tensor, approx: Tensor, compiled: bool = True) -> float:
     """``‖ref - approx‖ / ‖ref‖`` (0 when equal; inf for a zero ``ref`` that differs), summed in float64
-    over blocks of elements."""
+    over blocks of elements (``compiled``: as :func:`error_sums`)."""
     if ref.shape != approx.shape:
         ref, approx = torch.broadcast_tensors(ref, approx)
     r, a = ref.reshape(-1), approx.reshape(-1)
-    return rel_rmse_blocks((r[i:i + BLOCK_ELEMENTS], a[i:i + BLOCK_ELEMENTS])
-                           for i in range(0, r.numel(), BLOCK_ELEMENTS))
+    return rel_rmse_blocks(((r[i:i + BLOCK_ELEMENTS], a[i:i + BLOCK_ELEMENTS])
+                            for i in range(0, r.numel(), BLOCK_ELEMENTS)), compiled)
 
 
-def rel_rmse_blocks(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
+def rel_rmse_blocks(pairs: Iterable[tuple[Tensor, Tensor]], compiled: bool = True) -> float:
     """:func:`rel_rmse` of a tensor given as matching ``(ref, approx)`` blocks (e.g. rows decoded a few at a time)."""
-    return rel_rmse_from_sums(error_sums(ref, approx) for ref, approx in pairs)
+    return rel_rmse_from_sums(error_sums(ref, approx, compiled) for ref, approx in pairs)
 
 
-def error_sums(ref: Tensor, approx: Tensor) -> tuple[float, float]:
-    """``(Σ(ref - approx)², Σref²)`` of one block, in float64 (one compiled pass over float32 blocks when
-    numba is there, ``quant/jit.py``; the sums may then differ from torch's in the last bits)."""
-    if jit.available() and ref.dtype == approx.dtype == torch.float32 and ref.shape == approx.shape:
-        from quant.metrics_jit import error_sums as compiled
+def error_sums(ref: Tensor, approx: Tensor, compiled: bool = True) -> tuple[float, float]:
+    """``(Σ(ref - approx)², Σref²)`` of one block, in float64.
 
-        return compiled(ref, approx)
+    ``compiled`` and numba installed (``quant/jit.py``): one compiled pass over float32 blocks of one shape,
+    whose sums may differ from torch's in the last bits; otherwise (and always with False) torch's."""
+    if compiled and jit.available() and ref.dtype == approx.dtype == torch.float32 and ref.shape == approx.shape:
+        from quant.metrics_jit import error_sums as compiled_sums  # deferred: imports numba
+
+        return compiled_sums(ref, approx)
     rb = ref.double()
     return float((rb - approx.double()).square().sum()), float(rb.square().sum())
 
@@ -59,9 +61,9 @@ def rel_rmse_from_sums(sums: Iterable[tuple[float, float]]) -> float:
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.inf
 
 
-def sqnr_db(ref: Tensor, approx: Tensor) -> float:
+def sqnr_db(ref: Tensor, approx: Tensor, compiled: bool = True) -> float:
     """Signal-to-quantization-noise ratio ``20·log10(‖ref‖ / ‖ref - approx‖)`` in dB (inf when equal)."""
-    return db_from_rel_rmse(rel_rmse(ref, approx))
+    return db_from_rel_rmse(rel_rmse(ref, approx, compiled))
 
 
 def db_from_rel_rmse(e: float) -> float:

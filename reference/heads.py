@@ -1,4 +1,4 @@
-"""Classification heads on the Gemma 2 decoder, and ``AutoModel`` that picks the class from config.json.
+"""Classification heads on the Gemma 2 decoder, and ``CLASSES``: the class for each config ``head``.
 
 As transformers' generic heads (``modeling_layers.py``): a linear ``score`` [num_labels, H] on the
 final-normed hidden states (with a bias for token classification only); no logit softcap. Sequence classification pools the rightmost
@@ -100,14 +100,3 @@ CLASSES: dict[str, type[Gemma2Model]] = {
     "sequence_classification": Gemma2ForSequenceClassification,
     "token_classification": Gemma2ForTokenClassification,
 }
-
-
-class AutoModel:
-    """``AutoModel.from_pretrained(path)``: the class named by ``architectures`` in the checkpoint's config."""
-
-    @staticmethod
-    def from_pretrained(path: str, dtype: torch.dtype = torch.float32, resident: bool | None = None,
-                        **options: Any) -> Gemma2Model:
-        from reference.loading import open_for_reference
-
-        return open_for_reference(None, path, dtype, resident, **options)

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gemma2_convert.core.lazy import LazyTensor
 from reference.cache import FullLayerCache, HybridCache, SlidingLayerCache
 from reference.config import Gemma2Config
+from reference.generate import generate
 from reference.layers import apply_rope, attention_bias, repeat_kv, rms_norm, rope_cos_sin, softcap
 from reference.outputs import BaseModelOutput, CausalLMOutput, finish
 from reference.weights import WeightStore
@@ -35,7 +37,7 @@ class Gemma2Model:
         self.config = config
         self.weights = weights
         self.dtype = weights.dtype
-        self.checkpoint: Any = None  # the Checkpoint it was opened from, when from_pretrained
+        self.checkpoint: Any = None  # the Checkpoint it was opened from, set by the loader
         self.observer: Callable[[str, torch.Tensor], None] | None = None
         """Called with (weight name, input activations [B, T, in]) before each decoder matmul (calibration)."""
         self.on_layer: Callable[[int], None] | None = None
@@ -43,23 +45,9 @@ class Gemma2Model:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, resident: bool | None = None,
-                        **options: Any) -> Any:
-        """Load any checkpoint the project reads (auto-detected), lazily.
-
-        ``resident=None`` keeps weights after first use when the model fits comfortably in RAM,
-        and streams them layer by layer from the mmap'd files otherwise.
-        """
-        from reference.loading import open_for_reference
-
-        return open_for_reference(cls, path, dtype, resident, **options)
-
-    @classmethod
     def from_tensors(cls, config: Gemma2Config, tensors: dict, dtype: torch.dtype = torch.float32,
                      resident: bool = True) -> Any:
         """Build from {HF name: Tensor | LazyTensor} (e.g. a transformers state dict)."""
-        from gemma2_convert.core.lazy import LazyTensor
-
         lazy = {k: v if isinstance(v, LazyTensor) else LazyTensor.of(v) for k, v in tensors.items()}
         return cls(config, WeightStore(lazy, config, dtype, resident))
 
@@ -208,8 +196,6 @@ class Gemma2ForCausalLM(Gemma2Model):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Greedy or sampled continuation with the hybrid KV cache; see :func:`reference.generate.generate`."""
-        from reference.generate import generate
-
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
 

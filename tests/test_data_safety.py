@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gemma2_convert.core.errors import DiskSpaceError, NonFiniteError
+from gemma2_convert.core.progress import Warnings
 from tests.badinputs.corpus import CFG, Good, build_good
 from tests.badinputs.runner import REPO, ForkServer, tree_digest
 
@@ -147,9 +148,9 @@ def test_free_space_is_checked_before_writing(good, tmp_path, monkeypatch):
 
     monkeypatch.setattr(output, "free_bytes", lambda path: 123_456)
     runs = {
-        "orig-to-hf": lambda out: orig_to_hf(good.ckpt, out, shape=ShapeOptions(config=good.config), quiet=True),
-        "to-gguf": lambda out: to_gguf(good.hf, out, type_name="f32", quiet=True),
-        "gguf-to-hf": lambda out: gguf_to_hf(good.gguf, out, quiet=True),
+        "orig-to-hf": lambda out: orig_to_hf(good.ckpt, out, shape=ShapeOptions(config=good.config)),
+        "to-gguf": lambda out: to_gguf(good.hf, out, type_name="f32"),
+        "gguf-to-hf": lambda out: gguf_to_hf(good.gguf, out),
         "quantize": lambda out: quantize_checkpoint(good.hf, out, QuantizeOptions(group_size=32, verify=False)),
     }
     for name, run in runs.items():
@@ -267,10 +268,11 @@ def test_nonfinite_library_errors_name_the_tensor(good, tmp_path):
     with pytest.raises(NonFiniteError, match=r"model\.ckpt: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight': 1 NaN "
                                              r"and 0 ±Inf value\(s\), the first at index \[1, 2\]; .* pass "
                                              r"--allow-nonfinite"):
-        orig_to_safetensors(ckpt, out, shape=ShapeOptions(config=good.config), quiet=True)
+        orig_to_safetensors(ckpt, out, shape=ShapeOptions(config=good.config))
     assert_nothing_left(out)
-    warnings: list[str] = []
-    res = orig_to_safetensors(ckpt, out, shape=ShapeOptions(config=good.config), quiet=True, verify_output=False,
-                              allow_nonfinite=True, warn=warnings.append)
+    seen = Warnings()
+    res = orig_to_safetensors(ckpt, out, shape=ShapeOptions(config=good.config), verify=False,
+                              allow_nonfinite=True, progress=seen)
+    warnings = seen.messages
     assert res.warnings == warnings and "1 NaN and 0 ±Inf" in warnings[0] and out.is_file()
 

@@ -13,9 +13,9 @@ from gemma2_convert.formats.direct_write import SequentialWriter
 PIECES = [b"GGUF", os.urandom(4091), b"", os.urandom(9000), os.urandom(1), bytes(12_000), os.urandom(8192)]
 
 
-def _write(path, pieces) -> SequentialWriter:
+def _write(path, pieces, direct: bool = True) -> SequentialWriter:
     with open(path, "wb") as f:
-        w = SequentialWriter(f)
+        w = SequentialWriter(f, direct)
         for p in pieces:
             w.write(p)
         assert w.finish() == sum(len(p) for p in pieces)
@@ -25,11 +25,9 @@ def _write(path, pieces) -> SequentialWriter:
 @pytest.mark.parametrize("n", [0, 1, 3, len(PIECES)])
 def test_direct_and_buffered_give_the_same_bytes(tmp_path, monkeypatch, n):
     monkeypatch.setattr(direct_write, "STAGING", 8192)  # many full flushes and a padded tail
-    monkeypatch.setenv(direct_write.ENV, "0")
-    plain = _write(tmp_path / "plain", PIECES[:n])
+    plain = _write(tmp_path / "plain", PIECES[:n], direct=False)
     assert not plain.direct
-    monkeypatch.setenv(direct_write.ENV, "1")
-    _write(tmp_path / "direct", PIECES[:n])  # direct where this filesystem takes O_DIRECT, else plain again
+    _write(tmp_path / "direct", PIECES[:n], direct=True)  # direct where this filesystem takes O_DIRECT, else plain again
     want = b"".join(PIECES[:n])
     assert (tmp_path / "plain").read_bytes() == want
     assert (tmp_path / "direct").read_bytes() == want

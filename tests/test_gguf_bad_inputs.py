@@ -12,6 +12,8 @@ from gemma2_convert.formats.gguf.reader import GGUFFile
 from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
 from gemma2_convert.pipeline.gguf import to_gguf
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.pipeline.load import from_pretrained
+from reference import Gemma2ForCausalLM
 from reference.config import Gemma2Config
 from tests.gguf_helpers import CONFIGS, write_model
 
@@ -24,16 +26,16 @@ SMALL = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_h
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     out = root / "good.gguf"
-    to_gguf(write_model(root / "hf", SMALL), out, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(write_model(root / "hf", SMALL), out, type_name="f32", verify=False)
     return out
 
 
 def _rewrite(good, tmp_path, change_meta=None, drop_tensor=None) -> str:
     """``good`` rewritten with edited metadata (a dict key → Value or None to delete) or a tensor left out."""
     f = GGUFFile(good)
-    from gemma2_convert.pipeline.gguf import _copy_value
+    from gemma2_convert.formats.gguf.output import copy_value
 
-    meta = [(k, _copy_value(f, k)) for k in f.kv]
+    meta = [(k, copy_value(f, k)) for k in f.kv]
     for key, value in (change_meta or {}).items():
         meta = [(k, v) for k, v in meta if k != key] + ([(key, value)] if value is not None else [])
     plans = []
@@ -64,9 +66,7 @@ def test_vocabulary_shorter_than_the_embedding(good, tmp_path):
 
 def test_missing_tensor_and_metadata(good, tmp_path):
     with pytest.raises(TensorMismatchError, match="missing 1 tensors: model.layers.1.mlp.up_proj.weight"):
-        from reference import Gemma2ForCausalLM
-
-        Gemma2ForCausalLM.from_pretrained(_rewrite(good, tmp_path, drop_tensor="blk.1.ffn_up.weight"))
+        from_pretrained(_rewrite(good, tmp_path, drop_tensor="blk.1.ffn_up.weight"), Gemma2ForCausalLM)
     with pytest.raises(ConfigError, match="lacks 'gemma2.block_count'"):
         open_checkpoint(_rewrite(good, tmp_path, {"gemma2.block_count": None}))
 
@@ -79,11 +79,11 @@ def test_writer_refuses_a_foreign_tokenizer(tmp_path):
 
     big = make_tiny_spm(tmp_path / "big.model", 600)
     with pytest.raises(ConfigError, match="600 pieces but the model's vocab_size is 512"):
-        to_gguf(src, tmp_path / "x.gguf", type_name="f32", tokenizer=big, quiet=True)
+        to_gguf(src, tmp_path / "x.gguf", type_name="f32", tokenizer=big)
     assert not (tmp_path / "x.gguf").exists()
     (src / "tokenizer.model").unlink()
     with pytest.raises(ConfigError, match="no tokenizer.model found"):
-        to_gguf(src, tmp_path / "x.gguf", type_name="f32", quiet=True)
+        to_gguf(src, tmp_path / "x.gguf", type_name="f32")
 
 
 def test_float16_overflow_is_refused(tmp_path):

@@ -1,13 +1,15 @@
 """quantize_tensor: the compiled kernels (quant/jit.py) and the torch ports give the same bytes, on any
-number of worker threads and chunk boundaries; GEMMA2_CONVERT_JIT=0 selects the torch ports."""
+number of worker threads and chunk boundaries; ``compiled=False`` selects the torch ports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from quant import gguf_codec, jit
-from quant.gguf_codec import CODECS, quantize_tensor
+from gemma2_convert.core.errors import ConversionError
+from quant import gguf_types
+from quant.gguf_codec import quantize_tensor
+from quant.gguf_types import GGML_TYPES
 
 BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -20,51 +22,40 @@ def _matrix(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return w.to(torch.bfloat16)  # the writer's usual source dtype; quantize_tensor casts per chunk
 
 
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv(jit.ENV, "0")
-
-
-def test_env_switch_selects_the_torch_port(monkeypatch):
-    codec = CODECS["Q4_K"]
-    monkeypatch.setenv(jit.ENV, "0")
-    assert codec.kernel()[0] is codec.quantize
-    monkeypatch.setenv(jit.ENV, "1")
-    assert codec.kernel()[0] is not codec.quantize
-    assert CODECS["F16"].kernel()[0] is CODECS["F16"].quantize  # float casts have no compiled kernel
+def test_compiled_false_selects_the_torch_port():
+    codec = GGML_TYPES["Q4_K"].codec
+    assert codec.kernel(compiled=False)[0] is codec.quantize
+    assert codec.kernel(compiled=True)[0] is not codec.quantize
+    f16 = GGML_TYPES["F16"].codec
+    assert f16.kernel(compiled=True)[0] is f16.quantize  # float casts have no compiled kernel
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_compiled_equals_torch_on_any_thread_count(qtype, monkeypatch):
     w = _matrix(96, 2048, seed=len(qtype))
-    qw = torch.rand(2048) * 10 if CODECS[qtype].imatrix == "used" else None
-    monkeypatch.setattr(gguf_codec, "JIT_CHUNK_ELEMENTS", 5 * 2048)  # many chunks, a short last one
-    monkeypatch.setenv(jit.ENV, "0")
-    ref = quantize_tensor(w, qtype)
-    ref_w = quantize_tensor(w, qtype, quant_weights=qw) if qw is not None else None
-    monkeypatch.setenv(jit.ENV, "1")
+    qw = torch.rand(2048) * 10 if GGML_TYPES[qtype].codec.imatrix == "used" else None
+    monkeypatch.setattr(gguf_types, "JIT_CHUNK_ELEMENTS", 5 * 2048)  # many chunks, a short last one
+    ref = quantize_tensor(w, qtype, compiled=False)
+    ref_w = quantize_tensor(w, qtype, quant_weights=qw, compiled=False) if qw is not None else None
     for threads in (1, 3):
-        assert torch.equal(quantize_tensor(w, qtype, threads=threads), ref), (qtype, threads)
+        assert torch.equal(quantize_tensor(w, qtype, threads=threads, compiled=True), ref), (qtype, threads)
         if qw is not None:
-            assert torch.equal(quantize_tensor(w, qtype, quant_weights=qw, threads=threads), ref_w), (qtype, threads)
+            got = quantize_tensor(w, qtype, quant_weights=qw, threads=threads, compiled=True)
+            assert torch.equal(got, ref_w), (qtype, threads)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
-def test_compiled_kernels_report_bad_input_like_the_torch_ports(qtype, torch_kernels, monkeypatch):
-    from gemma2_convert.core.errors import ConversionError
-
+def test_compiled_kernels_report_bad_input_like_the_torch_ports(qtype):
     w = torch.randn(8, 256)
     w[5, 17] = float("nan")
-    for env in ("0", "1"):
-        monkeypatch.setenv(jit.ENV, env)
+    for compiled in (False, True):
         with pytest.raises(ConversionError, match="non-finite"):
-            quantize_tensor(w, qtype, threads=2)
+            quantize_tensor(w, qtype, threads=2, compiled=compiled)
     big = torch.randn(8, 256)
     big[2, 3] = 1e9  # its block's fp16 scale overflows
-    for env in ("0", "1"):
-        monkeypatch.setenv(jit.ENV, env)
+    for compiled in (False, True):
         with pytest.raises(ConversionError, match="overflow fp16"):
-            quantize_tensor(big, qtype, threads=2)
+            quantize_tensor(big, qtype, threads=2, compiled=compiled)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])

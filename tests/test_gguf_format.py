@@ -23,6 +23,7 @@ from gemma2_convert.pipeline.gguf import gguf_to_hf, to_gguf
 from gemma2_convert.formats.gguf.mix import choose_type, use_more_bits
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats.tokenizer.spm import gguf_vocab
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
@@ -37,7 +38,7 @@ def fold_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fold_f32(fold_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "fold-f32.gguf"
-    to_gguf(fold_model, out, type_name="f32", quiet=True)
+    to_gguf(fold_model, out, type_name="f32")
     return out
 
 
@@ -185,9 +186,9 @@ def test_f32_round_trip_reproduces_the_hf_tensors(tmp_path):
     """No fold: every tensor (norms included) reads back bit-exactly, and gguf-to-hf writes them back."""
     src = write_model(tmp_path / "hf", CONFIGS["mha"], seed=3)
     out = tmp_path / "m.gguf"
-    to_gguf(src, out, type_name="f32", quiet=True)
+    to_gguf(src, out, type_name="f32")
     back = tmp_path / "back"
-    gguf_to_hf(out, back, quiet=True)
+    gguf_to_hf(out, back)
     want = tensors(CONFIGS["mha"], 3)
     got = open_checkpoint(back).tensors
     assert set(got) == set(want)
@@ -203,9 +204,9 @@ def test_folded_bf16_source_round_trips_exactly(tmp_path):
     """A folded attn_q of a bfloat16 model lands back on the bfloat16 grid: gguf-to-hf is exact."""
     src = write_model(tmp_path / "hf", CONFIGS["fold"], seed=4, dtype=torch.bfloat16)
     out = tmp_path / "m.gguf"
-    to_gguf(src, out, type_name="f32", quiet=True)
+    to_gguf(src, out, type_name="f32")
     back = tmp_path / "back"
-    res = gguf_to_hf(out, back, quiet=True)
+    res = gguf_to_hf(out, back)
     assert res.config.torch_dtype == "bfloat16"
     got = open_checkpoint(back).tensors
     for name, w in tensors(CONFIGS["fold"], 4, torch.bfloat16).items():
@@ -227,7 +228,7 @@ def test_folded_f32_source_reads_back_within_one_ulp(fold_model, fold_f32):
 def test_reference_on_gguf_equals_the_dequantized_weights(fold_model, tmp_path, type_name):
     """GGUF → reference logits == logits of a model built from gguf-py's dequantization of the file."""
     out = tmp_path / "m.gguf"
-    to_gguf(fold_model, out, type_name=type_name, verify_output=False, quiet=True)
+    to_gguf(fold_model, out, type_name=type_name, verify=False)
     r = gguf.GGUFReader(str(out))
     ratio = float(r.fields["gemma2_convert.query_scale_folded"].contents())
     weights = {}
@@ -245,7 +246,7 @@ def test_reference_on_gguf_equals_the_dequantized_weights(fold_model, tmp_path, 
 
     cfg = CONFIGS["fold"]
     manual = Gemma2ForCausalLM(cfg, WeightStore(weights, cfg, torch.float32))
-    loaded = Gemma2ForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    loaded = from_pretrained(out, Gemma2ForCausalLM, dtype=torch.float32)
     ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(loaded(ids), manual(ids))
@@ -281,7 +282,7 @@ def test_llama_cpp_style_file_is_read(tmp_path):
 
 def test_requantize_a_gguf_keeps_its_vocabulary(fold_f32, tmp_path):
     out = tmp_path / "q8.gguf"
-    to_gguf(fold_f32, out, type_name="q8_0", quiet=True)
+    to_gguf(fold_f32, out, type_name="q8_0")
     a, b = GGUFFile(fold_f32), GGUFFile(out)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.chat_template",
                 "gemma2_convert.tokenizer_model"):
@@ -316,9 +317,9 @@ def test_non_alternating_layers_round_trip(tmp_path):
     """A layer pattern other than Gemma 2's is written as llama.cpp's per-layer sliding_window_pattern."""
     cfg = CONFIGS["pattern"]
     out = tmp_path / "p.gguf"
-    to_gguf(write_model(tmp_path / "hf", cfg), out, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(write_model(tmp_path / "hf", cfg), out, type_name="f32", verify=False)
     assert GGUFFile(out).kv["gemma2.attention.sliding_window_pattern"] == [False, True, True, False]
     assert open_checkpoint(out).config.layer_types == cfg.layer_types
     plain = tmp_path / "plain.gguf"
-    to_gguf(write_model(tmp_path / "hf2", CONFIGS["mha"]), plain, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(write_model(tmp_path / "hf2", CONFIGS["mha"]), plain, type_name="f32", verify=False)
     assert "gemma2.attention.sliding_window_pattern" not in GGUFFile(plain).kv  # llama.cpp's default applies

@@ -31,6 +31,7 @@ from gemma2_convert.formats.gguf.reader import GGUFFile
 from gemma2_convert.pipeline.gguf import to_gguf
 from gemma2_convert.formats.gguf.mix import choose_type
 from quant.gguf_types import file_type_id
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from reference.weights import WeightStore
 from tests.gguf_helpers import CONFIGS, write_model
@@ -81,7 +82,7 @@ def llama_logits(path, ids: list[int]) -> torch.Tensor:
 
 
 def reference_logits(path, ids: list[int]) -> torch.Tensor:
-    model = Gemma2ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = from_pretrained(path, Gemma2ForCausalLM, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([ids]))[0]
 
@@ -102,7 +103,7 @@ def test_f32_logits_match_the_reference(models, tmp_path, name):
     cfg = CONFIGS[name]
     assert N_TOKENS >= 3 * cfg.sliding_window
     out = tmp_path / f"{name}.gguf"
-    to_gguf(models[name], out, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(models[name], out, type_name="f32", verify=False)
     ids = sequence(cfg.vocab_size)
     got = llama_logits(out, ids)
     bound = DEEP_F32_BOUND if cfg.num_hidden_layers > 8 else BOUNDS["f32"]
@@ -120,7 +121,7 @@ def test_f32_logits_match_the_reference(models, tmp_path, name):
 def test_f16_and_q8_0_logits(models, tmp_path, type_name):
     """Against the reference on the file's own (rounded / dequantized) weights, and top-1 vs the source."""
     out = tmp_path / f"fold-{type_name}.gguf"
-    to_gguf(models["fold"], out, type_name=type_name, verify_output=False, quiet=True)
+    to_gguf(models["fold"], out, type_name=type_name, verify=False)
     ids = sequence(CONFIGS["fold"].vocab_size, seed=1)
     got = llama_logits(out, ids)
     compare(got, reference_logits(out, ids), f"fold {type_name.upper()} vs reference on its weights",
@@ -139,7 +140,7 @@ TEXTS = [
 
 def test_tokenizer_matches_sentencepiece(models, tmp_path):
     out = tmp_path / "tok.gguf"
-    to_gguf(models["mha"], out, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(models["mha"], out, type_name="f32", verify=False)
     sp = spm.SentencePieceProcessor(model_file=str(models["mha"] / "tokenizer.model"))
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     try:
@@ -174,8 +175,8 @@ def _llama_quantize(src, dst, ftype: str) -> None:
 def test_q4_k_m_equals_llama_quantize(models, tmp_path):
     """Our Q4_K_M: llama-quantize's type for every tensor and the same bytes (≥ 99.9 % of blocks)."""
     f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    to_gguf(models["kmix"], f32, type_name="f32", verify_output=False, quiet=True)
-    to_gguf(models["kmix"], ours, type_name="q4_k_m", verify_output=False, quiet=True)
+    to_gguf(models["kmix"], f32, type_name="f32", verify=False)
+    to_gguf(models["kmix"], ours, type_name="q4_k_m", verify=False)
     _llama_quantize(f32, theirs, "Q4_K_M")
     a, b = GGUFFile(ours), GGUFFile(theirs)
     assert {n: t.type_name for n, t in a.tensors.items()} == {n: t.type_name for n, t in b.tensors.items()}
@@ -200,7 +201,7 @@ def test_q4_k_m_equals_llama_quantize(models, tmp_path):
 def test_mix_types_equal_llama_quantize_on_a_deeper_model(models, tmp_path, ftype):
     """Type choice only, on the 46-layer model (use_more_bits' three regimes): no need to quantize here."""
     f32, theirs = tmp_path / "f32.gguf", tmp_path / "theirs.gguf"
-    to_gguf(models["depth46"], f32, type_name="f32", verify_output=False, quiet=True)
+    to_gguf(models["depth46"], f32, type_name="f32", verify=False)
     _llama_quantize(f32, theirs, ftype)
     ours = {n: choose_type(n, t.shape, ftype.lower(), 46).qtype for n, t in GGUFFile(f32).tensors.items()}
     assert ours == {n: t.type_name for n, t in GGUFFile(theirs).tensors.items()}

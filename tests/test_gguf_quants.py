@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as GQT
 
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
-from quant import gguf_codec, gguf_kquants, gguf_legacy
+from quant import gguf_kquants, gguf_legacy
 from quant.gguf_codec import bytes_for, dequantize_tensor, fallback_type, quantize_tensor
 from quant.gguf_types import FILE_TYPES, GGML_TYPES, file_type_id, ggml_type
 
@@ -289,7 +289,8 @@ def test_kquant_all_zero_superblock_is_exact_zero():
 def test_chunking_and_leading_dims_do_not_change_bytes(qtype: str, monkeypatch):
     a = torch.from_numpy(_data("heavy", (12, 512), seed=9))
     whole = quantize_tensor(a, qtype)
-    monkeypatch.setitem(gguf_codec.CODECS, qtype, dataclasses.replace(gguf_codec.CODECS[qtype], chunk_elements=1000))
+    t = GGML_TYPES[qtype]
+    monkeypatch.setitem(GGML_TYPES, qtype, dataclasses.replace(t, codec=dataclasses.replace(t.codec, chunk_elements=1000)))
     assert torch.equal(quantize_tensor(a, qtype), whole)
     assert torch.equal(quantize_tensor(a.reshape(3, 4, 512), qtype).reshape(12, -1), whole)
     assert bytes_for(qtype, (3, 4, 512)) == whole.numel()

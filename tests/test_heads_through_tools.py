@@ -14,7 +14,8 @@ from gemma2_convert.core.errors import UnsupportedError
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 from gemma2_convert.pipeline.verify import Tolerance, verify
-from reference import AutoModel, Gemma2ForSequenceClassification
+from gemma2_convert.pipeline.load import from_pretrained
+from reference import Gemma2ForSequenceClassification
 from tests.conftest import TINY_CONFIGS, hf_config
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
@@ -51,7 +52,7 @@ def test_quantize_keeps_the_head_and_verifies_class_logits(cls_dir, tmp_path):
     src, q = open_checkpoint(cls_dir), open_checkpoint(out)
     assert torch.equal(src.tensors["score.weight"].load(), q.tensors["score.weight"].load())  # full precision
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, attn_implementation="eager")
-    ours = AutoModel.from_pretrained(str(out))
+    ours = from_pretrained(out)
     assert isinstance(ours, Gemma2ForSequenceClassification)
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_gguf_export_refuses_a_classifier_unless_dropping_the_head(cls_dir, tmp_
     tensors["model.embed_tokens.weight"] = LazyTensor.of(torch.cat([emb, emb.new_zeros(512 - emb.shape[0], emb.shape[1])]))
     write_hf_dir(big, cfg, list(tensors.items()))
     with pytest.raises(UnsupportedError, match=r"Gemma2ForSequenceClassification \(3 labels\).*--drop-head"):
-        to_gguf(big, tmp_path / "x.gguf", type_name="f32", tokenizer=tok, quiet=True)
+        to_gguf(big, tmp_path / "x.gguf", type_name="f32", tokenizer=tok)
     assert not (tmp_path / "x.gguf").exists()
     r = subprocess.run([sys.executable, "-m", "gemma2_convert.cli.main", "to-gguf", str(big), str(tmp_path / "x.gguf"),
                         "--type", "f32", "--tokenizer", str(tok), "--drop-head"], capture_output=True, text=True,

@@ -11,6 +11,7 @@ from gemma2_convert.core.errors import FormatError, TensorMismatchError
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.formats.hf import write_hf_dir
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
 
@@ -32,7 +33,7 @@ def test_written_dir_loads_in_transformers(tmp_path, shard):
     ids = torch.randint(0, cfg.vocab_size, (1, 20))
     with torch.no_grad():
         ref = hf(ids).logits
-    ours = Gemma2ForCausalLM.from_pretrained(str(tmp_path))(ids)
+    ours = from_pretrained(tmp_path, Gemma2ForCausalLM)(ids)
     assert (ours - ref).abs().max() <= 1e-4
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["torch_dtype"] == "float32" and cfg_json["query_pre_attn_scalar"] == 24

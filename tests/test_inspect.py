@@ -97,7 +97,7 @@ def build_artifacts(root: Path) -> dict[str, tuple[Path, ShapeOptions | None]]:
     write_orig_ckpt(orig / "model.ckpt", tensors(), CFG)
     (orig / "config.json").write_text(json.dumps(CFG.to_hf_dict()))
     gguf = root / "model-q8_0.gguf"
-    to_gguf(hf, gguf, type_name="q8_0", tokenizer=tok, verify_output=False, quiet=True)
+    to_gguf(hf, gguf, type_name="q8_0", tokenizer=tok, verify=False)
     quantized = root / "hf-int4"
     quantize_checkpoint(hf, quantized, QuantizeOptions(bits=4, group_size=32, method="rtn", verify=False))
     arts: dict[str, tuple[Path, ShapeOptions | None]] = {
@@ -130,10 +130,10 @@ def stable(v: object, root: Path) -> object:
 def as_text(ins: Inspection) -> str:
     from rich.console import Console
 
-    from gemma2_convert.cli.inspect import render
+    from gemma2_convert.cli.render import render_inspection
 
     buf = io.StringIO()
-    render(ins, Console(file=buf, width=WIDTH, color_system=None, force_terminal=False, highlight=False))
+    render_inspection(ins, Console(file=buf, width=WIDTH, color_system=None, force_terminal=False, highlight=False))
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
 
@@ -204,7 +204,7 @@ def test_gguf_whose_fingerprint_was_never_filled_in(artifacts, tmp_path):
     import gemma2_convert.formats.gguf.metadata as gm
     from gemma2_convert.formats.gguf.reader import GGUFFile
     from gemma2_convert.formats.gguf.writer import patch_string
-    from gemma2_convert.pipeline.gguf import HASH_PLACEHOLDER
+    from gemma2_convert.formats.gguf.output import HASH_PLACEHOLDER
 
     _, arts = artifacts
     path = tmp_path / "unfinished.gguf"

@@ -24,6 +24,7 @@ from gemma2_convert.formats import flax_map as fm  # noqa: E402
 from gemma2_convert.formats.hf import write_hf_dir  # noqa: E402
 from gemma2_convert.formats.orbax import read_arrays  # noqa: E402
 from gemma2_convert.formats.orig_config import ShapeOptions  # noqa: E402
+from gemma2_convert.pipeline.load import from_pretrained  # noqa: E402
 from reference import Gemma2ForCausalLM  # noqa: E402
 from reference.config import PRESETS, Gemma2Config  # noqa: E402
 from tests.badinputs.mutate import orbax_set_write_shape, orbax_set_zarray  # noqa: E402
@@ -92,8 +93,8 @@ def test_transformers_on_converted_dir_matches_reference_on_orbax(tmp_path, name
     write_hf_dir(tmp_path, ck.config, list(ck.tensors.items()), tokenizer=ck.tokenizer)
     assert (tmp_path / "tokenizer.json").is_file() == (ck.tokenizer is not None)
     ids = torch.randint(3, ck.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
-    ref = Gemma2ForCausalLM.from_pretrained(FIXTURES / name / CASES[name][0], dtype=torch.float32,
-                                            options=options(name))(ids)
+    ref = from_pretrained(FIXTURES / name / CASES[name][0], Gemma2ForCausalLM, dtype=torch.float32,
+                          options=options(name))(ids)
     ref = getattr(ref, "logits", ref)
     for d in (tmp_path, FIXTURES / name / "hf"):  # converted, and the model the fixture was made from
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager",
@@ -143,11 +144,12 @@ from pathlib import Path
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.formats.hf import write_hf_dir
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 p = Path({str(FIXTURES / "gemma2_27b_layout" / "kaggle")!r})
 ck = open_checkpoint(p, options=ShapeOptions(query_pre_attn_scalar=4))
 write_hf_dir(Path({str(tmp_path)!r}), ck.config, list(ck.tensors.items()), tokenizer=ck.tokenizer)
-Gemma2ForCausalLM.from_pretrained(p, options=ShapeOptions(query_pre_attn_scalar=4))
+from_pretrained(p, Gemma2ForCausalLM, options=ShapeOptions(query_pre_attn_scalar=4))
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "orbax"))
 print(json.dumps({{"bad": bad, "tensorstore": "tensorstore" in sys.modules}}))
 """

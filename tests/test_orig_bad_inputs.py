@@ -117,5 +117,5 @@ def test_failed_verification_leaves_nothing(tmp_path, good, monkeypatch):
     monkeypatch.setattr(convert, "verify", broken)
     out = tmp_path / "out"
     with pytest.raises(VerificationError, match=r"verification failed: max \|Δ logits\| 1 > 0"):
-        convert.orig_to_hf(good[0], out, shape=convert.ShapeOptions(config=good[1]), quiet=True)
+        convert.orig_to_hf(good[0], out, shape=convert.ShapeOptions(config=good[1]))
     assert not out.exists() and not list(tmp_path.glob(".out.*"))

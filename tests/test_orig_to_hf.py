@@ -8,11 +8,14 @@ import json
 import pytest
 import torch
 
-from gemma2_convert.pipeline.convert import orig_to_hf, orig_to_safetensors, verify_paths
+from gemma2_convert.core.progress import Progress, Warnings
+from gemma2_convert.pipeline.convert import orig_to_hf, orig_to_safetensors
+from gemma2_convert.pipeline.verify import verify_paths
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.formats.gemma_pytorch import dequantize_int8, fuse_qkv, orig_shapes, split_qkv
 from gemma2_convert.formats.orig_config import ShapeOptions, infer_config
 from gemma2_convert.formats.testing import dequantized_hf, quantize_int8, write_orig_ckpt, write_orig_sharded
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from reference.config import PRESETS
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
@@ -70,7 +73,7 @@ def test_converted_dir_loads_in_transformers(tmp_path, name, layout):
     expected = dequantized_hf(sd, cfg) if int8 else sd
     if int8:  # the source model is the dequantized one
         source.load_state_dict(expected, strict=False)
-    res = orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), quiet=True)
+    res = orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg))
     assert res.report is not None and res.report.passed and res.report.max_abs_logits == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     got = hf_state_dict(hf)
@@ -97,8 +100,7 @@ def test_tokenizer_parity_and_head_flags(tmp_path):
     sd = hf_state_dict(make_hf_model(cfg))
     write_orig_ckpt(tmp_path / "orig" / "model.ckpt", sd, cfg)
     make_tiny_spm(tmp_path / "orig" / "tokenizer.model", 512)  # found next to the checkpoint
-    res = orig_to_hf(tmp_path / "orig", tmp_path / "hf", shape=ShapeOptions(head_dim=32, query_pre_attn_scalar=24),
-                     quiet=True)
+    res = orig_to_hf(tmp_path / "orig", tmp_path / "hf", shape=ShapeOptions(head_dim=32, query_pre_attn_scalar=24))
     assert res.config == cfg and "--head-dim 32" in res.config_from
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= set(res.files)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "orig" / "tokenizer.model"))
@@ -114,15 +116,16 @@ def test_dtype_cast_and_fp16_warning(tmp_path):
     sd = hf_state_dict(make_hf_model(cfg))
     src = write_orig_ckpt(tmp_path / "model.ckpt", sd, cfg)
     warnings: list[str] = []
-    res = orig_to_hf(src, tmp_path / "bf16", shape=ShapeOptions(config=cfg), dtype="bfloat16", quiet=True)
+    res = orig_to_hf(src, tmp_path / "bf16", shape=ShapeOptions(config=cfg), dtype="bfloat16")
     assert res.report.passed and res.report.tensors_equal == res.report.tensors_total
     assert not any("float16" in w for w in res.warnings) and "no tokenizer.model" in res.warnings[0]
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     ck = open_checkpoint(tmp_path / "bf16")
     for k, v in sd.items():
         _assert_equal(ck.tensors[k].load(), v.to(torch.bfloat16), k)
-    res = orig_to_hf(src, tmp_path / "fp16", shape=ShapeOptions(config=cfg), dtype="float16", quiet=True,
-                     warn=warnings.append)
+    seen = Warnings()
+    res = orig_to_hf(src, tmp_path / "fp16", shape=ShapeOptions(config=cfg), dtype="float16", progress=seen)
+    warnings = seen.messages
     assert "float16" in warnings[0] and res.warnings == warnings
 
 
@@ -132,7 +135,7 @@ def test_single_safetensors_is_self_describing(tmp_path, names):
     sd = hf_state_dict(make_hf_model(cfg))
     src = write_orig_ckpt(tmp_path / "model.ckpt", sd, cfg, int8=True)
     out = tmp_path / "m.safetensors"
-    res = orig_to_safetensors(src, out, names=names, shape=ShapeOptions(config=cfg), quiet=True)
+    res = orig_to_safetensors(src, out, names=names, shape=ShapeOptions(config=cfg))
     assert res.report.passed and res.report.max_abs_logits == 0
     ck = open_checkpoint(out)
     assert ck.format == "safetensors" and ck.config == cfg and ck.metadata["gemma2.names"] == names
@@ -144,14 +147,14 @@ def test_single_safetensors_is_self_describing(tmp_path, names):
         _assert_equal(ck.tensors[k].load(), v, k)
     ids = torch.randint(0, cfg.vocab_size, (1, 12))
     ref = Gemma2ForCausalLM.from_tensors(cfg, dequantized_hf(sd, cfg))
-    _assert_equal(Gemma2ForCausalLM.from_pretrained(str(out))(ids), ref(ids), "logits")
+    _assert_equal(from_pretrained(out, Gemma2ForCausalLM)(ids), ref(ids), "logits")
 
 
 def test_verify_any_two_checkpoints(tmp_path):
     cfg = TINY_CONFIGS["mha"]
     sd = hf_state_dict(make_hf_model(cfg))
     src = write_orig_ckpt(tmp_path / "model.ckpt", sd, cfg)
-    orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), verify_output=False, quiet=True)
+    orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), verify=False)
     rep = verify_paths(src, tmp_path / "hf", shape=ShapeOptions(config=cfg))
     assert rep.passed and rep.tensors_equal == rep.tensors_total == len(sd)
     sd["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0
@@ -167,11 +170,18 @@ def test_verify_reports_progress_per_tensor_and_per_layer(tmp_path):
     cfg = TINY_CONFIGS["mha"]
     sd = hf_state_dict(make_hf_model(cfg))
     src = write_orig_ckpt(tmp_path / "model.ckpt", sd, cfg)
-    orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), verify_output=False, quiet=True)
+    orig_to_hf(src, tmp_path / "hf", shape=ShapeOptions(config=cfg), verify=False)
     ca = open_checkpoint(src, options=ShapeOptions(config=cfg))
     tensors, layers = [], []
-    rep = verify(ca, open_checkpoint(tmp_path / "hf"), n_tokens=16, on_tensor=lambda n, b: tensors.append(b),
-                 on_layer=lambda done, total: layers.append((done, total)))
+
+    class Recorder(Progress):
+        def advance(self, amount: int = 1, item: str = "") -> None:
+            tensors.append(amount)
+
+        def update(self, done: int, total: int | None = None) -> None:
+            layers.append((done, total))
+
+    rep = verify(ca, open_checkpoint(tmp_path / "hf"), n_tokens=16, progress=Recorder())
     assert rep.passed and sum(tensors) == ca.nbytes and len(tensors) == len(sd)
     total = 2 * rep.tokens // 15 * cfg.num_hidden_layers  # two models, every prompt (15 predictions each)
     assert layers == [(i, total) for i in range(1, total + 1)]

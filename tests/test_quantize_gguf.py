@@ -27,7 +27,7 @@ MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "
 def work(tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra: pip install -e '.[test]'")
     d = tmp_path_factory.mktemp("q4")
-    to_gguf(MODEL, d / "f32.gguf", type_name="f32", quiet=True)
+    to_gguf(MODEL, d / "f32.gguf", type_name="f32")
     llama_quantize(d / "f32.gguf", d / "llama_q4_0.gguf", "Q4_0")
     llama_quantize(d / "f32.gguf", d / "llama_q4_0_bf16emb.gguf", "Q4_0", token_embedding_type="BF16")
     for m in ("rtn", "mse", "gptq"):

@@ -13,6 +13,7 @@ import torch
 
 from gemma2_convert.core.errors import OutputExistsError
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from tests.conftest import TINY_CONFIGS, make_hf_model
 
@@ -40,7 +41,7 @@ def test_transformers_loads_our_output_with_our_logits(src_dir, tmp_path, bits, 
     # (the default path expects an unpacked zero-point: see tests/test_compressed_tensors.py)
     kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", **kw)
-    ours = Gemma2ForCausalLM.from_pretrained(str(out))
+    ours = from_pretrained(out, Gemma2ForCausalLM)
     packed = [t for t in ours.checkpoint.tensors.values() if t.packed]
     assert len(packed) == 28  # the reference keeps the quantized weights packed
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))

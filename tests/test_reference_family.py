@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import (AutoModel, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
-                       Gemma2ForTokenClassification, Gemma2Model, HybridCache)
+from gemma2_convert.pipeline.load import from_pretrained
+from reference import (Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification,
+                       Gemma2Model, HybridCache)
 from tests.conftest import TINY_CONFIGS, hf_config
 
 TOL = 1e-4
@@ -43,7 +44,7 @@ def _ids(cfg, B=2, T=None, seed=1):
 def test_bare_model_hidden_states_and_attentions(name, tmp_path):
     cfg = TINY_CONFIGS[name]
     hf = _hf("Gemma2Model", cfg, tmp_path)
-    ours = AutoModel.from_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path)
     assert type(ours) is Gemma2Model
     ids = _ids(cfg)
     with torch.no_grad():
@@ -62,7 +63,7 @@ def test_bare_model_hidden_states_and_attentions(name, tmp_path):
 def test_causal_lm_loss_logits_to_keep_and_records(tmp_path):
     cfg = TINY_CONFIGS["gqa4"]
     hf = _hf("Gemma2ForCausalLM", cfg, tmp_path)
-    ours = AutoModel.from_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path)
     assert type(ours) is Gemma2ForCausalLM
     ids = _ids(cfg)
     labels = ids.clone()
@@ -87,7 +88,7 @@ def test_causal_lm_loss_logits_to_keep_and_records(tmp_path):
 def test_inputs_embeds_position_ids_and_cache_position(tmp_path):
     cfg = TINY_CONFIGS["gqa2"]
     hf = _hf("Gemma2ForCausalLM", cfg, tmp_path, seed=4)
-    ours = AutoModel.from_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path)
     ids = _ids(cfg, B=1, T=20)
     embeds = torch.randn(1, 20, cfg.hidden_size)
     pos = torch.arange(5, 25)[None]
@@ -110,7 +111,7 @@ def test_inputs_embeds_position_ids_and_cache_position(tmp_path):
 def test_sequence_classification(tmp_path, num_labels, padding):
     cfg = TINY_CONFIGS["gqa2"]
     hf = _hf("Gemma2ForSequenceClassification", cfg, tmp_path, seed=2, num_labels=num_labels)
-    ours = AutoModel.from_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path)
     assert type(ours) is Gemma2ForSequenceClassification and ours.config.num_labels == num_labels
     ids = _ids(cfg, B=3, T=2 * cfg.sliding_window + 3)
     mask = torch.ones_like(ids)
@@ -130,7 +131,7 @@ def test_sequence_classification(tmp_path, num_labels, padding):
 def test_token_classification(tmp_path):
     cfg = TINY_CONFIGS["mha"]
     hf = _hf("Gemma2ForTokenClassification", cfg, tmp_path, seed=3, num_labels=5)
-    ours = AutoModel.from_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path)
     assert type(ours) is Gemma2ForTokenClassification
     ids = _ids(cfg)
     labels = torch.randint(0, 5, ids.shape)
@@ -147,8 +148,8 @@ def test_specific_class_on_other_checkpoints(tmp_path):
     the checkpoint lacks is an error naming the missing tensor."""
     cfg = TINY_CONFIGS["mha"]
     _hf("Gemma2ForSequenceClassification", cfg, tmp_path)
-    bare = Gemma2Model.from_pretrained(str(tmp_path))
-    cls = AutoModel.from_pretrained(str(tmp_path))
+    bare = from_pretrained(tmp_path, Gemma2Model)
+    cls = from_pretrained(tmp_path)
     ids = _ids(cfg, B=1, T=10)
     assert torch.equal(bare(ids), cls(ids, return_dict=True, output_hidden_states=True).hidden_states[-1])
     causal_dir = tmp_path / "causal"
@@ -156,4 +157,4 @@ def test_specific_class_on_other_checkpoints(tmp_path):
     from gemma2_convert.core.errors import TensorMismatchError
 
     with pytest.raises(TensorMismatchError, match=r"missing 1 tensors: score\.weight"):
-        Gemma2ForSequenceClassification.from_pretrained(str(causal_dir))
+        from_pretrained(causal_dir, Gemma2ForSequenceClassification)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
 
@@ -65,7 +66,7 @@ def test_bf16_matches_transformers(name, tmp_path):
     make_hf_model(cfg, seed=5).save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
                                                            attn_implementation="eager")
-    ours = Gemma2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    ours = from_pretrained(tmp_path, Gemma2ForCausalLM, dtype=torch.bfloat16)
     ids = _ids(cfg, 2, 3 * cfg.sliding_window + 2, seed=6)
     with torch.no_grad():
         ref = hf(ids).logits.float()

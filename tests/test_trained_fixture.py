@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -82,7 +83,7 @@ def test_logits_match_transformers():
     hf = transformers.Gemma2ForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         ref = hf.eval()(rows).logits.float()
-    got = Gemma2ForCausalLM.from_pretrained(str(MODEL))(rows)
+    got = from_pretrained(MODEL, Gemma2ForCausalLM)(rows)
     d = (got - ref).abs()
     idx = tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape))
     assert d.max() <= 1e-4, f"max |Δ| {d.max():.3e} at {idx}: ours {got[idx]:.6f} vs transformers {ref[idx]:.6f}"
@@ -90,7 +91,7 @@ def test_logits_match_transformers():
 
 def test_heldout_perplexity_shows_training():
     rows = _eval_windows()
-    model = Gemma2ForCausalLM.from_pretrained(str(MODEL))
+    model = from_pretrained(MODEL, Gemma2ForCausalLM)
     total, count = 0.0, 0
     for i in range(0, len(rows), 16):
         nll, n = _nll(model(rows[i:i + 16]), rows[i:i + 16])

@@ -58,7 +58,7 @@ def hf_rows(work: Path, n_params: int) -> list[tuple]:
 
 def gguf_rows(work: Path, n_params: int, prompts: list[list[int]]) -> tuple[list[tuple], float]:
     f32 = work / "f32.gguf"
-    to_gguf(MODEL, f32, type_name="f32", quiet=True, force=True)
+    to_gguf(MODEL, f32, type_name="f32", force=True)
     base = torch.cat(llama_cpp_logits(f32, prompts))
     targets = torch.cat([torch.tensor(p[1:]) for p in prompts])
     files: list[tuple[str, str, Path]] = []

@@ -1,18 +1,21 @@
-"""Terminal output: rich tables, progress bars that stay quiet when not on a terminal."""
+"""Terminal output: rich consoles and tables, one-line warnings and errors, and the progress display
+(:class:`RichProgress`), which stays quiet when not on a terminal."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.console import Console, RenderableType
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import Progress as RichDisplay
 from rich.table import Table
+from rich.text import Text
 
-from gemma2_convert.core.units import human_bytes
+from gemma2_convert.core.progress import Progress
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -27,69 +30,93 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     return t
 
 
-class ByteProgress:
-    """Per-tensor progress in bytes; ``advance(name, nbytes)`` is the writers' ``on_tensor`` callback."""
-
-    def __init__(self, progress: Progress | None, task: Any) -> None:
-        self.progress, self.task = progress, task
-
-    def advance(self, name: str, nbytes: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=nbytes, description=name[-48:])
+def one_line(message: object) -> str:
+    """``message`` with its whitespace runs (newlines included) folded into single spaces."""
+    return " ".join(str(message).split())
 
 
-@contextmanager
-def byte_progress(total: int | None, label: str, quiet: bool = False) -> Iterator[ByteProgress]:
-    """A bytes/s + ETA bar on stderr (``total`` None: size unknown); silent under ``quiet`` or when stderr
-    is not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        yield ByteProgress(None, None)
-        return
-    cols = (TextColumn(f"{label} [dim]{{task.description}}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*cols, console=err, transient=True) as p:
-        yield ByteProgress(p, p.add_task("", total=total))
+def print_warning(message: object, console: Console = err) -> None:
+    """``warning: message`` on one line (plain text, never markup)."""
+    console.print(f"[yellow]warning:[/] {escape(one_line(message))}", soft_wrap=True, highlight=False)
 
 
-class VerifyProgress:
-    """Verification's two phases on one display: tensors compared (bytes), then reference forward passes
-    (decoder layers run). ``tensor`` and ``layer`` are :func:`gemma2_convert.pipeline.verify.verify`'s callbacks."""
+def print_error(message: object, console: Console = err) -> None:
+    """``error: message`` on one line (plain text, never markup)."""
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True, highlight=False)
 
-    def __init__(self, progress: Progress | None, total_bytes: int, label: str = "comparing tensors") -> None:
-        self.progress, self.total_bytes, self.label = progress, total_bytes, label
-        self.bytes_task = self.layers_task = None
-        self.done_bytes = 0
 
-    def tensor(self, name: str, nbytes: int) -> None:
-        if self.progress is None:
+class PhaseColumn(ProgressColumn):
+    """What a phase's row shows after its label: a bar, size, speed and ETA for unit "bytes"; a bar, a count
+    and ETA for other units; a spinner and the amount so far when the total is unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spinner, self.bar, self.eta = SpinnerColumn(), BarColumn(), TimeRemainingColumn()
+        self.size, self.speed = DownloadColumn(), TransferSpeedColumn()
+
+    def render(self, task: Task) -> RenderableType:
+        unit = task.fields.get("unit", "bytes")
+        cells: list[RenderableType] = [self.spinner.render(task) if task.total is None else self.bar.render(task)]
+        if unit == "bytes":
+            cells += [self.size.render(task), self.speed.render(task)]
+        else:
+            total = "" if task.total is None else f"/{task.total:.0f}"
+            cells.append(Text(f"{task.completed:.0f}{total} {unit}", style="progress.download"))
+        if task.total is not None:
+            cells.append(self.eta.render(task))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(*cells)
+        return grid
+
+
+class RichProgress(Progress):
+    """:class:`~gemma2_convert.core.progress.Progress` drawn on stderr with rich, one row per open phase
+    (nested phases stack). Silent under ``quiet`` or when the console is not a terminal; warnings print
+    either way, one line each. A context manager: the display stops also when the work raises."""
+
+    def __init__(self, quiet: bool = False, console: Console = err) -> None:
+        self.console = console
+        self.display: RichDisplay | None = None
+        if not quiet and console.is_terminal:
+            self.display = RichDisplay(TextColumn("{task.description} [dim]{task.fields[item]}"), PhaseColumn(),
+                                       console=console, transient=True)
+        self.tasks: list[TaskID] = []
+
+    def begin(self, label: str, total: int | None = None, unit: str = "bytes") -> None:
+        if self.display is None:
             return
-        if self.bytes_task is None:
-            self.bytes_task = self.progress.add_task(self.label, total=self.total_bytes, amount="")
-        self.done_bytes += nbytes
-        self.progress.update(self.bytes_task, advance=nbytes,
-                             amount=f"{human_bytes(self.done_bytes)} / {human_bytes(self.total_bytes)}")
+        if not self.tasks:
+            self.display.start()
+        self.tasks.append(self.display.add_task(escape(label), total=total, unit=unit, item=""))
 
-    def layer(self, done: int, total: int) -> None:
-        if self.progress is None:
+    def advance(self, amount: int = 1, item: str = "") -> None:
+        if self.display is not None and self.tasks:
+            fields = {"item": escape(item[-48:])} if item else {}
+            self.display.update(self.tasks[-1], advance=amount, **fields)
+
+    def update(self, done: int, total: int | None = None) -> None:
+        if self.display is not None and self.tasks:
+            self.display.update(self.tasks[-1], completed=done, **({} if total is None else {"total": total}))
+
+    def end(self) -> None:
+        if self.display is None or not self.tasks:
             return
-        if self.layers_task is None:
-            self.layers_task = self.progress.add_task("reference forward", total=total, amount="")
-        self.progress.update(self.layers_task, completed=done, total=total, amount=f"{done}/{total} layers")
+        self.display.remove_task(self.tasks.pop())
+        if not self.tasks:
+            self.display.stop()
 
+    def warn(self, message: str) -> None:
+        print_warning(message, self.console)
 
-@contextmanager
-def verify_progress(total_bytes: int, quiet: bool = False, label: str = "comparing tensors") -> Iterator[VerifyProgress]:
-    """Bars for :class:`VerifyProgress` on stderr (``label`` names the per-tensor phase); silent under
-    ``quiet`` or when stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        yield VerifyProgress(None, total_bytes, label)
-        return
-    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"), TimeRemainingColumn())
-    with Progress(*cols, console=err, transient=True) as p:
-        yield VerifyProgress(p, total_bytes, label)
+    def close(self) -> None:
+        """End every open phase and stop the display."""
+        while self.tasks:
+            self.end()
 
+    def __enter__(self) -> RichProgress:
+        return self
 
-def spinner(label: str, quiet: bool = False) -> AbstractContextManager[Any]:
-    """A spinner with ``label`` on stderr for work of unknown length; silent like ``byte_progress``."""
-    return nullcontext() if quiet or not err.is_terminal else err.status(label)
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 

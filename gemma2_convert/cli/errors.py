@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import click
 
+from gemma2_convert.cli.console import print_error
 from gemma2_convert.core.errors import ConversionError
 
 T = TypeVar("T")
@@ -30,22 +31,8 @@ def quick_exit() -> None:
 
 def fail(message: str, code: int) -> None:
     """Print ``error: message`` (plain text, never markup, on one line) on stderr and exit."""
-    from rich.markup import escape
-
-    from gemma2_convert.cli.console import err
-
-    line = " ".join(str(message).split())
-    err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+    print_error(message)
     sys.exit(code)
-
-
-def warn(message: str) -> None:
-    """Print ``warning: message`` (plain text, on one line) on stderr."""
-    from rich.markup import escape
-
-    from gemma2_convert.cli.console import err
-
-    err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", soft_wrap=True, highlight=False)
 
 
 def _os_error(e: OSError) -> tuple[str, int]:

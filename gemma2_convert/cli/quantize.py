@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from gemma2_convert import __version__
+from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.errors import GuardedCommand, quick_exit
+from gemma2_convert.cli.render import print_quantization
+from gemma2_convert.pipeline.quantize import FORMATS
+from quant.spec import GROUP_SIZES, METHODS
 
 
-def _group(value: str) -> int | None | str:
+def parse_group_size(value: str) -> int | None | str:
+    """``--group-size``: a size, 'channel' (None: one scale per output row) or 'auto'."""
     if value == "auto":
         return "auto"
     if value == "channel":
         return None
-    if value in ("32", "64", "128", "256"):
+    if value in map(str, GROUP_SIZES):
         return int(value)
-    raise click.BadParameter(f"{value!r}; use 32, 64, 128, 256, channel or auto")
+    raise click.BadParameter(f"{value!r}; use {', '.join(map(str, GROUP_SIZES))}, channel or auto")
 
 
 @click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,10 +35,10 @@ def _group(value: str) -> int | None | str:
                    "auto: 128 for --format hf, 32 for --format gguf.")
 @click.option("--scheme", type=click.Choice(["sym", "asym"]), default="sym", show_default=True,
               help="Symmetric (scale only) or asymmetric (scale + zero point).")
-@click.option("--method", type=click.Choice(["rtn", "mse", "hqq", "gptq"]), default="mse", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="mse", show_default=True,
               help="rtn: min/max; mse: least-squares scale search; hqq: half-quadratic zero-point fit; "
                    "gptq: Hessian-based error feedback, calibrated on --calibration text.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,
               help="hf: compressed-tensors pack-quantized directory (transformers, vLLM); gguf: llama.cpp file.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text for gptq calibration (default: a built-in sample; longer is better).")
@@ -63,48 +67,13 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
       gemma2-quantize ./gemma-2-2b-hf gemma-2-2b-q4.gguf --format gguf --method mse
       gemma2-quantize model.ckpt ./int4-gptq --method gptq --calibration wiki.txt --eval held-out.txt
     """
-    from gemma2_convert.cli.console import verify_progress
-    from gemma2_convert.formats import open_checkpoint
-    from gemma2_convert.formats.output import check_output
     from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 
-    opts = QuantizeOptions(int(bits), _group(group_size), scheme == "sym", method, fmt, embedding,
+    opts = QuantizeOptions(int(bits), parse_group_size(group_size), scheme == "sym", method, fmt, embedding,
                            calibration, eval_text, verify_output, force, allow_nonfinite)
-    check_output(out, force, [src])  # before reading anything
-    ckpt = open_checkpoint(src)
-    with verify_progress(ckpt.nbytes, quiet or as_json, label="quantizing") as bar:
-        res = quantize_checkpoint(ckpt, out, opts, on_tensor=bar.tensor, on_layer=bar.layer, warn=_warn)
-    print_result(res, as_json)
-
-
-def _warn(message: str) -> None:
-    from gemma2_convert.cli.errors import warn
-
-    warn(message)
-
-
-def print_result(res, as_json: bool) -> None:
-    from gemma2_convert.cli.console import human_bytes, out, table
-
-    stats = sorted(res.stats, key=lambda s: s.sqnr_db)
-    if as_json:
-        click.echo(json.dumps({"output": str(res.out), "format": res.format, "quantized": res.quantized,
-                               "kept": res.kept, "source_bytes": res.source_bytes, "output_bytes": res.output_bytes,
-                               "quality": res.quality, "tensors": [s.__dict__ for s in stats]}, indent=2))
-        return
-    out.print(table(f"gemma2-quantize → {res.out}", ["tensor", "spec", "SQNR dB", "rel. RMSE"],
-                    [(s.name, s.spec, f"{s.sqnr_db:.2f}", f"{s.rel_rmse:.4f}") for s in stats[:8]]
-                    + ([("…", f"{len(stats) - 8} more", "", "")] if len(stats) > 8 else [])))
-    rows = [("tensors quantized / kept", f"{res.quantized} / {res.kept}"),
-            ("size", f"{human_bytes(res.source_bytes)} → {human_bytes(res.output_bytes)}")]
-    q = res.quality
-    if q:
-        rows += [("mean KL (source ‖ quantized)", f"{q['mean_kl']:.5f}"), ("top-1 agreement", f"{q['top1']:.2%}"),
-                 ("perplexity source / quantized", f"{q['ppl_a']:.3f} / {q['ppl_b']:.3f}"),
-                 ("eval tokens", q["tokens"]),
-                 ("reference weight memory", f"{human_bytes(q['weights_bytes_packed'])} packed vs "
-                                             f"{human_bytes(q['weights_bytes_dense_fp32'])} dense fp32")]
-    out.print(table("quality", ["", ""], rows))
+    with RichProgress(quiet or as_json) as progress:
+        res = quantize_checkpoint(src, out, opts, progress)
+    print_quantization(res, as_json)
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ memory, reclaim: 5.2 GB of plain ``write`` calls took 3.4–14.5 s of system tim
 Through ``O_DIRECT`` the disk reads the bytes from a page-aligned staging buffer: 0.3–0.4 s of system time and
 3.3–3.5 s for the same 5.2 GB, already durable. Bytes are gathered in the buffer and written in whole blocks;
 the last block is padded with zeros and the file truncated to its length. Where ``O_DIRECT`` is refused (tmpfs
-on older kernels, some network filesystems; the first write says so) or switched off with
-``GEMMA2_CONVERT_DIRECT_IO=0``, plain writes with write-behind (``write_behind.py``). The file's bytes are the
+on older kernels, some network filesystems; the first write says so) or not asked for (``direct=False``;
+the commands' ``--no-direct-io``), plain writes with write-behind (``write_behind.py``). The file's bytes are the
 same either way.
 """
 
@@ -24,20 +24,16 @@ BLOCK = 4096
 """Offset, length and address alignment of direct writes (the largest logical block size in common use)."""
 STAGING = 8 << 20
 """Bytes gathered per direct write (a multiple of ``BLOCK``)."""
-ENV = "GEMMA2_CONVERT_DIRECT_IO"
-
-
-def _direct_wanted() -> bool:
-    return hasattr(os, "O_DIRECT") and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class SequentialWriter:
     """Write ``f`` (just opened ``"wb"``) front to back with ``write``; ``finish`` flushes, fsyncs and returns
-    the size. One thread only. ``direct`` says whether the page cache is bypassed."""
+    the size. One thread only. ``direct``: bypass the page cache where the filesystem allows it (the attribute
+    then says whether it is bypassed)."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, direct: bool = True) -> None:
         self.f, self.fd, self.size = f, f.fileno(), 0
-        self.direct = _direct_wanted() and self._set_direct(True)
+        self.direct = direct and hasattr(os, "O_DIRECT") and self._set_direct(True)
         self.buf = mmap.mmap(-1, STAGING) if self.direct else None  # anonymous mmap: page-aligned
         self.view = memoryview(self.buf) if self.buf is not None else None
         self.fill = 0
@@ -105,4 +101,4 @@ class SequentialWriter:
         return self.size
 
 
-__all__ = ["BLOCK", "ENV", "STAGING", "SequentialWriter"]
+__all__ = ["BLOCK", "STAGING", "SequentialWriter"]

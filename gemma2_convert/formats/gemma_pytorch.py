@@ -24,6 +24,7 @@ from gemma2_convert.formats import torch_zip
 from gemma2_convert.formats.hf import config_for_output
 from gemma2_convert.formats.orig_config import ShapeOptions, infer_config
 from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.stored import Stored, torch_rows
 from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
@@ -122,6 +123,20 @@ def to_hf(tensors: Mapping[str, LazyTensor], cfg: Gemma2Config) -> dict[str, Laz
             continue
         for j, (target, rows) in enumerate(zip(targets, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim))):
             out[target] = src.map(lambda t, j=j: split_qkv(t, cfg)[j], shape=(rows, *src.shape[1:]))
+    return out
+
+
+def from_hf(tensors: Mapping[str, LazyTensor], cfg: Gemma2Config) -> dict[str, LazyTensor]:
+    """HF-named lazy tensors → gemma_pytorch-named ones; q, k, v fused by rows (the inverse of ``to_hf``)."""
+    out: dict[str, LazyTensor] = {}
+    for _, name, targets in expand(cfg.num_hidden_layers):
+        parts = [tensors[t] for t in targets]
+        if len(parts) == 1:
+            out[name] = parts[0]
+            continue
+        rows = sum(p.shape[0] for p in parts)  # [(N + 2K)·D, H]
+        out[name] = LazyTensor((rows, *parts[0].shape[1:]), parts[0].dtype,
+                               lambda parts=parts: fuse_qkv(*(p.load() for p in parts)))
     return out
 
 
@@ -250,7 +265,21 @@ def _detect(p: Path) -> bool:
     return head != b"GGUF" and (p.suffix in TORCH_SUFFIXES or head == torch_zip.ZIP_MAGIC or head[:1] == b"\x80")
 
 
+def stored_gemma_pytorch(path: Path) -> Stored:
+    """The state dict as stored (int8 weights and their scalers included)."""
+    files, state = read_state(path)
+    meta = {"files": [str(f.relative_to(path)) if f != path else f.name for f in files],
+            "int8": any(n.endswith("weight_scaler") for n in state)}
+    return Stored(torch_rows(state), {n: LazyTensor.of(t) for n, t in state.items()}, meta)
+
+
+def check_source_integrity(ckpt: Checkpoint) -> None:
+    """Every zip record's CRC-32 of the checkpoint's files, re-read (flipped data bytes fail here)."""
+    torch_zip.check_integrity([Path(f) for f in json.loads(ckpt.metadata.get("files", "[]"))])
+
+
 @register_reader("gemma_pytorch", "a gemma_pytorch model.ckpt, a directory holding one, or a sharded directory "
-                 f"with {INDEX}", _detect)
+                 f"with {INDEX}", _detect, stored=stored_gemma_pytorch, original=True,
+                 integrity=check_source_integrity)
 def open_gemma_pytorch(path: Path, options: ShapeOptions | None = None, **_: object) -> Checkpoint:
     return open_orig(path, options)[0]

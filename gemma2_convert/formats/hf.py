@@ -8,12 +8,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gemma2_convert import __version__
 from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError
-from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats.dense import (checked_cast, materialize_tokenizer, output_dtype, provenance, tokenizer_bytes,
+                                         tokenizer_file, tolerance)
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_reader, register_writer
+from gemma2_convert.formats.stored import Stored, json_file, safetensors_rows, summary
 from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.units import parse_size
@@ -93,7 +99,24 @@ def _gemma2_config(path: Path) -> Path:
     return path
 
 
-@register_reader("hf", "a Hugging Face directory with config.json and *.safetensors", _is_hf_dir)
+def stored_hf(path: Path) -> Stored:
+    """The directory as stored: its shards' tensors, config.json, provenance and added tokens."""
+    files = shard_files(path)
+    rows, tensors, st_meta = safetensors_rows([path / f for f in files])
+    raw = json_file(path / "config.json")
+    meta: dict[str, Any] = {"files": files, **{f"safetensors.{k}": summary(v) for k, v in st_meta.items()}}
+    quant = (raw or {}).get("quantization_config")
+    if isinstance(quant, dict):
+        meta["quantization"] = f"{quant.get('quant_method')} ({quant.get('format', '?')})"
+    tok_cfg = json_file(path / "tokenizer_config.json") or {}
+    added = tok_cfg.get("added_tokens_decoder")
+    special = ({str(e.get("content")): bool(e.get("special")) for e in added.values() if isinstance(e, dict)}
+               if isinstance(added, dict) else None)
+    return Stored(rows, tensors, meta, json_file(path / "gemma2_convert.json"), raw, special_tokens=special)
+
+
+@register_reader("hf", "a Hugging Face directory with config.json and *.safetensors", _is_hf_dir,
+                 stored=stored_hf)
 def open_hf_dir(path: Path, **_: object) -> Checkpoint:
     config = Gemma2Config.from_json_file(_gemma2_config(path / "config.json"))
     raw_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -142,6 +165,7 @@ def write_hf_dir(
     out: Path, config: Gemma2Config, items: list[tuple[str, LazyTensor]], *,
     max_shard_size: int | str = "5GB", tokenizer: Path | None = None, provenance: dict | None = None,
     extra_config: dict | None = None, on_tensor: Callable[[str, int], None] | None = None,
+    direct_io: bool = True,
 ) -> list[Path]:
     """Write an HF model directory into ``out`` (an existing empty directory); return the files."""
     for name, t in items:
@@ -153,7 +177,7 @@ def write_hf_dir(
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     written = []
     for fname, shard in zip(names, shards):
-        write_safetensors(out / fname, shard, {"format": "pt"}, on_tensor)
+        write_safetensors(out / fname, shard, {"format": "pt"}, on_tensor, direct_io)
         written.append(out / fname)
     if n > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for _, t in items)},
@@ -176,3 +200,26 @@ def write_hf_dir(
 def _write_json(path: Path, obj: object) -> Path:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def prepare_hf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -> WriteJob:
+    """Plan ``ckpt`` as an HF directory: cast tensors, the tokenizer to ship, provenance, size, tolerance."""
+    dtype = output_dtype(ckpt, opts, progress)
+    tok = tokenizer_file(ckpt, opts, progress)
+    items = checked_cast(ckpt, ckpt.tensors, dtype, opts, progress)
+    prov = provenance(ckpt, opts.command, {"dtype": opts.dtype, "max_shard_size": str(opts.max_shard_size),
+                                           "tokenizer": str(tok) if tok else None, "verify": opts.verify})
+    size = sum(t.nbytes for _, t in items)
+
+    def write(tmp: Path, progress: Progress) -> list[str]:
+        files = write_hf_dir(tmp, ckpt.config, items, max_shard_size=opts.max_shard_size,
+                             tokenizer=materialize_tokenizer(ckpt, tok, tmp), provenance=prov,
+                             on_tensor=progress.on_tensor, direct_io=opts.direct_io)
+        return sorted(p.name for p in files)
+
+    return WriteJob(config_for_output(ckpt.config, items), size + tokenizer_bytes(ckpt, tok), size,
+                    tolerance(ckpt, dtype), write)
+
+
+register_writer(Writer("hf", "a Hugging Face model directory (config, sharded safetensors, tokenizer files)",
+                       directory=True, prepare=prepare_hf, reads_back_as="hf"))

@@ -15,6 +15,7 @@ its chunks: zarr_check.py) and read on ``load()``, one at a time; bfloat16 arriv
 
 from __future__ import annotations
 
+import math
 import ast
 import json
 from collections.abc import Mapping
@@ -29,8 +30,9 @@ from gemma2_convert.core.errors import FormatError, UnsupportedError, check_name
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.stored import Stored, TensorRow
 from gemma2_convert.formats.zarr_check import check_chunks
-from gemma2_convert.core.lazy import LazyTensor, Shape
+from gemma2_convert.core.lazy import LazyTensor, Shape, dtype_nbytes
 
 METADATA = "_METADATA"
 MANIFEST = "manifest.ocdbt"
@@ -134,7 +136,8 @@ def read_tree_metadata(d: Path) -> TreeMetadata:
 
 # ---- the arrays ------------------------------------------------------------------------------
 
-def _tensorstore(where: Path | None = None):
+def tensorstore_module(where: Path | None = None) -> Any:
+    """The tensorstore module (imported on first use: it is an optional extra); UnsupportedError says how to get it."""
     try:
         import tensorstore
     except ImportError:
@@ -247,7 +250,7 @@ def _check_header(name: str, shape: Shape, meta: TreeMetadata, where: Path) -> N
 def open_arrays(d: Path, meta: TreeMetadata) -> dict[str, OrbaxArray]:
     """Open every array ``_METADATA`` lists and check its header (zarr_check.py); one FormatError lists
     all that are missing, or names the first array whose header lies."""
-    ts = _tensorstore(d)
+    ts = tensorstore_module(d)
     ctx = ts.Context()
     ocdbt = meta.use_ocdbt if meta.use_ocdbt is not None else bool(_ocdbt_bases(d))
     stored = _ocdbt_arrays(d, meta, ts, ctx) if ocdbt else _dir_arrays(d, meta)
@@ -300,8 +303,17 @@ def read_arrays(path: Path) -> tuple[Path, dict[str, OrbaxArray], fm.FlaxDims]:
     return d, arrays, dims
 
 
+def stored_orbax(path: Path) -> Stored:
+    """The arrays as the checkpoint stores them (names, shapes, dtypes; nothing read)."""
+    d, arrays, _ = read_arrays(path)
+    rows = [TensorRow(n, a.shape, str(a.dtype).removeprefix("torch."), math.prod(a.shape) * dtype_nbytes(a.dtype))
+            for n, a in arrays.items()]
+    meta = {"checkpoint_dir": "." if d == path else str(d.relative_to(path))}
+    return Stored(rows, {n: a.lazy() for n, a in arrays.items()}, meta)
+
+
 @register_reader("orbax", "an Orbax (Flax/JAX) checkpoint directory with _METADATA, or a Kaggle Flax archive "
-                 "directory holding tokenizer.model and one", _detect)
+                 "directory holding tokenizer.model and one", _detect, stored=stored_orbax, original=True)
 def open_orbax(path: Path, options: ShapeOptions | None = None, tokenizer: str | Path | None = None,
                **_: object) -> Checkpoint:
     from gemma2_convert.formats.tokenizer.spm import find_tokenizer

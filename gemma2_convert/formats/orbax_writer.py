@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,10 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from gemma2_convert.core.dtypes import FLOAT_DTYPES, dominant_dtype
 from gemma2_convert.core.errors import TensorMismatchError, check_names
+from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats.dense import (checked_cast, materialize_tokenizer, output_dtype, tokenizer_bytes,
+                                         tokenizer_file, tolerance)
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_writer
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.gemma_pytorch import check_shapes
-from gemma2_convert.formats.orbax import METADATA, _tensorstore
+from gemma2_convert.formats.orbax import METADATA, tensorstore_module
 from gemma2_convert.core.lazy import LazyTensor, Shape
 from gemma2_convert.formats.output import atomic_output
 from reference.config import Gemma2Config
@@ -114,13 +121,8 @@ def _write_arrays(root: Path, ts: Any, d: fm.FlaxDims, tensors: Mapping[str, Laz
     return shapes
 
 
-def write_orbax(path: str | Path, cfg: Gemma2Config, tensors: Mapping[str, LazyTensor], *, rows: int | None = None,
-                gating_transposed: bool = False) -> Path:
-    """Write HF-named tensors of ``cfg`` (one dtype: bfloat16, float16 or float32) as an Orbax checkpoint
-    directory at ``path``, which must not exist or be empty; returns ``path``. ``rows``: embedding rows to
-    store, ≥ the vocabulary (the released 256128 pad 256000; here with zero rows); ``gating_transposed``:
-    gating_einsum [2, I, H] like the released 9B/27B, else [2, H, I] like the released 2B."""
-    path = Path(path)
+def check_orbax_input(cfg: Gemma2Config, tensors: Mapping[str, LazyTensor], rows: int | None, path: Path) -> torch.dtype:
+    """The one dtype of ``tensors``, after checking names, shapes and ``rows`` against ``cfg``."""
     want = expected_shapes(cfg)
     check_names(want, tensors, path, what="tensors")
     check_shapes(want, {k: t.shape for k, t in tensors.items()}, path)
@@ -130,13 +132,58 @@ def write_orbax(path: str | Path, cfg: Gemma2Config, tensors: Mapping[str, LazyT
     if len(dtypes) != 1 or dtypes[0] not in DTYPES:
         raise TensorMismatchError(f"expected tensors of one dtype of {', '.join(DTYPES.values())}, got "
                                   f"{', '.join(str(t).removeprefix('torch.') for t in dtypes)}", path)
-    ts = _tensorstore(path)
+    return dtypes[0]
+
+
+def write_orbax_dir(out: Path, cfg: Gemma2Config, tensors: Mapping[str, LazyTensor], *, rows: int | None = None,
+                    gating_transposed: bool = False) -> list[str]:
+    """Write the checkpoint's files into ``out`` (an existing empty directory); returns their names."""
+    dtype = check_orbax_input(cfg, tensors, rows, out)
+    ts = tensorstore_module(out)
     t0 = time.time_ns()
+    shapes = _write_arrays(out, ts, fm.dims_of(cfg, rows, gating_transposed), tensors, dtype)
+    (out / METADATA).write_text(json.dumps(tree_metadata(shapes)))
+    (out / "_sharding").write_text(json.dumps(_sharding(list(shapes))))
+    (out / "_CHECKPOINT_METADATA").write_text(json.dumps({
+        "item_handlers": HANDLER, "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": t0,
+        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+    return sorted(p.name for p in out.iterdir())
+
+
+def write_orbax(path: str | Path, cfg: Gemma2Config, tensors: Mapping[str, LazyTensor], *, rows: int | None = None,
+                gating_transposed: bool = False) -> Path:
+    """Write HF-named tensors of ``cfg`` (one dtype: bfloat16, float16 or float32) as an Orbax checkpoint
+    directory at ``path``, which must not exist or be empty; returns ``path``. ``rows``: embedding rows to
+    store, ≥ the vocabulary (the released 256128 pad 256000; here with zero rows); ``gating_transposed``:
+    gating_einsum [2, I, H] like the released 9B/27B, else [2, H, I] like the released 2B."""
+    path = Path(path)
+    check_orbax_input(cfg, tensors, rows, path)
+    tensorstore_module(path)
     with atomic_output(path, directory=True) as tmp:
-        shapes = _write_arrays(tmp, ts, fm.dims_of(cfg, rows, gating_transposed), tensors, dtypes[0])
-        (tmp / METADATA).write_text(json.dumps(tree_metadata(shapes)))
-        (tmp / "_sharding").write_text(json.dumps(_sharding(list(shapes))))
-        (tmp / "_CHECKPOINT_METADATA").write_text(json.dumps({
-            "item_handlers": HANDLER, "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": t0,
-            "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}}))
+        write_orbax_dir(tmp, cfg, tensors, rows=rows, gating_transposed=gating_transposed)
     return path
+
+
+def prepare_orbax(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -> WriteJob:
+    """Plan ``ckpt`` as an Orbax checkpoint directory (one dtype: ``--dtype``, or the source's most common),
+    with the tokenizer.model beside its arrays."""
+    dtype = output_dtype(ckpt, opts, progress) or FLOAT_DTYPES[dominant_dtype([t.dtype for t in ckpt.tensors.values()])]
+    tensorstore_module(ckpt.path)
+    tok = tokenizer_file(ckpt, opts, progress)
+    items = dict(checked_cast(ckpt, ckpt.tensors, dtype, opts, progress))
+    size = sum(t.nbytes for t in items.values())
+
+    def write(tmp: Path, progress: Progress) -> list[str]:
+        counted = {n: t.map(lambda x, n=n, b=t.nbytes: (progress.on_tensor(n, b), x)[1]) for n, t in items.items()}
+        names = write_orbax_dir(tmp, ckpt.config, counted)
+        tok_path = materialize_tokenizer(ckpt, tok, tmp)
+        if tok_path is not None and tok_path.parent != tmp:
+            shutil.copyfile(tok_path, tmp / "tokenizer.model")
+        return sorted({*names, "tokenizer.model"} if (tmp / "tokenizer.model").exists() else names)
+
+    return WriteJob(ckpt.config.replace(torch_dtype=DTYPES[dtype]), size + tokenizer_bytes(ckpt, tok) + (1 << 20),
+                    size, tolerance(ckpt, dtype), write)
+
+
+register_writer(Writer("orbax", "an Orbax (Flax/JAX) checkpoint directory, written with tensorstore (no JAX)",
+                       directory=True, prepare=prepare_orbax, reads_back_as="orbax"))

@@ -199,7 +199,7 @@ def write_tensor_bytes(f: BinaryIO | SequentialWriter, t: torch.Tensor) -> None:
 
 def write_safetensors(
     path: str | Path, items: list[tuple[str, LazyTensor]], metadata: Mapping[str, str] | None = None,
-    on_tensor: Any = None,
+    on_tensor: Any = None, direct_io: bool = True,
 ) -> int:
     """Stream tensors into ``path`` one at a time (header first: shapes are known up front), with direct I/O
     where the filesystem allows it (``direct_write.SequentialWriter``).
@@ -208,7 +208,7 @@ def write_safetensors(
     """
     path = Path(path)
     with open(path, "wb") as f:
-        sink = SequentialWriter(f)
+        sink = SequentialWriter(f, direct_io)
         sink.write(build_header(items, metadata))
         for name, lt in items:
             t = lt.load()

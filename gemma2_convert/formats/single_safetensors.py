@@ -20,17 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemma2_convert.core.errors import ConfigError, FormatError, check_names
-from gemma2_convert.formats.gemma_pytorch import orig_names, to_hf
+from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats.dense import checked_cast, output_dtype, provenance, tolerance
+from gemma2_convert.formats.gemma_pytorch import from_hf, orig_names, to_hf
 from gemma2_convert.formats.hf import config_for_output, drop_tied_head
-from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.options import NAMES, ConvertOptions
+from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_reader, register_writer
 from gemma2_convert.formats.safetensors import SafetensorsFile, write_safetensors
+from gemma2_convert.formats.stored import Stored, json_text, safetensors_rows, summary
 from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
 
 CONFIG_KEY = "gemma2.config"
 NAMES_KEY = "gemma2.names"
 PROVENANCE_KEY = "gemma2.provenance"
-NAMES = ("hf", "orig")
 
 
 def _detect(p: Path) -> bool:
@@ -48,8 +51,15 @@ def _detect(p: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{" and head[:4] != b"GGUF"
 
 
+def stored_single(path: Path) -> Stored:
+    """The file as stored: its tensors, and its metadata less the config and provenance (shown apart)."""
+    rows, tensors, meta = safetensors_rows([path])
+    shown = {k: summary(v) for k, v in meta.items() if k not in (CONFIG_KEY, PROVENANCE_KEY)}
+    return Stored(rows, tensors, shown, json_text(meta.get(PROVENANCE_KEY)), json_text(meta.get(CONFIG_KEY)))
+
+
 @register_reader("safetensors", "one .safetensors file with the model config in its __metadata__ "
-                 "(written by orig-to-safetensors)", _detect)
+                 "(written by orig-to-safetensors)", _detect, stored=stored_single)
 def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
     f = SafetensorsFile(path)
     if CONFIG_KEY not in f.metadata:
@@ -80,6 +90,7 @@ def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
 def write_single_safetensors(
     path: Path, config: Gemma2Config, items: list[tuple[str, LazyTensor]], *, names: str = "hf",
     provenance: dict | None = None, on_tensor: Callable[[str, int], None] | None = None,
+    direct_io: bool = True,
 ) -> int:
     """Write ``items`` (already named per ``names``) with the config in the metadata; returns bytes written."""
     if names not in NAMES:
@@ -90,4 +101,24 @@ def write_single_safetensors(
         NAMES_KEY: names,
         PROVENANCE_KEY: json.dumps(provenance or {}, separators=(",", ":")),
     }
-    return write_safetensors(path, items, meta, on_tensor)
+    return write_safetensors(path, items, meta, on_tensor, direct_io)
+
+
+def prepare_single(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -> WriteJob:
+    """Plan ``ckpt`` as one safetensors file under ``opts.names`` (hf, or gemma_pytorch's fused qkv)."""
+    dtype = output_dtype(ckpt, opts, progress)
+    tensors = ckpt.tensors if opts.names == "hf" else from_hf(ckpt.tensors, ckpt.config)
+    items = checked_cast(ckpt, tensors, dtype, opts, progress)
+    prov = provenance(ckpt, opts.command, {"dtype": opts.dtype, "names": opts.names, "verify": opts.verify})
+    size = sum(t.nbytes for _, t in items)
+
+    def write(tmp: Path, progress: Progress) -> list[str]:
+        write_single_safetensors(tmp, ckpt.config, items, names=opts.names, provenance=prov,
+                                 on_tensor=progress.on_tensor, direct_io=opts.direct_io)
+        return []
+
+    return WriteJob(config_for_output(ckpt.config, items), size + (1 << 20), size, tolerance(ckpt, dtype), write)
+
+
+register_writer(Writer("safetensors", "one .safetensors file with the config in its __metadata__",
+                       directory=False, prepare=prepare_single, reads_back_as="safetensors"))

@@ -1,44 +1,41 @@
-"""The library behind ``orig-to-hf``, ``orig-to-safetensors`` and ``verify``: read → cast → write → verify.
+"""The one conversion pipeline: check output → open → plan → size check → atomic write → verify.
 
-Tensors stream one at a time from the mmap'd source into the file being written (nothing holds the
-model); the output goes to a temporary sibling that is verified, then renamed into place, so a failed
-or interrupted run leaves nothing at the output path.
+``convert(src, out, options)`` reads any registered input and writes any registered output
+(``formats.registry``): tensors stream one at a time from the mapped source into the file being
+written; the output goes to a temporary sibling that is verified against the source, then renamed
+into place, so a failed or interrupted run leaves nothing at the output path. Every conversion
+command is this one call with its options (``orig-to-hf`` = inputs restricted to the original
+formats, ``to`` hf, and so on).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from gemma2_convert import __version__
-from gemma2_convert.core.errors import ConfigError
-from gemma2_convert.formats import Checkpoint, open_checkpoint
-from gemma2_convert.formats.gemma_pytorch import open_orig
-from gemma2_convert.core.units import parse_size
-from gemma2_convert.formats.hf import config_for_output, write_hf_dir
+from gemma2_convert.core.errors import UnknownFormatError
+from gemma2_convert.core.progress import SILENT, Progress, Warnings
+from gemma2_convert.formats import READERS, Checkpoint, detect_format, open_checkpoint
+from gemma2_convert.formats.dense import source_files
+from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.orig_config import ShapeOptions
-from gemma2_convert.formats.torch_zip import check_integrity, fingerprint
-from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats.output import atomic_output, check_output
-from gemma2_convert.pipeline.verify import Tolerance, VerifyReport, require, verify
-from gemma2_convert.formats.weight_check import WeightCheck
+from gemma2_convert.formats.registry import Writer, WriteJob, get_writer
+from gemma2_convert.formats.tolerance import Tolerance
+from gemma2_convert.pipeline.verify import VerifyReport, require, verify
 from reference.config import Gemma2Config
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FP16_WARNING = ("float16 output: Gemma 2 activations exceed the float16 range (about 65504) in real "
-                "models, so inference in float16 may produce inf/NaN; prefer bfloat16 or float32")
 
 
 @dataclass
 class ConvertResult:
-    """What a conversion wrote, and its verification report (None with ``verify_output=False``)."""
+    """What a conversion wrote, and its verification report (None without verification)."""
 
     output: Path
+    format: str
+    """The writer's name (hf, safetensors, gguf, orbax)."""
     files: list[str]
     nbytes: int
     config: Gemma2Config
@@ -46,132 +43,49 @@ class ConvertResult:
     report: VerifyReport | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    """Writer-specific facts (GGUF: ``type``, ``query_fold``, ``choices`` of a non-default type)."""
 
 
-def noting(warnings: list[str], warn: Callable[[str], None]) -> Callable[[str], None]:
-    """A warning callback that also keeps each message in ``warnings`` (for the result / --json)."""
-    def note(message: str) -> None:
-        warnings.append(message)
-        warn(message)
+def open_input(src: str | Path, opts: ConvertOptions) -> Checkpoint:
+    """Open ``src`` with the reader that recognises it, among ``opts.inputs`` when the command restricts them.
 
-    return note
-
-
-def resolve_dtype(name: str) -> torch.dtype | None:
-    """'auto' → None (keep each tensor's dtype); otherwise the torch dtype."""
-    if name == "auto":
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def cast(items: dict[str, LazyTensor], dtype: torch.dtype | None,
-         check: WeightCheck | None = None) -> list[tuple[str, LazyTensor]]:
-    """Lazily cast floating tensors to ``dtype`` (None keeps them). Each is checked by ``check`` (default:
-    NaN/Inf and float16 overflow are errors) as it is loaded for writing, before the cast."""
-    check = check or WeightCheck()
-    out = []
-    for name, t in items.items():
-        if not t.dtype.is_floating_point:
-            out.append((name, t))
-            continue
-        target = t.dtype if dtype is None else dtype
-        fp16 = target == torch.float16 and t.dtype != torch.float16
-
-        def load(x: torch.Tensor, name: str = name, target: torch.dtype = target, fp16: bool = fp16) -> torch.Tensor:
-            check(name, x, to_fp16=fp16)
-            return x if x.dtype == target else x.to(target)
-
-        out.append((name, t.map(load, dtype=target)))
-    return out
-
-
-ORIGINAL_FORMATS = ("gemma_pytorch", "orbax")
-
-
-def open_source(ckpt: str | Path, shape: ShapeOptions | None,
-                tokenizer: str | Path | None = None) -> tuple[Checkpoint, dict[str, LazyTensor] | None]:
-    """An original checkpoint — gemma_pytorch (with its tensors under their own names) or Flax/Orbax
-    (auto-detected; then None for the original names)."""
-    from gemma2_convert.core.errors import UnknownFormatError
-    from gemma2_convert.formats import detect_format
-
-    path = Path(ckpt)
+    With originals only (orig-to-*), an unrecognised input goes to the gemma_pytorch reader, which says what
+    is wrong with it; another readable format is refused with the command to use instead."""
+    path = Path(src)
     try:
         fmt = detect_format(path)
     except UnknownFormatError:
-        fmt = None
-    if fmt is None or fmt == "gemma_pytorch":
-        return open_orig(path, shape)  # unrecognised input: the gemma_pytorch reader says what is wrong with it
-    if fmt not in ORIGINAL_FORMATS:
-        raise UnknownFormatError(f"this is a {fmt} checkpoint, not an original one (a gemma_pytorch model.ckpt or "
-                                 "a Flax/Orbax directory); use `gemma2-convert verify` or `to-gguf` for it", path)
-    opts: dict = {"options": shape}
-    if tokenizer is not None:
-        opts["tokenizer"] = Path(tokenizer)
-    return open_checkpoint(path, **opts), None
+        if opts.inputs is None or "gemma_pytorch" not in opts.inputs:
+            raise
+        fmt = "gemma_pytorch"
+    if opts.inputs is not None and fmt not in opts.inputs:
+        wanted = ("an original one (a gemma_pytorch model.ckpt or a Flax/Orbax directory)"
+                  if "gemma_pytorch" in opts.inputs else " or ".join(opts.inputs))
+        raise UnknownFormatError(f"this is a {fmt} checkpoint, not {wanted}; use `gemma2-convert convert` for it",
+                                 path)
+    options: dict[str, Any] = {"options": opts.shape}
+    if opts.tokenizer is not None:
+        options["tokenizer"] = opts.tokenizer
+    return open_checkpoint(path, format=fmt, **options)
 
 
-def is_lossless(src: dict[str, LazyTensor], dtype: torch.dtype | None) -> bool:
-    """True when every cast is exact (same dtype, or a 16-bit float widened to float32)."""
-    return dtype is None or all(t.dtype == dtype or (dtype == torch.float32 and t.dtype in (torch.bfloat16,
-                                                                                            torch.float16))
-                                for t in src.values())
-
-
-def source_files(src: Checkpoint) -> list[Path]:
-    return [Path(f) for f in json.loads(src.metadata.get("files", "[]"))]
-
-
-def source_paths(src: Checkpoint) -> list[Path]:
+def source_paths(ckpt: Checkpoint) -> list[Path]:
     """The checkpoint path and its files: what an output may never replace."""
-    return [src.path, *source_files(src)]
+    return [ckpt.path, *source_files(ckpt)]
 
 
-def fits_in_memory(src: Checkpoint, budget: int = 1 << 30) -> bool:
-    """Whether two float32 copies of the model (source and output) fit in ``budget`` bytes. Above it the
-    reference streams each layer from the mapped files per forward: verification runs only a few
-    prompts, so re-reading costs little, and memory stays at one layer instead of two models."""
-    return 2 * sum(t.numel for t in src.tensors.values()) * 4 < budget
-
-
-def provenance(command: str, src: Checkpoint, options: dict) -> dict:
-    """What made this artifact: converter version, source files (size, fingerprint), options."""
-    files = source_files(src)
-    return {
-        "converter": f"gemma2-convert {__version__}",
-        "command": command,
-        "source": {
-            "path": str(src.path.resolve()), "format": src.format, "int8": src.metadata.get("int8") == "true",
-            "files": [{"name": f.name, "size": f.stat().st_size, "fingerprint": fingerprint(f)} for f in files],
-        },
-        "config_from": src.metadata.get("config_from", ""),
-        "options": options,
-    }
-
-
-def _check_tokenizer(tok: Path, cfg: Gemma2Config, warn: Callable[[str], None]) -> None:
-    from gemma2_convert.formats.tokenizer.spm import read_spm
-
-    n = len(read_spm(tok).pieces)
-    if n > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {n} pieces but the model's embedding has {cfg.vocab_size} rows; "
-                          "is this the model's tokenizer?", tok)
-    if n < cfg.vocab_size:
-        warn(f"{tok}: tokenizer has {n} pieces, the embedding {cfg.vocab_size} rows (extra rows are unused)")
-
-
-def _verify_output(src: Checkpoint, written: Path, final: Path, lossless: bool, n_tokens: int, quiet: bool,
-                   on_report: Callable[[VerifyReport], None] | None) -> VerifyReport:
-    """Source CRCs, then every tensor and the reference logits of ``written`` against ``src``."""
-    from gemma2_convert.cli.console import spinner, verify_progress
-
-    with spinner("verifying: source CRCs", quiet):
-        check_integrity(source_files(src))
-    with verify_progress(src.nbytes, quiet) as bar:
-        rep = verify(src, open_checkpoint(written), tolerance=Tolerance() if lossless else Tolerance.cast(),
-                     n_tokens=n_tokens, resident=fits_in_memory(src), on_tensor=bar.tensor, on_layer=bar.layer)
+def verify_output(src: Checkpoint, written: Path, final: Path, writer: Writer, tolerance: Tolerance,
+                  opts: ConvertOptions, progress: Progress,
+                  on_report: Callable[[VerifyReport], None] | None = None) -> VerifyReport:
+    """The source's checksums, then every tensor and the reference logits of ``written`` against ``src``;
+    ``on_report`` sees the report before a failure raises (the CLI prints it)."""
+    integrity = READERS[src.format].integrity
+    if integrity is not None:
+        with progress.phase("verifying: source checksums"):
+            integrity(src)
+    out = open_checkpoint(written, format=writer.reads_back_as)
+    rep = verify(src, out, tolerance=tolerance, n_tokens=opts.n_tokens, progress=progress)
     rep.b = str(final)
     if on_report is not None:
         on_report(rep)
@@ -179,113 +93,57 @@ def _verify_output(src: Checkpoint, written: Path, final: Path, lossless: bool, 
     return rep
 
 
-def _write_stream(total: int, label: str, quiet: bool, write: Callable[[Callable[[str, int], None]], object]):
-    from gemma2_convert.cli.console import byte_progress
-
-    with byte_progress(total, label, quiet) as bar:
-        return write(bar.advance)
+def _size(path: Path, files: list[str]) -> int:
+    return sum((path / n).stat().st_size for n in files) if path.is_dir() else path.stat().st_size
 
 
-def orig_to_hf(
-    ckpt: str | Path, out: str | Path, *, shape: ShapeOptions | None = None, tokenizer: str | Path | None = None,
-    dtype: str = "auto", max_shard_size: str | int = "5GB", verify_output: bool = True, force: bool = False,
-    n_tokens: int = 64, quiet: bool = False, warn: Callable[[str], None] = lambda m: None,
-    on_report: Callable[[VerifyReport], None] | None = None, allow_nonfinite: bool = False,
-) -> ConvertResult:
-    """gemma_pytorch checkpoint → Hugging Face model directory (config, safetensors, tokenizer, provenance).
-
-    ``allow_nonfinite``: write NaN/Inf weights (and float16 overflows) with a warning instead of failing."""
-    t0 = time.perf_counter()
-    try:
-        parse_size(max_shard_size)
-    except ValueError as e:
-        raise ConfigError(f"--max-shard-size: {e}") from None
-    target = resolve_dtype(dtype)
-    check_output(Path(out), force, [ckpt])  # fail before reading a large checkpoint
-    src, _ = open_source(ckpt, shape, tokenizer)
-    warnings: list[str] = []
-    note = noting(warnings, warn)
-
-    if target == torch.float16:
-        note(FP16_WARNING)
-    tok = Path(tokenizer) if tokenizer else src.tokenizer
-    if tok is None:
-        note(f"{ckpt}: no tokenizer.model found next to the checkpoint; writing no tokenizer files "
-             "(pass --tokenizer)")
-    else:
-        if not tok.is_file():
-            raise ConfigError("tokenizer file not found", tok)
-        _check_tokenizer(tok, src.config, note)
-    items = cast(src.tensors, target, WeightCheck(allow_nonfinite, note, src.path))
-    prov = provenance("orig-to-hf", src, {"dtype": dtype, "max_shard_size": str(max_shard_size),
-                                          "tokenizer": str(tok) if tok else None, "verify": verify_output})
-    out = Path(out)
+def run_job(ckpt: Checkpoint, out: Path, writer: Writer, job: WriteJob, opts: ConvertOptions, progress: Progress,
+            on_report: Callable[[VerifyReport], None] | None = None) -> tuple[list[str], VerifyReport | None]:
+    """Write a planned ``job`` atomically (free space checked first), verify it unless told not to."""
     report = None
-    need = sum(t.nbytes for _, t in items) + (8 * tok.stat().st_size if tok else 0)
-    with atomic_output(out, force, directory=True, need_bytes=need, inputs=source_paths(src)) as tmp:
-        files = _write_stream(sum(t.nbytes for _, t in items), "writing", quiet, lambda cb: write_hf_dir(
-            tmp, src.config, items, max_shard_size=max_shard_size, tokenizer=tok, provenance=prov, on_tensor=cb))
-        if verify_output:
-            report = _verify_output(src, tmp, out, is_lossless(src.tensors, target), n_tokens, quiet,
-                                    on_report)
-        names = sorted(p.name for p in files)
-    nbytes = sum((out / n).stat().st_size for n in names)
-    return ConvertResult(out, names, nbytes, config_for_output(src.config, items), src.metadata.get("config_from", ""),
-                         report, warnings, time.perf_counter() - t0)
+    with atomic_output(out, opts.force, directory=writer.directory, need_bytes=job.need_bytes,
+                       inputs=source_paths(ckpt)) as tmp:
+        with progress.phase("writing", job.source_bytes):
+            files = job.write(tmp, progress) or [out.name]
+        if opts.verify:
+            report = verify_output(ckpt, tmp, out, writer, job.tolerance, opts, progress, on_report)
+    return files, report
 
 
-def orig_to_safetensors(
-    ckpt: str | Path, out: str | Path, *, names: str = "hf", shape: ShapeOptions | None = None,
-    dtype: str = "auto", verify_output: bool = True, force: bool = False, n_tokens: int = 64,
-    quiet: bool = False, warn: Callable[[str], None] = lambda m: None,
-    on_report: Callable[[VerifyReport], None] | None = None, allow_nonfinite: bool = False,
-) -> ConvertResult:
-    """gemma_pytorch checkpoint → one safetensors file with the config in its metadata."""
-    from gemma2_convert.formats.single_safetensors import NAMES, write_single_safetensors
-
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Progress = SILENT,
+            on_report: Callable[[VerifyReport], None] | None = None) -> ConvertResult:
+    """Convert the checkpoint ``src`` (any readable format) to ``opts.to`` at ``out``, verified."""
     t0 = time.perf_counter()
-    if names not in NAMES:
-        raise ConfigError(f"unknown --names {names!r}; choose one of {', '.join(NAMES)}")
-    target = resolve_dtype(dtype)
-    check_output(Path(out), force, [ckpt])
-    src, orig = open_source(ckpt, shape)
-    if orig is None and names == "orig":
-        raise ConfigError(f"--names orig keeps gemma_pytorch names; {src.format} input has none (use --names hf)")
-    warnings: list[str] = []
-    note = noting(warnings, warn)
-
-    if target == torch.float16:
-        note(FP16_WARNING)
-    items = cast(src.tensors if names == "hf" else orig, target, WeightCheck(allow_nonfinite, note, src.path))
-    prov = provenance("orig-to-safetensors", src, {"dtype": dtype, "names": names, "verify": verify_output})
     out = Path(out)
-    report = None
-    need = sum(t.nbytes for _, t in items) + (1 << 20)
-    with atomic_output(out, force, need_bytes=need, inputs=source_paths(src)) as tmp:
-        _write_stream(sum(t.nbytes for _, t in items), "writing", quiet, lambda cb: write_single_safetensors(
-            tmp, src.config, items, names=names, provenance=prov, on_tensor=cb))
-        if verify_output:
-            report = _verify_output(src, tmp, out, is_lossless(src.tensors, target), n_tokens, quiet,
-                                    on_report)
-    return ConvertResult(out, [out.name], out.stat().st_size, config_for_output(src.config, items),
-                         src.metadata.get("config_from", ""), report, warnings, time.perf_counter() - t0)
+    writer = get_writer(opts.to)
+    check_output(out, opts.force, [src])  # fail before reading a large checkpoint
+    notes = Warnings(progress)
+    ckpt = open_input(src, opts)
+    job = writer.prepare(ckpt, opts, notes)
+    files, report = run_job(ckpt, out, writer, job, opts, notes, on_report)
+    config_from = ckpt.metadata.get("config_from") or ("GGUF metadata" if ckpt.format == "gguf" else "stored config")
+    return ConvertResult(out, writer.name, sorted(files), _size(out, files), job.config, config_from, report,
+                         notes.messages, time.perf_counter() - t0, job.details)
 
 
-def verify_paths(
-    a: str | Path, b: str | Path, *, tolerance: str = "auto", max_kl: float = 0.05, min_top1: float = 0.9,
-    n_tokens: int = 64, shape: ShapeOptions | None = None, quiet: bool = True,
-) -> VerifyReport:
-    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match.
-    Progress bars (unless ``quiet``) follow the tensor comparison and the reference forward passes."""
-    from gemma2_convert.cli.console import verify_progress
+ORIGINALS = tuple(name for name, r in READERS.items() if r.original)
+"""Readers of Google's original layouts: what the orig-to-* commands accept."""
 
-    ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
-    if tolerance == "auto":
-        same = all(cb.tensors[n].dtype == t.dtype for n, t in ca.tensors.items() if n in cb.tensors)
-        tolerance = "exact" if same else "cast"
-    tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
-    if tolerance not in tols:
-        raise ConfigError(f"unknown tolerance {tolerance!r}; choose auto, {', '.join(tols)}")
-    with verify_progress(ca.nbytes, quiet) as bar:
-        return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, resident=fits_in_memory(ca),
-                      on_tensor=bar.tensor, on_layer=bar.layer)
+
+def original_options(to: str, command: str, shape: ShapeOptions | None, **options: Any) -> ConvertOptions:
+    """The options of an orig-to-* command: the original formats in, ``to`` out."""
+    return replace(ConvertOptions(to=to, command=command, inputs=ORIGINALS, shape=shape), **options)
+
+
+def orig_to_hf(ckpt: str | Path, out: str | Path, *, shape: ShapeOptions | None = None, progress: Progress = SILENT,
+               on_report: Callable[[VerifyReport], None] | None = None, **options: Any) -> ConvertResult:
+    """gemma_pytorch / Orbax checkpoint → Hugging Face model directory (``options``: ConvertOptions fields)."""
+    return convert(ckpt, out, original_options("hf", "orig-to-hf", shape, **options), progress, on_report)
+
+
+def orig_to_safetensors(ckpt: str | Path, out: str | Path, *, shape: ShapeOptions | None = None,
+                        progress: Progress = SILENT, on_report: Callable[[VerifyReport], None] | None = None,
+                        **options: Any) -> ConvertResult:
+    """gemma_pytorch / Orbax checkpoint → one safetensors file with the config in its metadata."""
+    return convert(ckpt, out, original_options("safetensors", "orig-to-safetensors", shape, **options), progress,
+                   on_report)

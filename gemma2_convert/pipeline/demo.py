@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2Config, Gemma2ForCausalLM
 from reference.weights import expected_shapes
 
@@ -49,7 +51,7 @@ def step_orig_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     from gemma2_convert.pipeline.convert import orig_to_hf
     from gemma2_convert.formats.orig_config import ShapeOptions
 
-    res = orig_to_hf(work / "tiny-orig", work / "tiny-hf", shape=ShapeOptions(config=cfg), quiet=True)
+    res = orig_to_hf(work / "tiny-orig", work / "tiny-hf", shape=ShapeOptions(config=cfg))
     rep = res.report
     assert rep is not None
     check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
@@ -79,7 +81,7 @@ def step_flax_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     flax = work / "tiny-flax"
     write_orbax(flax / "gemma2-tiny", cfg, hf.tensors, rows=cfg.vocab_size + FLAX_PADDING, gating_transposed=True)
     shutil.copy(work / "tiny-orig" / "tokenizer.model", flax / "tokenizer.model")
-    rep = orig_to_hf(flax, work / "tiny-flax-hf", shape=ShapeOptions(config=cfg), quiet=True).report
+    rep = orig_to_hf(flax, work / "tiny-flax-hf", shape=ShapeOptions(config=cfg)).report
     assert rep is not None
     back = open_checkpoint(work / "tiny-flax-hf").tensors
     same = sum(torch.equal(back[k].load(), t.load()) for k, t in hf.tensors.items())
@@ -89,7 +91,7 @@ def step_flax_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
 
 
 def step_generate(work: Path) -> DemoRow:
-    model = Gemma2ForCausalLM.from_pretrained(str(work / "tiny-hf"))
+    model = from_pretrained(work / "tiny-hf", Gemma2ForCausalLM)
     prompt = torch.tensor([[model.config.bos_token_id, 10, 11, 12]])
     n = 2 * model.config.sliding_window + 8  # long enough to wrap the sliding-window ring buffer
     cached = model.generate(prompt, n)
@@ -120,6 +122,47 @@ def step_quantize(work: Path, fmt: str) -> DemoRow:
     return DemoRow(label, out.name, res.output_bytes, check, ok)
 
 
+LLAMA_CPP_MAX_ABS = 5e-3
+"""llama.cpp (F32 GGUF) vs the reference in float32: the acceptance bound on max |Δ logits|."""
+
+
+def step_gguf(work: Path) -> DemoRow:
+    """The HF model → F32 GGUF (verified by reading it back); llama.cpp runs it when installed."""
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
+    from gemma2_convert.pipeline.gguf import to_gguf
+
+    src, out = work / "tiny-hf", work / "tiny-f32.gguf"
+    tok = src / "tokenizer.model"
+    if not tok.is_file():
+        tok = make_tiny_spm(work / "tokenizer.model", Gemma2Config.from_json_file(src / "config.json").vocab_size)
+    res = to_gguf(src, out, type_name="f32", tokenizer=tok)
+    check = f"read back: logits max |Δ| {res.report.max_abs_logits:.2g}" if res.report else "written"
+    ok = res.report is None or res.report.passed
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return DemoRow("GGUF (llama.cpp)", out.name, res.nbytes, check + "; llama-cpp-python not installed", ok)
+    diff, top1 = llama_cpp_vs_reference(src, out)
+    ok = ok and diff <= LLAMA_CPP_MAX_ABS and top1 == 1.0
+    return DemoRow("GGUF (llama.cpp)", out.name, res.nbytes,
+                   f"{check}; llama.cpp vs reference max |Δ| {diff:.2g}, top-1 {top1:.0%}", ok)
+
+
+def llama_cpp_vs_reference(ref_path: Path, gguf: Path, n_tokens: int = 64, seed: int = 0) -> tuple[float, float]:
+    """max |Δ logits| and top-1 agreement of llama.cpp on ``gguf`` vs the reference (float32) on ``ref_path``,
+    over a seeded random sequence of ``n_tokens`` starting with <bos>."""
+    from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
+
+    ref = from_pretrained(ref_path, Gemma2ForCausalLM, dtype=torch.float32)
+    cfg = ref.config
+    g = torch.Generator().manual_seed(seed)
+    ids = [cfg.bos_token_id] + torch.randint(3, cfg.vocab_size, (n_tokens - 1,), generator=g).tolist()
+    got = llama_cpp_logits(gguf, [ids])[0]  # [T, V]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]))[0]  # [T, V]
+    return (got - want).abs().max().item(), (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+
+
 def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
     """KL(reference on src ‖ llama.cpp on gguf) and top-1 agreement on a seeded random prompt."""
     import llama_cpp  # noqa: F401  (ImportError when the test extra is missing)
@@ -127,7 +170,7 @@ def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
     from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
     from quant.metrics import kl_divergence, top1_agreement
 
-    ref = Gemma2ForCausalLM.from_pretrained(str(src))
+    ref = from_pretrained(src, Gemma2ForCausalLM)
     ids = [ref.config.bos_token_id] + torch.randint(3, ref.config.vocab_size, (47,),
                                                     generator=torch.Generator().manual_seed(0)).tolist()
     got = llama_cpp_logits(gguf, [ids])[0]
@@ -135,17 +178,31 @@ def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
     return kl_divergence(want, got), top1_agreement(want, got)
 
 
-def run_demo(work: Path, seed: int = 0, on_row: Callable[[DemoRow], None] | None = None) -> list[DemoRow]:
-    """Run every step in ``work`` (an empty directory); returns one row per step."""
-    from gemma2_convert.cli.gguf import demo_step_gguf
+def run_demo(work: Path | None, seed: int = 0, on_row: Callable[[DemoRow], None] | None = None) -> list[DemoRow]:
+    """Run every step in ``work`` (empty or absent, else refused), or in a temporary directory deleted after
+    (``work`` None); returns one row per step, each also passed to ``on_row`` as it finishes."""
+    from gemma2_convert.formats.output import check_output
 
+    if work is not None:
+        check_output(work, force=False)
+        work.mkdir(parents=True, exist_ok=True)
+        return run_steps(work, seed, on_row)
+    tmp = Path(tempfile.mkdtemp(prefix="gemma2-demo-"))
+    try:
+        return run_steps(tmp, seed, on_row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_steps(work: Path, seed: int, on_row: Callable[[DemoRow], None] | None) -> list[DemoRow]:
+    """Every step of the demo in the directory ``work``."""
     cfg = Gemma2Config.preset("tiny")
     plan: list[Callable[[], DemoRow]] = [
         lambda: step_make_checkpoint(work, cfg, seed),
         lambda: step_orig_to_hf(work, cfg),
         lambda: step_flax_to_hf(work, cfg),
         lambda: step_generate(work),
-        lambda: demo_step_gguf(work),
+        lambda: step_gguf(work),
         lambda: step_quantize(work, "hf"),
         lambda: step_quantize(work, "gguf"),
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from gemma2_convert.core.memory import fits_resident
 from gemma2_convert.core.errors import VerificationError
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.pipeline.verify import DEFAULT_TEXT, compare_logits, reference_model, track_layers
@@ -50,12 +51,10 @@ def quality_report(src: Checkpoint, out: Checkpoint, text: str,
     """KL / top-1 / perplexities of ``out`` vs ``src`` over ``text``, plus the memory the weights take.
     Small models are held in float32; larger ones stream each layer from the mapped files (the
     quantized weights stay packed either way). ``on_layer(done, total)``: progress per decoder layer."""
-    from gemma2_convert.pipeline.convert import fits_in_memory
-
     cfg = src.config
     seq_len = min(4 * cfg.sliding_window, cfg.max_position_embeddings, 1024)
     prompts = eval_prompts(src, text, seq_len)
-    resident = fits_in_memory(src)
+    resident = fits_resident(2 * 4 * sum(t.numel for t in src.tensors.values()))
     models = reference_model(src, torch.float32, resident), reference_model(out, torch.float32, resident)
     if on_layer is not None:
         track_layers(models, len(prompts), on_layer)

@@ -15,9 +15,18 @@ from pathlib import Path
 
 import torch
 
+from gemma2_convert import __version__
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
-from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.core.progress import SILENT, Progress
+from gemma2_convert.formats.gguf.quantized import prepare_gguf_quantized
+from gemma2_convert.formats.hf import write_hf_dir
+from gemma2_convert.formats.output import atomic_output, check_free_space, check_output
+from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
+from gemma2_convert.formats.weight_check import WeightCheck, checked_once
+from gemma2_convert.pipeline.calibrate import SequentialGPTQ, activation_importance, calibration_ids, read_text
+from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
+from quant.compressed_tensors import pack_quantized, packed_layout, quantization_config
 from quant.metrics import db_from_rel_rmse, rel_rmse
 from quant.methods import quantize_weight
 from quant.policy import default_policy
@@ -43,7 +52,6 @@ class QuantizeOptions:
     force: bool = False
     allow_nonfinite: bool = False
     """Quantize NaN/Inf weights with a warning instead of failing."""
-
     def group(self) -> int | None:
         return DEFAULT_GROUP[self.format] if self.group_size == "auto" else self.group_size  # type: ignore[return-value]
 
@@ -92,7 +100,6 @@ def plan_specs(ckpt: Checkpoint, opts: QuantizeOptions) -> dict[str, QuantSpec |
 
 class ModuleQuantizer:
     """Quantizes each weight once, when the writer first asks for one of its stored tensors."""
-
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], stats: list[TensorStat],
                  gptq: Callable[[str], tuple] | None = None,
                  importance: dict[str, torch.Tensor] | None = None) -> None:
@@ -130,8 +137,6 @@ class ModuleQuantizer:
 def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
                      mq: ModuleQuantizer) -> list[tuple[str, LazyTensor]]:
     """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
-    from quant.compressed_tensors import pack_quantized, packed_layout
-
     items: list[tuple[str, LazyTensor]] = []
     for name in sorted(ckpt.tensors, key=layer_order):
         lt, spec = ckpt.tensors[name], specs[name]
@@ -149,10 +154,7 @@ def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
 
 def write_hf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: ModuleQuantizer,
                        on_tensor: Callable[[str, int], None] | None = None) -> None:
-    from gemma2_convert import __version__
-    from gemma2_convert.formats.hf import write_hf_dir
-    from quant.compressed_tensors import quantization_config
-
+    """The compressed-tensors pack-quantized HF directory of ``ckpt`` into ``out``."""
     # every Linear but lm_head must be listed (kept ones go to `ignore`): decoder projections and a classifier
     modules = {n.removesuffix(".weight"): s for n, s in specs.items()
                if s is not None or n.endswith("_proj.weight") or n == "score.weight"}
@@ -176,24 +178,18 @@ def estimate_bytes(ckpt: Checkpoint, specs: dict[str, QuantSpec | None]) -> int:
 
 
 def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: QuantizeOptions,
-                        on_tensor: Callable[[str, int], None] | None = None,
-                        warn: Callable[[str], None] = lambda m: None,
-                        on_layer: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                        progress: Progress = SILENT) -> QuantizeResult:
     """Quantize ``src`` into ``out`` (written to a temporary sibling, verified, then renamed). Every
     weight is checked for NaN/Inf when it is first read (``opts.allow_nonfinite``: a warning).
-    Progress: ``on_tensor(name, nbytes)`` per tensor written, ``on_layer(done, total)`` per decoder layer
-    of the quality report's forward passes."""
-    from gemma2_convert.formats.output import atomic_output, check_free_space, check_output
-    from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
-    from gemma2_convert.formats.weight_check import WeightCheck, checked_once
-
+    Progress: a phase of bytes per tensor written, then one of decoder layers of the quality report."""
     if opts.format not in FORMATS:
         raise UnsupportedError(f"format {opts.format!r}; choose one of {list(FORMATS)}")
     if opts.embedding == "q6_k" and opts.format != "gguf":
         raise UnsupportedError("--embedding q6_k is a GGUF type; use --format gguf, or int8 / int4 for --format hf")
     check_output(Path(out), opts.force, [] if isinstance(src, Checkpoint) else [src])
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
-    ckpt = replace(ckpt, tensors=checked_once(ckpt.tensors, WeightCheck(opts.allow_nonfinite, warn, ckpt.path)))
+    ckpt = replace(ckpt, tensors=checked_once(ckpt.tensors, WeightCheck(opts.allow_nonfinite, progress.warn,
+                                                                         ckpt.path)))
     specs = plan_specs(ckpt, opts)
     if not any(specs.values()):
         raise UnsupportedError("no tensor of this checkpoint is quantizable by the policy", ckpt.path)
@@ -205,26 +201,23 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
     mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
     directory = opts.format == "hf"
     with atomic_output(out, opts.force, directory=directory, inputs=[ckpt.path]) as tmp:
-        if opts.format == "hf":
-            write_hf_quantized(tmp, ckpt, specs, mq, on_tensor)
-        else:
-            from gemma2_convert.formats.gguf.quantized import write_gguf_quantized
-
-            write_gguf_quantized(tmp, ckpt, specs, mq, opts, on_tensor)
+        with progress.phase("quantizing", ckpt.nbytes):
+            if opts.format == "hf":
+                write_hf_quantized(tmp, ckpt, specs, mq, progress.on_tensor)
+            else:
+                prepare_gguf_quantized(ckpt, specs, mq, opts.embedding, opts.allow_nonfinite, progress).write(
+                    tmp, progress)
         res.output_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if directory \
             else tmp.stat().st_size
         if opts.verify:
-            from gemma2_convert.pipeline.calibrate import read_text
-
             text = read_text(opts.eval_text, DEFAULT_EVAL_TEXT)
-            res.quality = quality_report(ckpt, open_checkpoint(tmp), text, on_layer=on_layer)
+            with progress.phase("reference forward", None, "layers"):
+                res.quality = quality_report(ckpt, open_checkpoint(tmp), text, on_layer=progress.update)
             check_quality(res.quality, opts.bits, tmp)
     return res
 
 
 def _calibration(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
-    from gemma2_convert.pipeline.calibrate import calibration_ids, read_text
-    from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT
 
     text = read_text(opts.calibration, DEFAULT_EVAL_TEXT)
     seq_len = min(2 * ckpt.config.sliding_window, ckpt.config.max_position_embeddings, 2048)
@@ -233,7 +226,6 @@ def _calibration(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.Tensor:
 
 
 def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: QuantizeOptions):
-    from gemma2_convert.pipeline.calibrate import SequentialGPTQ
 
     layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
     scale_dtype = torch.float16 if opts.format == "gguf" else None  # GGUF blocks store fp16 scales
@@ -243,8 +235,6 @@ def _gptq_engine(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], opts: Qua
 def _importance(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
                 opts: QuantizeOptions) -> dict[str, torch.Tensor] | None:
     """Activation-weighted error for mse/hqq when calibration text is given (or a tokenizer is there)."""
-    from gemma2_convert.pipeline.calibrate import activation_importance
-
     if opts.calibration is None and ckpt.tokenizer is None:
         return None
     names = {n for n, s in specs.items() if s is not None and "layers." in n}

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
-from gemma2_convert.core.errors import VerificationError
+from gemma2_convert.core.errors import ConfigError, VerificationError, check_names
+from gemma2_convert.core.memory import fits_resident
+from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats import Checkpoint, open_checkpoint
+from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.formats.tolerance import Tolerance
 from quant.metrics import kl_divergence, perplexity, sqnr_db, top1_agreement
 from reference.heads import CLASSES
 from reference.model import Gemma2Model
@@ -29,27 +33,6 @@ DEFAULT_TEXT = (
     "equivalence.\n\ndef fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
     "    return a\n\nКогда-то давно жил-был кот. 東京は日本の首都です。 Emojis: 🙂🚀 — numbers 3.14159, 2718."
 )
-
-
-@dataclass
-class Tolerance:
-    """Pass/fail bounds. The default is a lossless conversion: every tensor equal to its source
-    (after casting the source to the output's dtype) and identical logits."""
-
-    tensors_equal: bool = True
-    max_abs: float = 0.0
-    max_kl: float = 0.0
-    min_top1: float = 1.0
-
-    @staticmethod
-    def cast() -> Tolerance:
-        """A dtype change: tensors equal after the cast; logits close (rounding only)."""
-        return Tolerance(True, float("inf"), 1e-2, 0.9)
-
-    @staticmethod
-    def lossy(max_kl: float, min_top1: float, max_abs: float = float("inf")) -> Tolerance:
-        """Quantization: tensors differ; bounds on the logits only."""
-        return Tolerance(False, max_abs, max_kl, min_top1)
 
 
 @dataclass
@@ -133,8 +116,6 @@ def compare_tensors(a: Checkpoint, b: Checkpoint, worst: int = 5,
                     on_tensor: Callable[[str, int], None] | None = None) -> tuple[int, list[TensorDiff]]:
     """Number of b's tensors equal to a's cast to b's dtype, and the worst ``worst`` by SQNR
     (``on_tensor(name, nbytes)`` after each: progress)."""
-    from gemma2_convert.core.errors import check_names
-
     check_names(a.tensors, b.tensors, b.path)
     diffs = []
     for name, ta in a.tensors.items():
@@ -183,34 +164,37 @@ def track_layers(models: tuple[Gemma2Model, ...], n_prompts: int, on_layer: Call
 def verify(
     a: str | Path | Checkpoint, b: str | Path | Checkpoint, *, tolerance: Tolerance | None = None,
     dtype: torch.dtype = torch.float32, n_tokens: int = 64, resident: bool | None = None,
-    check_tensors: bool = True, on_tensor: Callable[[str, int], None] | None = None,
-    on_layer: Callable[[int, int], None] | None = None,
+    check_tensors: bool = True, progress: Progress = SILENT,
 ) -> VerifyReport:
     """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring.
-    Progress: ``on_tensor(name, nbytes)`` after each tensor compared, ``on_layer(done, total)`` after each
-    decoder layer of the reference forward passes (both models, every prompt)."""
+    Progress: a phase of bytes per tensor compared, then one of decoder layers run by the reference
+    forward passes (both models, every prompt)."""
     tol = tolerance or Tolerance()
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
     rep = VerifyReport(str(ca.path), str(cb.path))
     if check_tensors:
-        rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb, on_tensor=on_tensor)
+        with progress.phase("comparing tensors", ca.nbytes):
+            rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb, on_tensor=progress.on_tensor)
         rep.tensors_total = len(ca.tensors)
         if tol.tensors_equal and rep.tensors_equal != rep.tensors_total:
             rep.failures.append(f"{rep.tensors_total - rep.tensors_equal} tensor(s) differ, worst "
                                 f"{rep.worst_tensors[0].name} (max |Δ| {rep.worst_tensors[0].max_abs:.3g})")
-    if resident is None:
-        from gemma2_convert.core.memory import RESIDENT_FRACTION, available_memory
-
-        fp32_bytes = 4 * sum(t.numel for t in ca.tensors.values())  # what each resident model would hold
-        resident = 2 * fp32_bytes < RESIDENT_FRACTION * available_memory()
+    if resident is None:  # what each resident model would hold, twice
+        resident = fits_resident(2 * 4 * sum(t.numel for t in ca.tensors.values()))
     prompts, models = default_prompts(ca, n_tokens), (reference_model(ca, dtype, resident),
                                                      reference_model(cb, dtype, resident))
-    if on_layer is not None:
-        track_layers(models, len(prompts), on_layer)
-    m = compare_logits(*models, prompts)
+    with progress.phase("reference forward", None, "layers"):
+        track_layers(models, len(prompts), progress.update)
+        m = compare_logits(*models, prompts)
     for k, v in m.items():
         setattr(rep, k, v)
+    judge(rep, tol)
+    return rep
+
+
+def judge(rep: VerifyReport, tol: Tolerance) -> None:
+    """Fill ``rep.failures`` and ``rep.passed`` from its figures and the bounds of ``tol``."""
     if not all(math.isfinite(v) for v in (rep.max_abs_logits, rep.mean_kl, rep.ppl_a, rep.ppl_b)):
         rep.failures.append("the logits are not finite (NaN/Inf): a weight holds NaN/Inf or the forward overflows")
     if rep.max_abs_logits > tol.max_abs:
@@ -220,10 +204,27 @@ def verify(
     if rep.top1 < tol.min_top1:
         rep.failures.append(f"top-1 agreement {rep.top1:.2%} < {tol.min_top1:.2%}")
     rep.passed = not rep.failures
-    return rep
 
 
 def require(rep: VerifyReport) -> None:
     """Raise VerificationError when the report failed."""
     if not rep.passed:
         raise VerificationError("verification failed: " + "; ".join(rep.failures), rep.b)
+
+
+TOLERANCES = ("auto", "exact", "cast", "lossy")
+
+
+def verify_paths(
+    a: str | Path, b: str | Path, *, tolerance: str = "auto", max_kl: float = 0.05, min_top1: float = 0.9,
+    n_tokens: int = 64, shape: ShapeOptions | None = None, progress: Progress = SILENT,
+) -> VerifyReport:
+    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match."""
+    ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
+    if tolerance == "auto":
+        same = all(cb.tensors[n].dtype == t.dtype for n, t in ca.tensors.items() if n in cb.tensors)
+        tolerance = "exact" if same else "cast"
+    tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
+    if tolerance not in tols:
+        raise ConfigError(f"unknown tolerance {tolerance!r}; choose {', '.join(TOLERANCES)}")
+    return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, progress=progress)

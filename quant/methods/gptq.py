@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from gemma2_convert.core.errors import ConversionError
-from quant.methods import register_quantizer
 from quant.methods.mse import mse
+from quant.methods.registry import register_quantizer
 from quant.qparams import choose_qparams, group_len, qrange, scale_dtype_for
 from quant.spec import QuantSpec
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quant.methods import ROW_CHUNK, by_row_chunks, register_quantizer
 from quant.methods.mse import group_weights, lsq_scale, sq_err
+from quant.methods.registry import ROW_CHUNK, by_row_chunks, register_quantizer
 from quant.qparams import finish_scale, group_len, grouped, qrange, quantize, scale_dtype_for
 from quant.spec import QuantSpec
 

@@ -21,9 +21,10 @@ result is never worse than ``rtn`` in the weighted squared error (before the sca
 stored dtype). After the search the codes are re-rounded with the stored scale, which is optimal
 per weight.
 
-Where numba is there (``quant.jit.available()``) the search runs as a compiled per-group kernel
-instead, ``quant/methods/mse_jit.py``: the same candidates and selection rule, its sums in float64,
-row blocks on ``threads`` threads; the torch functions below remain the fallback and its reference.
+With ``compiled=True`` (the default) and numba installed (``quant.jit.available()``) the search runs as a
+compiled per-group kernel instead, ``quant/methods/mse_jit.py``: the same candidates (``mse_grid.py``) and
+selection rule, its sums in float64, row blocks on ``threads`` threads; the torch functions below are the
+fallback and its reference (``compiled=False``).
 """
 
 from __future__ import annotations
@@ -32,18 +33,10 @@ import torch
 from torch import Tensor
 
 from quant import jit
-from quant.methods import ROW_CHUNK, by_row_chunks, register_quantizer
+from quant.methods.mse_grid import ASYM_GRID, SYM_GRID, TINY
+from quant.methods.registry import ROW_CHUNK, by_row_chunks, register_quantizer
 from quant.qparams import finish_scale, group_len, grouped, qrange, quantize, scale_dtype_for
 from quant.spec import QuantSpec
-
-ASYM_GRID = (-1 / 15, 1 / 150, 20)
-"""(rmin, rdelta, nstep): iscale = (qmax - qmin)·(1 + rmin + rdelta·k) / (max - min), k = 0..nstep.
-For 4 bits this is Q4_K's ``make_qkx2_quants(…, rmin=-1, rdelta=0.1, nstep=20)`` grid (±1 code)."""
-SYM_GRID = (-2 / 15, 2 / 75, 30)
-"""(rmin, rdelta, nstep): iscale = (qmax - qmin)/2·(1 + rmin + rdelta·k) / amax, k = 0..nstep.
-For 4 bits: 6.5 … 12.5 codes for the largest weight in 0.2 steps, i.e. up to 40 % of it clipped."""
-
-_TINY = 1e-30
 
 
 def magnitude_weights(x: Tensor) -> Tensor:
@@ -77,7 +70,7 @@ def sq_err(x: Tensor, xhat: Tensor, wt: Tensor | None) -> Tensor:
 def lsq_scale(x: Tensor, d: Tensor, wt: Tensor | None) -> Tensor:
     """``argmin_s Σ wt·(x - s·d)²`` per group; 0 where all ``d`` are 0."""
     den = wsum(d * d, wt)
-    return torch.where(den > 0, wsum(x * d, wt) / den.clamp_min(_TINY), torch.zeros_like(den))
+    return torch.where(den > 0, wsum(x * d, wt) / den.clamp_min(TINY), torch.zeros_like(den))
 
 
 def _moments(x: Tensor, l: Tensor, wt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +101,7 @@ def _asym_search(x: Tensor, wt: Tensor | None, bits: int) -> tuple[Tensor, Tenso
     """
     qmin, qmax = qrange(bits)
     mn, mx = x.amin(-1).clamp(max=0.0), x.amax(-1).clamp(min=0.0)              # [out, G]
-    span = (mx - mn).clamp_min(_TINY)
+    span = (mx - mn).clamp_min(TINY)
     s0 = span / (qmax - qmin)
     z0 = torch.round(torch.clamp(qmin - mn / s0, qmin, qmax))
     best = [sq_err(x, s0[..., None] * (_codes(x, s0, z0, bits) - z0[..., None]), wt).double(), s0.double(), z0]
@@ -133,7 +126,7 @@ def _sym_search(x: Tensor, wt: Tensor | None, bits: int) -> Tensor:
     """Best positive scale per group ``[out, G]`` for codes ``q = round(x / s)``."""
     qmin, qmax = qrange(bits)
     half = (qmax - qmin) / 2
-    amax = x.abs().amax(-1).clamp_min(_TINY)                                    # [out, G]
+    amax = x.abs().amax(-1).clamp_min(TINY)                                     # [out, G]
     s0 = amax / half
     best = [sq_err(x, s0[..., None] * _codes(x, s0, None, bits), wt).double(), s0.double()]
     sxx = wsum(x * x, wt).double()
@@ -163,17 +156,20 @@ def jit_threads(threads: int | None) -> int:
 def mse(
     w: Tensor, spec: QuantSpec, *, hessian: Tensor | None = None, importance: Tensor | None = None,
     scale_dtype: torch.dtype | None = None, row_chunk: int = ROW_CHUNK, threads: int | None = None,
+    compiled: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Grid + least-squares search of each group's qparams; ``importance`` weights the error.
 
     ``threads``: workers for the compiled search (:func:`jit_threads`); the result does not depend on it.
+    ``compiled``: the numba search where numba is installed (else, and with False, the torch search).
     """
     if w.shape[0] > row_chunk:
-        return by_row_chunks(mse, w, spec, importance, row_chunk, scale_dtype=scale_dtype, threads=threads)
+        opts = {"scale_dtype": scale_dtype, "threads": threads, "compiled": compiled}
+        return by_row_chunks(mse, w, spec, importance, row_chunk, **opts)
     g = group_len(w.shape[1], spec.group_size)
     sdt = scale_dtype or scale_dtype_for(w.dtype)
-    if jit.available():
-        from quant.methods import mse_jit  # imports numba: only when a search runs
+    if compiled and jit.available():
+        from quant.methods import mse_jit  # deferred: imports numba, only when a compiled search runs
 
         imp = None if importance is None else importance.detach().float().numpy()
         s, z = mse_jit.search(w.detach().float().numpy(), g, imp, spec.bits, spec.symmetric, jit_threads(threads))

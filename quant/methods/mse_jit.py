@@ -31,14 +31,14 @@ the K-quant kernels: 5x slower).
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from quant.jit import kernel, parallel_for
+from quant.methods.mse_grid import ASYM_GRID, SYM_GRID, TINY, grid_points
 from quant.qparams import qrange
 
-_TINY = np.float32(1e-30)
-"""``clamp_min`` of amax / span, as ``mse._TINY``."""
+_TINY = np.float32(TINY)
+"""``clamp_min`` of amax / span, as the torch search's."""
 SYM_LANES = 32
 """Grid points the symmetric kernel evaluates per weight: ``SYM_GRID``'s 31, padded. A compile-time
 trip count that is a multiple of the vector width lets LLVM vectorize the loop over the grid."""
@@ -51,8 +51,6 @@ MIN_BLOCK_ELEMENTS = 1 << 16
 def grid_constants(bits: int, symmetric: bool) -> np.ndarray:
     """float32 ``c_k`` of the grid, computed in Python floats exactly as ``mse._sym_search`` / ``_asym_search``
     do, then zeros up to ``SYM_LANES`` / ``ASYM_LANES`` (the kernels skip those when they choose)."""
-    from quant.methods.mse import ASYM_GRID, SYM_GRID
-
     qmin, qmax = qrange(bits)
     if symmetric:
         half, (rmin, rdelta, nstep), lanes = (qmax - qmin) / 2, SYM_GRID, SYM_LANES
@@ -271,11 +269,9 @@ def search(
         if tuple(importance.shape) not in ((cols,), (1, cols), (rows, cols)):
             raise ValueError(f"importance has shape {list(importance.shape)}; expected [{cols}] or [{rows}, {cols}]")
         imp = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, cols)
-    from quant.methods.mse import ASYM_GRID, SYM_GRID
-
     qmin, qmax = qrange(bits)
     cs = grid_constants(bits, symmetric)
-    n_grid = (SYM_GRID if symmetric else ASYM_GRID)[2] + 1
+    n_grid = grid_points(symmetric)
     scale = np.empty((rows, cols // g), np.float32)
     zero = None if symmetric else np.empty((rows, cols // g), np.float32)
 

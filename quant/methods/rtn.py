@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quant.methods import register_quantizer
+from quant.methods.registry import register_quantizer
 from quant.qparams import choose_qparams, quantize
 from quant.spec import QuantSpec
 

@@ -98,7 +98,7 @@ def build_good(root: Path) -> Good:
     single.parent.mkdir()
     write_single_safetensors(single, CFG, items, provenance={"source": "corpus"})
     gguf = root / "model.gguf"
-    to_gguf(hf, gguf, type_name="f32", tokenizer=tok, verify_output=False, quiet=True)
+    to_gguf(hf, gguf, type_name="f32", tokenizer=tok, verify=False)
     return Good(hf, sharded, single, ckpt, orig / "config.json", orig_sharded, gguf, tok)
 
 

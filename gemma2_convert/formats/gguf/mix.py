@@ -17,17 +17,20 @@ from dataclasses import dataclass
 
 from gemma2_convert.core.errors import UnsupportedError
 from quant.gguf_codec import fallback_type
-from quant.gguf_types import file_type_id
+from quant.gguf_types import GGML_TYPES, file_type_id, ggml_type
 
-# --type → (default ggml type, general.file_type name)
+MIXES: dict[str, str] = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K"}
+"""llama-quantize's mixes: ``--type`` -> the ggml type of the tensors the mix does not single out. The file
+type is the key's (``MOSTLY_Q4_K_M``)."""
+MORE_BITS, MORE_BITS_UNALIGNED = "Q6_K", "Q8_0"
+"""What a mix stores its chosen tensors as, and the tied embedding when its rows are not whole Q6_K blocks."""
+
 GGUF_TYPES: dict[str, tuple[str, str]] = {
-    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
-    "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
-    "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"), "q5_k": ("Q5_K", "MOSTLY_Q5_K_S"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
-    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    **{t.name.lower(): (t.name, t.file_type) for t in GGML_TYPES.values()},
+    **{key: (default, f"MOSTLY_{key.upper()}") for key, default in MIXES.items()},
 }
-MIXES = frozenset({"q4_k_m", "q5_k_m"})
+"""``--type`` -> (default ggml type, ``general.file_type`` name): one key per registered ggml type (every
+matrix in that type), then the mixes."""
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
 
@@ -44,6 +47,7 @@ class TypeChoice:
 
 
 def check_type(type_name: str) -> str:
+    """The ``--type`` key for ``type_name`` (case-insensitive); UnsupportedError lists the valid keys."""
     key = type_name.lower()
     if key not in GGUF_TYPES:
         raise UnsupportedError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -55,6 +59,21 @@ def file_type(type_name: str) -> int:
     return file_type_id(GGUF_TYPES[check_type(type_name)][1])
 
 
+def type_help() -> dict[str, str]:
+    """One help line per ``--type`` key, built from the registry (``quant.gguf_types``): what it stores."""
+    lines = {}
+    for key, (name, _) in GGUF_TYPES.items():
+        t = ggml_type(name)
+        what = f"matrices {t.name}, {t.bits_per_weight:g} bits/weight"
+        if key in MIXES:
+            more = ggml_type(MORE_BITS)
+            lines[key] = (f"llama-quantize's {key.upper()} mix: {what}, but {more.name} ({more.bits_per_weight:g}) "
+                          "for the tied embedding and for attn_v/ffn_down on the layers llama.cpp picks; norms F32")
+        else:
+            lines[key] = f"{what} ({t.help}); norms F32"
+    return lines
+
+
 def use_more_bits(i: int, n: int) -> bool:
     """llama-quant.cpp's layer picker (C integer division; i − n/8 ≥ 0 whenever the modulo is reached)."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -62,11 +81,14 @@ def use_more_bits(i: int, n: int) -> bool:
 
 def _mix_type(name: str, cols: int, default: str, n_layers: int) -> tuple[str, str]:
     if name == "token_embd.weight":  # tied with the output head: quantized like output.weight
-        return ("Q8_0", "tied embedding, rows not a multiple of 256") if cols % 256 else ("Q6_K", "tied embedding")
+        block = ggml_type(MORE_BITS).block_size
+        if cols % block:
+            return MORE_BITS_UNALIGNED, f"tied embedding, rows not a multiple of {block}"
+        return MORE_BITS, "tied embedding"
     m = _LAYER.match(name)
     if m and (name.endswith(".attn_v.weight") or name.endswith(".ffn_down.weight")):
         if use_more_bits(int(m.group(1)), n_layers):
-            return "Q6_K", "mix: more bits"
+            return MORE_BITS, "mix: more bits"
     return default, ""
 
 

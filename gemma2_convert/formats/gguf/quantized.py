@@ -10,14 +10,18 @@ gain comes from better scales, not a new format (../shared/spec/QUANT_FORMATS.md
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
 
+from gemma2_convert.core.errors import UnsupportedError
+from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.gguf.names import is_query, query_fold_ratio
 from gemma2_convert.formats.gguf.values import string
+from gemma2_convert.formats.gguf.output import plan_tensors, prepare_gguf, tensor_order
 from gemma2_convert.formats.gguf.writer import TensorPlan
-from gemma2_convert.formats.registry import Checkpoint
+from gemma2_convert.formats.registry import Checkpoint, WriteJob
 from gemma2_convert.formats.gguf.mix import TypeChoice
 from quant import jit
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
@@ -71,13 +75,12 @@ def make_planner(specs: dict[str, QuantSpec | None], mq,
                  embedding: str = "keep") -> Callable[[Checkpoint, str], tuple[list, list]]:
     """A ``gguf_convert.plan_tensors`` replacement whose quantized tensors carry our block encoders;
     ``embedding='q6_k'``: the tied embedding as Q6_K by llama.cpp's reference quantizer."""
-    from gemma2_convert.pipeline.gguf import plan_tensors
 
     def planner(ckpt: Checkpoint, key: str) -> tuple[list[TensorPlan], list[TypeChoice]]:
         base, _ = plan_tensors(ckpt, "f32")
         ratio = query_fold_ratio(ckpt.config)
         plans, choices = [], []
-        hf_names = {p.name: n for n, p in zip(_hf_order(ckpt), base)}
+        hf_names = {p.name: n for n, p in zip(tensor_order(ckpt), base)}
         for p in base:
             hf = hf_names[p.name]
             spec = specs.get(hf)
@@ -98,12 +101,6 @@ def make_planner(specs: dict[str, QuantSpec | None], mq,
         return plans, choices
 
     return planner
-
-
-def _hf_order(ckpt: Checkpoint) -> list[str]:
-    from gemma2_convert.pipeline.gguf import tensor_order
-
-    return tensor_order(ckpt)
 
 
 def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -150,16 +147,13 @@ def main_type(specs: dict[str, QuantSpec | None]) -> str:
     return FILE_TYPE_KEYS[max(set(types), key=types.count)]
 
 
-def write_gguf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq, opts,
-                         on_tensor: Callable[[str, int], None] | None = None) -> None:
-    """Write ``ckpt`` as a GGUF whose quantized tensors come from ``mq`` (a ``quantize.ModuleQuantizer``)."""
-    from gemma2_convert.pipeline.gguf import write_checkpoint_gguf
-
+def prepare_gguf_quantized(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: Any, embedding: str,
+                           allow_nonfinite: bool, progress: Progress) -> WriteJob:
+    """Plan ``ckpt`` as a GGUF whose quantized tensors come from ``mq`` (a ``quantize.ModuleQuantizer``)."""
     if ckpt.config.head != "causal_lm":
-        from gemma2_convert.core.errors import UnsupportedError
-
         raise UnsupportedError(f"llama.cpp's gemma2 has no {ckpt.config.head} head; use --format hf", ckpt.path)
     label = next(s for s in specs.values() if s is not None).label()
-    write_checkpoint_gguf(ckpt, out, type_name=main_type(specs), verify_output=False, force=True, quiet=True,
-                          planner=make_planner(specs, mq, opts.embedding), extra_metadata=[(K_QUANTIZATION, string(label))],
-                          allow_nonfinite=opts.allow_nonfinite)
+    opts = ConvertOptions(to="gguf", command="gemma2-quantize", gguf_type=main_type(specs),
+                          allow_nonfinite=allow_nonfinite, verify=False)
+    return prepare_gguf(ckpt, opts, progress, planner=make_planner(specs, mq, embedding),
+                        extra_metadata=((K_QUANTIZATION, string(label)),))

@@ -21,6 +21,7 @@ from gemma2_convert.formats.gguf.names import ARCH, hf_name, is_norm, is_query, 
 from gemma2_convert.formats.gguf.file import GGUFFile, TensorInfo
 from gemma2_convert.formats.gguf.values import GGUF_MAGIC
 from gemma2_convert.formats.registry import Checkpoint, register_reader
+from gemma2_convert.formats.stored import Stored, TensorRow, json_text, summary
 from gemma2_convert.core.lazy import LazyTensor
 from quant.gguf_codec import dequantize_tensor
 from quant.gguf_types import GGML_TYPES
@@ -115,7 +116,23 @@ def _check_vocab(f: GGUFFile) -> int:
     return rows
 
 
-@register_reader("gguf", "a llama.cpp GGUF file of architecture gemma2", _is_gguf)
+def stored_gguf(path: Path) -> Stored:
+    """The file as stored: tensors in their ggml types, metadata, and our provenance keys apart."""
+    f = GGUFFile(path)
+    rows = [TensorRow(t.name, t.shape, t.type_name, t.nbytes) for t in f.tensors.values()]
+    tensors = {t.name: LazyTensor(t.shape, stored_dtype(t), lambda t=t: dequantize(f, t)) for t in f.tensors.values()}
+    ours = {k: v for k, v in f.kv.items() if k.startswith(PREFIX)}
+    prov = {k.removeprefix(PREFIX): summary(v) for k, v in ours.items()
+            if not k.startswith(K_NORM_RESIDUAL) and k != K_HF_CONFIG}
+    residuals = sum(k.startswith(K_NORM_RESIDUAL) for k in ours)
+    if residuals:
+        prov["norm_residual"] = f"low bits of {residuals} norm tensor(s)"
+    meta = {"gguf_version": f.version, **{k: summary(v) for k, v in f.kv.items() if not k.startswith(PREFIX)}}
+    raw = json_text(f.kv.get(K_HF_CONFIG)) if isinstance(f.kv.get(K_HF_CONFIG), str) else None
+    return Stored(rows, tensors, meta, prov or None, raw, gguf_kv=f.kv)
+
+
+@register_reader("gguf", "a llama.cpp GGUF file of architecture gemma2", _is_gguf, stored=stored_gguf)
 def open_gguf(path: Path, **_: object) -> Checkpoint:
     f = GGUFFile(path)
     arch = f.kv.get("general.architecture")
@@ -130,7 +147,10 @@ def open_gguf(path: Path, **_: object) -> Checkpoint:
             "file_type": str(f.kv.get("general.file_type", "?"))}
     meta.update({k.removeprefix(PREFIX): str(v) for k, v in f.kv.items()
                  if k.startswith(PREFIX) and not k.startswith(K_NORM_RESIDUAL) and k not in (K_HF_CONFIG, K_TOKENIZER_MODEL)})
-    return Checkpoint("gguf", path, cfg, _tensors(f, fold), None, meta)
+    blob = f.kv.get(K_TOKENIZER_MODEL)
+    return Checkpoint("gguf", path, cfg, _tensors(f, fold), None, meta,
+                      tokenizer_blob=blob if isinstance(blob, bytes) and blob else None,
+                      default_dtype=meta.get("source_dtype", "float32"))
 
 
 __all__ = ["GGUFFile", "TensorInfo", "dequantize", "open_gguf"]

@@ -282,6 +282,7 @@ def write_gguf(
     path: str | Path, metadata: Sequence[tuple[str, Value]], tensors: Sequence[TensorPlan], *,
     source_hash: Hasher | None = None, on_tensor: Callable[[str, int], None] | None = None,
     threads: int | None = None, check: WeightCheck | None = None, header: bytes | None = None,
+    direct_io: bool = True,
 ) -> int:
     """Write a GGUF file, streaming tensor data; return its size in bytes.
 
@@ -292,12 +293,12 @@ def write_gguf(
     errors): each chunk is scanned as it is encoded, and a tensor with a failing chunk gets the full
     check (so a scan of a whole tensor no longer stalls the pipeline at every tensor). ``header``:
     ``header_bytes(metadata, tensors)`` when the caller has it already (a 256k-token vocabulary takes a
-    quarter of a second to encode).
+    quarter of a second to encode). ``direct_io``: write around the page cache where the filesystem allows it.
     """
     path = Path(path)
     check = check or WeightCheck(fix="use --type bf16 or f32")
     with open(path, "wb") as f, _one_intra_op_thread():
-        sink = SequentialWriter(f)
+        sink = SequentialWriter(f, direct_io)
         sink.write(header_bytes(metadata, tensors) if header is None else header)
         stream = _Stream(sink, source_hash, threads or default_threads(), check)
         try:

@@ -1,0 +1,38 @@
+"""``gemma2-convert to-gguf``: any checkpoint this tool reads → a GGUF that llama.cpp runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gemma2_convert.cli.console import RichProgress
+from gemma2_convert.cli.options import gguf_options
+from gemma2_convert.cli.render import print_gguf, print_report
+
+
+@click.command("to-gguf")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_file", type=click.Path(dir_okay=False, path_type=Path))
+@gguf_options
+@click.option("--drop-head", is_flag=True, help="For a classification model: leave its score head out and export "
+              "the decoder as a causal LM (llama.cpp's gemma2 has no classification head).")
+def to_gguf(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, verify_output: bool,
+            threads: int | None, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool,
+            drop_head: bool) -> None:
+    """Write any checkpoint this tool reads (HF directory, single safetensors, gemma_pytorch, GGUF) as a GGUF
+    that llama.cpp runs with the model's own logits, at any depth.
+
+    \b
+    Examples:
+      gemma2-convert to-gguf ./gemma-2-2b-hf gemma-2-2b-f16.gguf
+      gemma2-convert to-gguf ./gemma-2-9b-hf gemma-2-9b-Q4_K_M.gguf --type q4_k_m
+      gemma2-convert to-gguf gemma-2-2b-f32.gguf gemma-2-2b-q8_0.gguf --type q8_0
+    """
+    from gemma2_convert.pipeline.gguf import to_gguf as run
+
+    with RichProgress(quiet or as_json) as progress:
+        res = run(src, out_file, type_name=type_name, tokenizer=tokenizer, verify=verify_output, threads=threads,
+                  force=force, drop_head=drop_head, allow_nonfinite=allow_nonfinite, progress=progress,
+                  on_report=None if as_json else print_report)
+    print_gguf(res, as_json)

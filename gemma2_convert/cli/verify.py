@@ -1,0 +1,45 @@
+"""``gemma2-convert verify``: compare two checkpoints, tensors then reference logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gemma2_convert.cli.console import RichProgress
+from gemma2_convert.cli.errors import fail
+from gemma2_convert.cli.render import print_report
+from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.verify import TOLERANCES, verify_paths
+
+
+@click.command("verify")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--tolerance", type=click.Choice(TOLERANCES), default="auto", show_default=True,
+              help="exact: equal tensors and logits; cast: equal after casting, close logits; lossy: bounds on KL "
+                   "and top-1 only. auto: exact when the dtypes match, else cast.")
+@click.option("--max-kl", type=float, default=0.05, show_default=True, help="lossy: largest mean KL(a‖b).")
+@click.option("--min-top1", type=float, default=0.9, show_default=True, help="lossy: smallest top-1 agreement.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="Tokens per prompt.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="config.json for an input that stores none (gemma_pytorch of unpublished shape).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
+def verify(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float, tokens: int,
+           config_path: Path | None, as_json: bool, quiet: bool) -> None:
+    """Compare two checkpoints (any format the reference reads): tensors, then logits on fixed prompts.
+
+    Prints a table (--json: the same as JSON); exits 3, with one error line, when the comparison fails.
+
+    \b
+    Examples:
+      gemma2-convert verify gemma-2-2b/model.ckpt ./gemma-2-2b-hf
+      gemma2-convert verify ./gemma-2-2b-hf ./gemma-2-2b.safetensors --json
+    """
+    with RichProgress(quiet or as_json) as progress:
+        rep = verify_paths(a, b, tolerance=tolerance, max_kl=max_kl, min_top1=min_top1, n_tokens=tokens,
+                           shape=ShapeOptions(config=config_path), progress=progress)
+    print_report(rep, as_json)
+    if not rep.passed:
+        fail(f"{rep.b}: verification against {rep.a} failed: " + "; ".join(rep.failures), 3)
