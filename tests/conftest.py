@@ -55,6 +55,12 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
+def with_slow(values, *slow):
+    """``values`` for ``pytest.mark.parametrize`` with those in ``slow`` marked ``slow``: the full suite runs
+    them, the fast tier (``pytest -m "not slow"``) leaves them out."""
+    return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_cfg(request) -> Gemma2Config:
     return TINY_CONFIGS[request.param]

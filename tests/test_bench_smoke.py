@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import report, synth
+
+pytestmark = pytest.mark.slow  # every benchmark's real commands as child processes (~1 min)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from gemma2_convert.cli.main import cli
@@ -82,3 +83,61 @@ def test_usage_errors_are_one_line():
     assert r.stderr.startswith("error: Invalid value for 'SRC': Path 'missing.safetensors' does not exist.")
     r = CliRunner().invoke(qcli, ["x", "y", "--bits", "3"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Invalid value for '--bits'" in r.stderr, r.stderr
+
+
+def _console(terminal: bool):
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=terminal, width=120, color_system=None)
+
+
+def test_rich_progress_phases_on_a_terminal():
+    """Nested phases are rows of one display (bytes: size and speed; other units: a count; no total: a
+    spinner); it stops when the last phase ends; warnings print as one line."""
+    from gemma2_convert.cli.console import RichProgress
+
+    tty = _console(True)
+    with RichProgress(console=tty) as p:
+        with p.phase("writing", 4000):
+            p.advance(1000, "model.layers.0.mlp.up_proj.weight")
+            with p.phase("reference forward", None, "layers"):
+                p.update(3, 8)
+                with p.phase("scanning", None, "tensors"):
+                    p.advance(5)
+                    tasks = p.display.tasks
+                    assert [(t.description, t.completed, t.total) for t in tasks] == [
+                        ("writing", 1000, 4000), ("reference forward", 3, 8), ("scanning", 5, None)]
+                    rows = _console(False)
+                    rows.print(p.display.make_tasks_table(tasks))
+                    text = rows.file.getvalue()
+                    assert "writing model.layers.0.mlp.up_proj.weight" in text and "1.0/4.0 kB" in text, text
+                    assert "3/8 layers" in text and "5 tensors" in text, text
+            assert len(p.display.tasks) == 1 and p.display.live.is_started
+        assert not p.display.tasks and not p.display.live.is_started
+        p.warn("float16 output:\n  may overflow")
+    assert "warning: float16 output: may overflow\n" in tty.file.getvalue()
+
+
+@pytest.mark.parametrize("quiet, terminal", [(True, True), (False, False)])
+def test_rich_progress_silent_when_quiet_or_not_a_terminal(quiet, terminal):
+    from gemma2_convert.cli.console import RichProgress
+
+    console = _console(terminal)
+    with RichProgress(quiet, console=console) as p, p.phase("writing", 10):
+        p.advance(5, "x")
+        p.update(7)
+        p.warn("[not markup]")
+    assert p.display is None and console.file.getvalue() == "warning: [not markup]\n"
+
+
+def test_rich_progress_stops_when_the_work_raises():
+    from gemma2_convert.cli.console import RichProgress
+
+    p = RichProgress(console=_console(True))
+    with pytest.raises(KeyboardInterrupt), p:
+        p.begin("writing", 10)
+        p.begin("verifying", None)
+        raise KeyboardInterrupt
+    assert not p.display.tasks and not p.display.live.is_started

@@ -57,17 +57,25 @@ def sources(tmp_path_factory):
 def test_convert_any_input_to_any_output(sources, tmp_path, src, to):
     out = tmp_path / f"out{SUFFIX[to]}"
     args = ["convert", str(sources[src]), str(out), "--to", to, "--json"]
-    if src == "gemma_pytorch":
+    if src in ("gemma_pytorch", "orbax"):  # tiny shapes: no published size to detect
         args += ["--config", str(sources["config"])]
     if to == "gguf":
         args += ["--type", "f32"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
-    assert res["verify"]["passed"] and res["verify"]["tensors_equal"] == res["verify"]["tensors_total"]
-    assert res["verify"]["max_abs_logits"] == 0, res["verify"]
+    rep = json.loads(r.stdout)["verify"]
     back = open_checkpoint(out).tensors
     want = sources["reference"].tensors
     assert sorted(back) == sorted(want)
+    assert rep["passed"], rep
+    if src == to == "gguf":
+        # The one documented inexact case: a GGUF read back decodes attn_q as float32 (fold undone), and
+        # folding that again rounds within one float32 ulp (README, "Exact at any depth").
+        for k, t in want.items():
+            x, y = back[k].load().float(), t.load().float()
+            assert torch.allclose(x, y, rtol=2 ** -23, atol=0) if k.endswith("q_proj.weight") else torch.equal(x, y), k
+        assert rep["max_abs_logits"] <= 1e-3 and rep["top1"] == 1.0, rep
+        return
+    assert rep["tensors_equal"] == rep["tensors_total"] and rep["max_abs_logits"] == 0, rep
     differ = [k for k, t in want.items() if not torch.equal(back[k].load(), t.load())]
     assert not differ, f"{src} → {to}: {len(differ)} tensors differ, first {differ[:3]}"

@@ -20,6 +20,8 @@ from gemma2_convert.formats.gguf.writer import TensorPlan, write_gguf
 from gemma2_convert.formats.safetensors import DTYPES, SafetensorsFile, write_safetensors
 from gemma2_convert.core.lazy import LazyTensor
 
+pytestmark = pytest.mark.slow  # hypothesis at 250 examples a property; the bad-input corpus stays fast
+
 FUZZ = settings(max_examples=250, deadline=2000, suppress_health_check=[HealthCheck.too_slow],
                 database=None, derandomize=True)
 """Six properties × 250 examples (about 10 s in all); ``derandomize`` keeps CI reproducible. Raise

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import Gemma2ForCausalLM, HybridCache
-from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model
+from tests.conftest import TINY_CONFIGS, hf_state_dict, make_hf_model, with_slow
 
 
 def _model(name: str, seed: int = 0):
@@ -42,7 +42,7 @@ def test_sliding_cache_memory_is_bounded():
     assert cache.layers[1].k.shape[2] == ids.shape[1]  # global: everything
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("name", with_slow(sorted(TINY_CONFIGS), "gqa2", "gqa4"))  # mha stays fast
 def test_greedy_matches_transformers_generate(name):
     cfg, hf, model = _model(name, seed=7)
     ids = torch.randint(3, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(8))
@@ -53,6 +53,7 @@ def test_greedy_matches_transformers_generate(name):
     assert torch.equal(got, ref), f"first difference at step {(got != ref).nonzero()[0].tolist()}"
 
 
+@pytest.mark.slow
 def test_greedy_left_padded_batch_matches_transformers():
     cfg, hf, model = _model("gqa2", seed=9)
     ids = torch.randint(3, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(10))

@@ -34,6 +34,7 @@ from quant.gguf_types import file_type_id
 from gemma2_convert.pipeline.load import from_pretrained
 from reference import Gemma2ForCausalLM
 from reference.weights import WeightStore
+from tests.conftest import with_slow
 from tests.gguf_helpers import CONFIGS, write_model
 
 try:
@@ -98,7 +99,7 @@ def compare(got: torch.Tensor, want: torch.Tensor, label: str, bound: float) -> 
         f"llama.cpp {got[pos, :4].tolist()} reference {want[pos, :4].tolist()}")
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", with_slow(list(CONFIGS), "depth46"))  # the 46-layer model is the slow one
 def test_f32_logits_match_the_reference(models, tmp_path, name):
     cfg = CONFIGS[name]
     assert N_TOKENS >= 3 * cfg.sliding_window
@@ -197,6 +198,7 @@ def test_q4_k_m_equals_llama_quantize(models, tmp_path):
     assert top1 >= 0.95
 
 
+@pytest.mark.slow  # test_q4_k_m_equals_llama_quantize keeps a fast check of the mix
 @pytest.mark.parametrize("ftype", ["Q5_K_M", "Q4_K_M"])
 def test_mix_types_equal_llama_quantize_on_a_deeper_model(models, tmp_path, ftype):
     """Type choice only, on the 46-layer model (use_more_bits' three regimes): no need to quantize here."""

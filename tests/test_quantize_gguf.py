@@ -46,6 +46,7 @@ def work(tmp_path_factory):
     return d, kl
 
 
+@pytest.mark.slow  # the module's `work`: llama.cpp quantizes and runs 8 GGUFs (~3 min)
 def test_rtn_is_llama_cpp_q4_0_byte_for_byte(work):
     d, _ = work
     ours, theirs = GGUFFile(d / "ours_rtn.gguf"), GGUFFile(d / "llama_q4_0_bf16emb.gguf")
@@ -54,6 +55,7 @@ def test_rtn_is_llama_cpp_q4_0_byte_for_byte(work):
         assert (ours.raw(name) == theirs.raw(name)).all(), name
 
 
+@pytest.mark.slow  # the module's `work`: llama.cpp quantizes and runs 8 GGUFs (~3 min)
 def test_q6_k_embedding_is_llama_cpp_q4_0_layout_byte_for_byte(work):
     d, _ = work
     ours, theirs = GGUFFile(d / "ours_rtn_q6k.gguf"), GGUFFile(d / "llama_q4_0.gguf")
@@ -72,6 +74,7 @@ def test_q6_k_embedding_is_gguf_only(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the module's `work`: llama.cpp quantizes and runs 8 GGUFs (~3 min)
 def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
     _, kl = work
     report = ", ".join(f"{k} {v:.2e}" for k, v in sorted(kl.items()))

@@ -22,9 +22,8 @@ from gemma2_convert.formats.tokenizer.spm import (
     find_tokenizer,
     gguf_vocab,
     read_spm,
-    write_hf_tokenizer,
 )
-from gemma2_convert.formats.tokenizer.hf_files import hf_merges, hf_vocab
+from gemma2_convert.formats.tokenizer.hf_files import hf_merges, hf_vocab, write_hf_tokenizer
 
 FIRST_BYTE_ID = 4 + len(USER_DEFINED_PIECES)  # <pad> <eos> <bos> <unk>, user-defined, then <0x00>
 

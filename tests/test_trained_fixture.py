@@ -89,6 +89,7 @@ def test_logits_match_transformers():
     assert d.max() <= 1e-4, f"max |Δ| {d.max():.3e} at {idx}: ours {got[idx]:.6f} vs transformers {ref[idx]:.6f}"
 
 
+@pytest.mark.slow  # held-out perplexity of the trained fixture over the whole eval text
 def test_heldout_perplexity_shows_training():
     rows = _eval_windows()
     model = from_pretrained(MODEL, Gemma2ForCausalLM)

@@ -56,7 +56,7 @@ import torch
 import transformers
 
 from gemma2_convert.formats.tokenizer.tiny import trainer_options  # the Gemma-layout SentencePiece flags
-from gemma2_convert.formats.tokenizer.spm import write_hf_tokenizer
+from gemma2_convert.formats.tokenizer.hf_files import write_hf_tokenizer
 from reference.config import Gemma2Config
 
 MODEL_DIR = "gemma2-tiny-trained"

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
+from rich import filesize
 from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.progress import Progress as RichDisplay
 from rich.table import Table
 from rich.text import Text
@@ -46,27 +56,32 @@ def print_error(message: object, console: Console = err) -> None:
 
 
 class PhaseColumn(ProgressColumn):
-    """What a phase's row shows after its label: a bar, size, speed and ETA for unit "bytes"; a bar, a count
-    and ETA for other units; a spinner and the amount so far when the total is unknown."""
+    """One column of a phase's row, after its label: ``bar`` (a spinner when the total is unknown),
+    ``amount`` (bytes done / total, or a count of the phase's unit), ``speed`` (bytes/s) or ``eta``."""
 
-    def __init__(self) -> None:
+    PARTS = ("bar", "amount", "speed", "eta")
+
+    def __init__(self, part: str) -> None:
         super().__init__()
+        assert part in self.PARTS, part
+        self.part = part
         self.spinner, self.bar, self.eta = SpinnerColumn(), BarColumn(), TimeRemainingColumn()
         self.size, self.speed = DownloadColumn(), TransferSpeedColumn()
 
     def render(self, task: Task) -> RenderableType:
-        unit = task.fields.get("unit", "bytes")
-        cells: list[RenderableType] = [self.spinner.render(task) if task.total is None else self.bar.render(task)]
-        if unit == "bytes":
-            cells += [self.size.render(task), self.speed.render(task)]
-        else:
-            total = "" if task.total is None else f"/{task.total:.0f}"
-            cells.append(Text(f"{task.completed:.0f}{total} {unit}", style="progress.download"))
-        if task.total is not None:
-            cells.append(self.eta.render(task))
-        grid = Table.grid(padding=(0, 1))
-        grid.add_row(*cells)
-        return grid
+        known, unit = task.total is not None, task.fields.get("unit", "bytes")
+        if self.part == "bar":
+            return self.bar.render(task) if known else self.spinner.render(task)
+        if self.part == "amount" and unit == "bytes":
+            if known:
+                return self.size.render(task)
+            return Text(filesize.decimal(int(task.completed)) if task.completed else "", style="progress.download")
+        if self.part == "amount":
+            total = f"/{task.total:.0f}" if known else ""
+            return Text(f"{task.completed:.0f}{total} {unit}", style="progress.download")
+        if self.part == "speed":
+            return self.speed.render(task) if unit == "bytes" and task.speed is not None else Text("")
+        return self.eta.render(task) if known else Text("")
 
 
 class RichProgress(Progress):
@@ -78,7 +93,8 @@ class RichProgress(Progress):
         self.console = console
         self.display: RichDisplay | None = None
         if not quiet and console.is_terminal:
-            self.display = RichDisplay(TextColumn("{task.description} [dim]{task.fields[item]}"), PhaseColumn(),
+            columns = [PhaseColumn(part) for part in PhaseColumn.PARTS]
+            self.display = RichDisplay(TextColumn("{task.description} [dim]{task.fields[item]}"), *columns,
                                        console=console, transient=True)
         self.tasks: list[TaskID] = []
 
@@ -113,7 +129,7 @@ class RichProgress(Progress):
         while self.tasks:
             self.end()
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

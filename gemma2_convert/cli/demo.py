@@ -12,7 +12,8 @@ from gemma2_convert.cli.render import print_demo, print_demo_step
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the demo's files here (must be empty or absent). Default: a temporary directory, deleted after.")
+              help="Keep the demo's files here (must be empty or absent). Default: a temporary directory, "
+                   "deleted after.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random tiny model.")
 @click.option("--quiet", is_flag=True, help="Print only the final table, not each step as it finishes.")
 def demo(workdir: Path | None, seed: int, quiet: bool) -> None:

@@ -9,13 +9,18 @@ from __future__ import annotations
 import click
 
 from gemma2_convert import __version__
-from gemma2_convert.cli import (demo, gguf_to_hf, inspect, orig_to_gguf, orig_to_hf, orig_to_safetensors, to_gguf,
-                                verify)
+from gemma2_convert.cli import (
+    convert,
+    demo,
+    gguf_to_hf,
+    inspect,
+    orig_to_gguf,
+    orig_to_hf,
+    orig_to_safetensors,
+    to_gguf,
+    verify,
+)
 from gemma2_convert.cli.errors import GuardedGroup, quick_exit
-
-COMMANDS = (demo.demo, orig_to_hf.orig_to_hf, orig_to_safetensors.orig_to_safetensors, verify.verify,
-            to_gguf.to_gguf, orig_to_gguf.orig_to_gguf, gguf_to_hf.gguf_to_hf, inspect.inspect)
-"""The subcommands, registered on :data:`cli` in this order."""
 
 
 @click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +37,15 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in COMMANDS:
-    cli.add_command(command)
+cli.add_command(demo.demo)
+cli.add_command(orig_to_hf.orig_to_hf)
+cli.add_command(orig_to_safetensors.orig_to_safetensors)
+cli.add_command(verify.verify)
+cli.add_command(to_gguf.to_gguf)
+cli.add_command(orig_to_gguf.orig_to_gguf)
+cli.add_command(gguf_to_hf.gguf_to_hf)
+cli.add_command(inspect.inspect)
+cli.add_command(convert.convert)
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ LEVEL_STYLE = {"error": "[bold red]error[/]", "warning": "[yellow]warning[/]", "
 
 
 def shape_row(c: Gemma2Config) -> tuple[str, str]:
-    return ("layers / hidden / heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads}q "
-                                       f"{c.num_key_value_heads}kv × {c.head_dim}")
+    return ("layers / hidden / heads", (f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads}q "
+                                        f"{c.num_key_value_heads}kv × {c.head_dim}"))
 
 
 def print_conversion(res: ConvertResult, as_json: bool) -> None:
@@ -102,8 +102,8 @@ def print_quantization(res: QuantizeResult, as_json: bool) -> None:
         rows += [("mean KL (source ‖ quantized)", f"{q['mean_kl']:.5f}"), ("top-1 agreement", f"{q['top1']:.2%}"),
                  ("perplexity source / quantized", f"{q['ppl_a']:.3f} / {q['ppl_b']:.3f}"),
                  ("eval tokens", q["tokens"]),
-                 ("reference weight memory", f"{human_bytes(q['weights_bytes_packed'])} packed vs "
-                                             f"{human_bytes(q['weights_bytes_dense_fp32'])} dense fp32")]
+                 ("reference weight memory", (f"{human_bytes(q['weights_bytes_packed'])} packed vs "
+                                              f"{human_bytes(q['weights_bytes_dense_fp32'])} dense fp32"))]
     out.print(table("quality", ["", ""], rows))
 
 
@@ -132,8 +132,8 @@ def render_inspection(ins: Inspection, console: Console) -> None:
         layer_types = ins.config.get("layer_types") or []
         rows = [(k, ins.config[k]) for k in CONFIG_ROWS if k in ins.config]
         if layer_types:
-            rows.append(("layer_types", f"{sum(t == 'sliding_attention' for t in layer_types)} sliding, "
-                                        f"{sum(t == 'full_attention' for t in layer_types)} full"))
+            rows.append(("layer_types", (f"{sum(t == 'sliding_attention' for t in layer_types)} sliding, "
+                                         f"{sum(t == 'full_attention' for t in layer_types)} full")))
         console.print(table("config", ["key", "value"], escaped(rows)))
     console.print(table("tensors", ["name", "shape", "type", "bytes"], escaped(
         [(r.name, list(r.shape), r.type, f"{r.nbytes:,}") for r in ins.tensors])))

@@ -261,8 +261,10 @@ def _detect(p: Path) -> bool:
     if not p.is_file():
         return False
     with open(p, "rb") as f:
-        head = f.read(4)
-    return head != b"GGUF" and (p.suffix in TORCH_SUFFIXES or head == torch_zip.ZIP_MAGIC or head[:1] == b"\x80")
+        head = f.read(9)
+    if head[:4] == b"GGUF" or p.suffix == ".safetensors" or head[8:9] == b"{":  # a safetensors header: u64, then {
+        return False
+    return p.suffix in TORCH_SUFFIXES or head[:4] == torch_zip.ZIP_MAGIC or head[:1] == b"\x80"
 
 
 def stored_gemma_pytorch(path: Path) -> Stored:

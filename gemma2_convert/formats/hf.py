@@ -19,6 +19,7 @@ from gemma2_convert.formats.dense import (checked_cast, materialize_tokenizer, o
                                          tokenizer_file, tolerance)
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_reader, register_writer
+from gemma2_convert.formats.tokenizer.hf_files import write_hf_tokenizer
 from gemma2_convert.formats.stored import Stored, json_file, safetensors_rows, summary
 from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
 from gemma2_convert.core.lazy import LazyTensor
@@ -189,8 +190,6 @@ def write_hf_dir(
     written.append(_write_json(out / "config.json", cfg))
     written.append(_write_json(out / "generation_config.json", generation_config(config)))
     if tokenizer is not None:
-        from gemma2_convert.formats.tokenizer.spm import write_hf_tokenizer
-
         written += write_hf_tokenizer(tokenizer, out)
     written.append(_write_json(out / "gemma2_convert.json", {"converter": f"gemma2-convert {__version__}",
                                                               **(provenance or {})}))

@@ -84,6 +84,9 @@ class WriteJob:
     """Writes into the temporary output path; returns the names of the files written."""
     details: dict[str, Any] = field(default_factory=dict)
     """Writer-specific facts for the result (GGUF: type, query fold, tensors with a non-default type)."""
+    source: Checkpoint | None = None
+    """What the output is verified against when the writer writes a view of the input (a classifier's
+    decoder as a causal LM); None: the input itself."""
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,11 @@ def open_input(src: str | Path, opts: ConvertOptions) -> Checkpoint:
     try:
         fmt = detect_format(path)
     except UnknownFormatError:
-        if opts.inputs is None or "gemma_pytorch" not in opts.inputs:
+        if opts.inputs is None or len(opts.inputs) > 1 and "gemma_pytorch" not in opts.inputs:
             raise
-        fmt = "gemma_pytorch"
+        fmt = opts.inputs[0] if len(opts.inputs) == 1 else "gemma_pytorch"
+    if opts.inputs is not None and len(opts.inputs) == 1:
+        fmt = opts.inputs[0]  # its reader says what is wrong with anything else
     if opts.inputs is not None and fmt not in opts.inputs:
         wanted = ("an original one (a gemma_pytorch model.ckpt or a Flax/Orbax directory)"
                   if "gemma_pytorch" in opts.inputs else " or ".join(opts.inputs))
@@ -106,7 +108,7 @@ def run_job(ckpt: Checkpoint, out: Path, writer: Writer, job: WriteJob, opts: Co
         with progress.phase("writing", job.source_bytes):
             files = job.write(tmp, progress) or [out.name]
         if opts.verify:
-            report = verify_output(ckpt, tmp, out, writer, job.tolerance, opts, progress, on_report)
+            report = verify_output(job.source or ckpt, tmp, out, writer, job.tolerance, opts, progress, on_report)
     return files, report
 
 

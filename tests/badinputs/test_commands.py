@@ -63,6 +63,7 @@ def problems(r: Result, cmd: str, case: Case, out: Path, digest: str) -> list[st
     return found
 
 
+@pytest.mark.slow  # every case × every command as child processes; test_debug_*, test_readers stay fast
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_command_fails_cleanly(family, corpus, good, server, tmp_path):
     if family == "orbax_lies":

@@ -193,7 +193,8 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
 
     special = [c for c in choices if c.reason and c.reason not in ("norm", "1-D")]
     return WriteJob(ckpt.config, len(head) + sum(p.nbytes + 32 for p in plans), sum(p.source.nbytes for p in plans),
-                    tolerance(choices, ckpt, ratio), write, {"type": key, "query_fold": ratio, "choices": special})
+                    tolerance(choices, ckpt, ratio), write, {"type": key, "query_fold": ratio, "choices": special},
+                    source=ckpt)
 
 
 register_writer(Writer("gguf", "one GGUF file for llama.cpp (--type f32, f16, bf16, q8_0 … q6_k, q4_k_m, q5_k_m)",

@@ -28,7 +28,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-from gemma2_convert.formats.tokenizer.spm import PieceType, SpmModel
+from gemma2_convert.formats.tokenizer.spm import GEMMA2_CHAT_TEMPLATE, PieceType, SpmModel, read_spm
 
 _SPACE = "▁"
 
@@ -162,3 +162,18 @@ def write_files(model: SpmModel, out_dir: Path, chat_template: str | None, model
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_hf_tokenizer(
+    spm_path: str | Path,
+    out_dir: str | Path,
+    *,
+    chat_template: str | None = GEMMA2_CHAT_TEMPLATE,
+    model_max_length: int = 8192,
+) -> list[Path]:
+    """Write the HF tokenizer files for ``spm_path`` into ``out_dir``; return the written paths.
+
+    ``tokenizer.json`` reproduces SentencePiece's ids exactly (see ``tokenizer_hf.py``).
+    ``chat_template=None`` omits the template (base models).
+    """
+    return write_files(read_spm(spm_path), Path(out_dir), chat_template, model_max_length)

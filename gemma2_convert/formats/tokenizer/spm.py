@@ -4,7 +4,7 @@ Public API:
 
 * :func:`find_tokenizer` — locate ``tokenizer.model`` next to a checkpoint.
 * :func:`read_spm` — parse a SentencePiece model into a :class:`SpmModel` (pieces, scores, types).
-* :func:`write_hf_tokenizer` — ``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``,
+* ``hf_files.write_hf_tokenizer`` — ``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``,
   ``special_tokens_map.json`` (builders in ``tokenizer_hf.py``).
 * :func:`gguf_vocab` — the ``tokenizer.*`` GGUF metadata as a :class:`GGUFVocab` (``tokenizer_gguf.py``).
 
@@ -35,7 +35,7 @@ from gemma2_convert.formats.tokenizer.gguf_vocab import GGUFVocab, TokenType, bu
 
 __all__ = [
     "GEMMA2_CHAT_TEMPLATE", "GGUFVocab", "Piece", "PieceType", "SpmModel", "TokenType",
-    "find_tokenizer", "gguf_vocab", "read_spm", "write_hf_tokenizer",
+    "find_tokenizer", "gguf_vocab", "read_spm",
 ]
 
 # Gemma 2 instruction-tuned chat template (GEMMA2_FORMATS.md §4.5). Renders
@@ -249,26 +249,6 @@ def find_tokenizer(path: str | Path) -> Path | None:
         if len(named) == 1:
             return named[0]
     return None
-
-
-# ----------------------------------------------------------------------------- HF files
-
-
-def write_hf_tokenizer(
-    spm_path: str | Path,
-    out_dir: str | Path,
-    *,
-    chat_template: str | None = GEMMA2_CHAT_TEMPLATE,
-    model_max_length: int = 8192,
-) -> list[Path]:
-    """Write the HF tokenizer files for ``spm_path`` into ``out_dir``; return the written paths.
-
-    ``tokenizer.json`` reproduces SentencePiece's ids exactly (see ``tokenizer_hf.py``).
-    ``chat_template=None`` omits the template (base models).
-    """
-    from gemma2_convert.formats.tokenizer.hf_files import write_files  # here, not at the top: tokenizer_hf imports this module
-
-    return write_files(read_spm(spm_path), Path(out_dir), chat_template, model_max_length)
 
 
 # ----------------------------------------------------------------------------- GGUF vocabulary
