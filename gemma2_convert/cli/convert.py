@@ -7,7 +7,12 @@ from pathlib import Path
 import click
 
 from gemma2_convert.cli.console import RichProgress
-from gemma2_convert.cli.options import DTYPES, gguf_type_help, safety_options, shape_options
+from gemma2_convert.cli.options import (
+    DTYPES,
+    gguf_type_help,
+    safety_options,
+    shape_options,
+)
 from gemma2_convert.cli.render import print_conversion, print_gguf, print_report
 from gemma2_convert.formats import WRITERS
 from gemma2_convert.formats.gguf.mix import GGUF_TYPES

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from gemma2_convert.cli.render import print_demo, print_demo_step
+from gemma2_convert.pipeline.demo import run_demo
 
 
 @click.command("demo")
@@ -23,8 +24,6 @@ def demo(workdir: Path | None, seed: int, quiet: bool) -> None:
     Example:
       gemma2-convert demo --workdir ./demo-out
     """
-    from gemma2_convert.pipeline.demo import run_demo
-
     rows = run_demo(workdir, seed, on_row=None if quiet else print_demo_step)
     print_demo(rows)
     if not all(r.ok for r in rows):

@@ -12,6 +12,7 @@ import click
 
 from gemma2_convert.cli.console import print_error
 from gemma2_convert.core.errors import ConversionError
+from gemma2_convert.formats.output import NO_SPACE, Interrupted
 
 T = TypeVar("T")
 
@@ -36,8 +37,6 @@ def fail(message: str, code: int) -> None:
 
 
 def _os_error(e: OSError) -> tuple[str, int]:
-    from gemma2_convert.formats.output import NO_SPACE
-
     where = e.filename or "output"
     if e.errno in NO_SPACE:
         return f"{where}: no space left (disk full or file size limit); the partial output was removed", 28
@@ -45,8 +44,6 @@ def _os_error(e: OSError) -> tuple[str, int]:
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
-    from gemma2_convert.formats.output import Interrupted
-
     raise Interrupted("interrupted by signal SIGTERM; no output was written")
 
 

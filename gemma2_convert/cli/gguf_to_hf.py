@@ -9,6 +9,7 @@ import click
 from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.options import DTYPES, force_option, json_option, safety_options
 from gemma2_convert.cli.render import print_conversion, print_report
+from gemma2_convert.pipeline.gguf import gguf_to_hf as run
 
 
 @click.command("gguf-to-hf")
@@ -36,8 +37,6 @@ def gguf_to_hf(src: Path, out_dir: Path, dtype: str, tokenizer: Path | None, max
       gemma2-convert gguf-to-hf gemma-2-2b-f32.gguf ./gemma-2-2b-hf
       gemma2-convert gguf-to-hf gemma-2-2b-Q4_K_M.gguf ./dequantized --dtype bfloat16
     """
-    from gemma2_convert.pipeline.gguf import gguf_to_hf as run
-
     with RichProgress(quiet or as_json) as progress:
         res = run(src, out_dir, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size, verify=verify_output,
                   force=force, allow_nonfinite=allow_nonfinite, progress=progress,

@@ -10,6 +10,7 @@ from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.errors import fail
 from gemma2_convert.cli.render import print_inspection
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.inspect import inspect_path
 
 
 @click.command("inspect")
@@ -30,8 +31,6 @@ def inspect(path: Path, as_json: bool, scan: bool, config_path: Path | None, qui
       gemma2-convert inspect gemma-2-9b-it-Q4_K_M.gguf --json
       gemma2-convert inspect model.ckpt --config config.json --scan
     """
-    from gemma2_convert.pipeline.inspect import inspect_path
-
     with RichProgress(quiet or as_json or not scan) as progress, progress.phase("scanning"):
         ins = inspect_path(path, options=ShapeOptions(config=config_path), scan=scan, on_tensor=progress.on_tensor)
     print_inspection(ins, as_json)

@@ -10,6 +10,7 @@ from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.options import gguf_options, shape_options
 from gemma2_convert.cli.render import print_gguf, print_report
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.gguf import orig_to_gguf as run
 
 
 @click.command("orig-to-gguf")
@@ -27,8 +28,6 @@ def orig_to_gguf(ckpt: Path, out_file: Path, shape: ShapeOptions, type_name: str
       gemma2-convert orig-to-gguf gemma-2-2b/model.ckpt gemma-2-2b-q8_0.gguf --type q8_0
       gemma2-convert orig-to-gguf ft.ckpt ft-q5_k_m.gguf --config config.json --type q5_k_m
     """
-    from gemma2_convert.pipeline.gguf import orig_to_gguf as run
-
     with RichProgress(quiet or as_json) as progress:
         res = run(ckpt, out_file, shape=shape, type_name=type_name, tokenizer=tokenizer, verify=verify_output,
                   threads=threads, force=force, allow_nonfinite=allow_nonfinite, progress=progress,

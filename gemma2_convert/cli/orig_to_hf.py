@@ -10,6 +10,7 @@ from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.options import convert_options, shape_options
 from gemma2_convert.cli.render import print_conversion, print_report
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.convert import orig_to_hf as run
 
 
 @click.command("orig-to-hf")
@@ -33,8 +34,6 @@ def orig_to_hf(ckpt: Path, out_dir: Path, tokenizer: Path | None, shape: ShapeOp
       gemma2-convert orig-to-hf gemma-2-2b/model.ckpt ./gemma-2-2b-hf
       gemma2-convert orig-to-hf ft.ckpt ./ft-hf --config config.json --dtype bfloat16
     """
-    from gemma2_convert.pipeline.convert import orig_to_hf as run
-
     with RichProgress(quiet or as_json) as progress:
         res = run(ckpt, out_dir, shape=shape, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
                   verify=verify_output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,

@@ -11,6 +11,7 @@ from gemma2_convert.cli.options import convert_options, shape_options
 from gemma2_convert.cli.render import print_conversion, print_report
 from gemma2_convert.formats.options import NAMES
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.convert import orig_to_safetensors as run
 
 
 @click.command("orig-to-safetensors")
@@ -29,8 +30,6 @@ def orig_to_safetensors(ckpt: Path, out_file: Path, names: str, shape: ShapeOpti
       gemma2-convert orig-to-safetensors model.ckpt gemma-2-2b.safetensors
       gemma2-convert orig-to-safetensors model.ckpt orig-names.safetensors --names orig
     """
-    from gemma2_convert.pipeline.convert import orig_to_safetensors as run
-
     with RichProgress(quiet or as_json) as progress:
         res = run(ckpt, out_file, shape=shape, names=names, dtype=dtype, verify=verify_output, force=force,
                   allow_nonfinite=allow_nonfinite, progress=progress, on_report=None if as_json else print_report)

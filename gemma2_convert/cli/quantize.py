@@ -10,7 +10,11 @@ from gemma2_convert import __version__
 from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.errors import GuardedCommand, quick_exit
 from gemma2_convert.cli.render import print_quantization
-from gemma2_convert.pipeline.quantize import FORMATS
+from gemma2_convert.pipeline.quantize import (
+    FORMATS,
+    QuantizeOptions,
+    quantize_checkpoint,
+)
 from quant.spec import GROUP_SIZES, METHODS
 
 
@@ -67,8 +71,6 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
       gemma2-quantize ./gemma-2-2b-hf gemma-2-2b-q4.gguf --format gguf --method mse
       gemma2-quantize model.ckpt ./int4-gptq --method gptq --calibration wiki.txt --eval held-out.txt
     """
-    from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
-
     opts = QuantizeOptions(int(bits), parse_group_size(group_size), scheme == "sym", method, fmt, embedding,
                            calibration, eval_text, verify_output, force, allow_nonfinite)
     with RichProgress(quiet or as_json) as progress:

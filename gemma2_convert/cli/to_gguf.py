@@ -9,6 +9,7 @@ import click
 from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.options import gguf_options
 from gemma2_convert.cli.render import print_gguf, print_report
+from gemma2_convert.pipeline.gguf import to_gguf as run
 
 
 @click.command("to-gguf")
@@ -29,8 +30,6 @@ def to_gguf(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, v
       gemma2-convert to-gguf ./gemma-2-9b-hf gemma-2-9b-Q4_K_M.gguf --type q4_k_m
       gemma2-convert to-gguf gemma-2-2b-f32.gguf gemma-2-2b-q8_0.gguf --type q8_0
     """
-    from gemma2_convert.pipeline.gguf import to_gguf as run
-
     with RichProgress(quiet or as_json) as progress:
         res = run(src, out_file, type_name=type_name, tokenizer=tokenizer, verify=verify_output, threads=threads,
                   force=force, drop_head=drop_head, allow_nonfinite=allow_nonfinite, progress=progress,

@@ -22,9 +22,14 @@ from typing import NamedTuple, Protocol
 import torch
 
 from gemma2_convert.core.errors import ConfigError, TensorMismatchError
-from gemma2_convert.formats.gemma_pytorch import check_shapes
-from gemma2_convert.formats.orig_config import Dims, ShapeOptions, detect_variant, infer_config
 from gemma2_convert.core.lazy import LazyTensor, Shape
+from gemma2_convert.formats.gemma_pytorch import check_shapes
+from gemma2_convert.formats.orig_config import (
+    Dims,
+    ShapeOptions,
+    detect_variant,
+    infer_config,
+)
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
 

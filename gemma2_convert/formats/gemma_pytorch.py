@@ -19,13 +19,19 @@ from pathlib import Path
 
 import torch
 
-from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError, check_names
+from gemma2_convert.core.errors import (
+    FormatError,
+    TensorMismatchError,
+    UnsupportedError,
+    check_names,
+)
+from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats import torch_zip
 from gemma2_convert.formats.hf import config_for_output
 from gemma2_convert.formats.orig_config import ShapeOptions, infer_config
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.stored import Stored, torch_rows
-from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
 
@@ -245,7 +251,6 @@ def open_orig(path: Path, options: ShapeOptions | None = None) -> tuple[Checkpoi
     cfg = config_for_output(cfg, list(orig.items()))  # torch_dtype: the (dequantized) source dtype
     meta = {"source_format": "gemma_pytorch", "config_from": how, "int8": str(quantized).lower(),
             "files": json.dumps([str(f) for f in files])}
-    from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 
     return Checkpoint("gemma_pytorch", path, cfg, to_hf(orig, cfg), find_tokenizer(path), meta), orig
 

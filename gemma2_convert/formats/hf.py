@@ -13,17 +13,39 @@ from typing import Any
 import torch
 
 from gemma2_convert import __version__
-from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError
-from gemma2_convert.core.progress import Progress
-from gemma2_convert.formats.dense import (checked_cast, materialize_tokenizer, output_dtype, provenance, tokenizer_bytes,
-                                         tokenizer_file, tolerance)
-from gemma2_convert.formats.options import ConvertOptions
-from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_reader, register_writer
-from gemma2_convert.formats.tokenizer.hf_files import write_hf_tokenizer
-from gemma2_convert.formats.stored import Stored, json_file, safetensors_rows, summary
-from gemma2_convert.formats.safetensors import DTYPE_NAMES, SafetensorsFile, write_safetensors
+from gemma2_convert.core.errors import (
+    FormatError,
+    TensorMismatchError,
+    UnsupportedError,
+)
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.core.progress import Progress
 from gemma2_convert.core.units import parse_size
+from gemma2_convert.formats.dense import (
+    checked_cast,
+    materialize_tokenizer,
+    output_dtype,
+    provenance,
+    tokenizer_bytes,
+    tokenizer_file,
+    tolerance,
+)
+from gemma2_convert.formats.hf_quantized import dequantizing_tensors
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.registry import (
+    Checkpoint,
+    WriteJob,
+    Writer,
+    register_reader,
+    register_writer,
+)
+from gemma2_convert.formats.safetensors import (
+    DTYPE_NAMES,
+    SafetensorsFile,
+    write_safetensors,
+)
+from gemma2_convert.formats.stored import Stored, json_file, safetensors_rows, summary
+from gemma2_convert.formats.tokenizer.hf_files import write_hf_tokenizer
 from reference.config import Gemma2Config
 
 INDEX = "model.safetensors.index.json"
@@ -124,8 +146,6 @@ def open_hf_dir(path: Path, **_: object) -> Checkpoint:
     tensors, meta = read_tensors(path)
     tensors = canonical_names(tensors)
     if "quantization_config" in raw_cfg:
-        from gemma2_convert.formats.hf_quantized import dequantizing_tensors
-
         tensors = dequantizing_tensors(tensors, raw_cfg["quantization_config"], path)
     drop_tied_head(tensors, config)
     tok = path / "tokenizer.model"

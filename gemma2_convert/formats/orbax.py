@@ -15,9 +15,9 @@ its chunks: zarr_check.py) and read on ``load()``, one at a time; bfloat16 arriv
 
 from __future__ import annotations
 
-import math
 import ast
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemma2_convert.core.errors import FormatError, UnsupportedError, check_names, name_list
+from gemma2_convert.core.errors import (
+    FormatError,
+    UnsupportedError,
+    check_names,
+    name_list,
+)
+from gemma2_convert.core.lazy import LazyTensor, Shape, dtype_nbytes
 from gemma2_convert.formats import flax_map as fm
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.stored import Stored, TensorRow
+from gemma2_convert.formats.tokenizer.spm import find_tokenizer, read_spm
 from gemma2_convert.formats.zarr_check import check_chunks
-from gemma2_convert.core.lazy import LazyTensor, Shape, dtype_nbytes
 
 METADATA = "_METADATA"
 MANIFEST = "manifest.ocdbt"
@@ -286,7 +292,6 @@ def open_arrays(d: Path, meta: TreeMetadata) -> dict[str, OrbaxArray]:
 def _tokenizer_pieces(tok: Path | None) -> int | None:
     if tok is None:
         return None
-    from gemma2_convert.formats.tokenizer.spm import read_spm
 
     return len(read_spm(tok).pieces)
 
@@ -316,8 +321,6 @@ def stored_orbax(path: Path) -> Stored:
                  "directory holding tokenizer.model and one", _detect, stored=stored_orbax, original=True)
 def open_orbax(path: Path, options: ShapeOptions | None = None, tokenizer: str | Path | None = None,
                **_: object) -> Checkpoint:
-    from gemma2_convert.formats.tokenizer.spm import find_tokenizer
-
     d, arrays, dims = read_arrays(Path(path))
     opts = options or ShapeOptions()
     given = opts.loaded_config()

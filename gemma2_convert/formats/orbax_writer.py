@@ -32,16 +32,27 @@ import torch
 
 from gemma2_convert.core.dtypes import FLOAT_DTYPES, dominant_dtype
 from gemma2_convert.core.errors import TensorMismatchError, check_names
-from gemma2_convert.core.progress import Progress
-from gemma2_convert.formats.dense import (checked_cast, materialize_tokenizer, output_dtype, tokenizer_bytes,
-                                         tokenizer_file, tolerance)
-from gemma2_convert.formats.options import ConvertOptions
-from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_writer
-from gemma2_convert.formats import flax_map as fm
-from gemma2_convert.formats.gemma_pytorch import check_shapes
-from gemma2_convert.formats.orbax import METADATA, tensorstore_module
 from gemma2_convert.core.lazy import LazyTensor, Shape
+from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats import flax_map as fm
+from gemma2_convert.formats.dense import (
+    checked_cast,
+    materialize_tokenizer,
+    output_dtype,
+    tokenizer_bytes,
+    tokenizer_file,
+    tolerance,
+)
+from gemma2_convert.formats.gemma_pytorch import check_shapes
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.orbax import METADATA, tensorstore_module
 from gemma2_convert.formats.output import atomic_output
+from gemma2_convert.formats.registry import (
+    Checkpoint,
+    WriteJob,
+    Writer,
+    register_writer,
+)
 from reference.config import Gemma2Config
 from reference.weights import expected_shapes
 

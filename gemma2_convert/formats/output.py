@@ -15,8 +15,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from gemma2_convert.core.errors import (
+    ConversionError,
+    DiskSpaceError,
+    OutputExistsError,
+)
 from gemma2_convert.core.units import human_bytes
-from gemma2_convert.core.errors import ConversionError, DiskSpaceError, OutputExistsError
 
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 """Write failures that mean "no room": disk full, file size limit, quota."""

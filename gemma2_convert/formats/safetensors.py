@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 import torch
 
 from gemma2_convert.core.errors import FormatError
-from gemma2_convert.formats.direct_write import SequentialWriter
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.direct_write import SequentialWriter
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -20,15 +20,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemma2_convert.core.errors import ConfigError, FormatError, check_names
+from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.progress import Progress
-from gemma2_convert.formats.dense import checked_cast, output_dtype, provenance, tolerance
+from gemma2_convert.formats.dense import (
+    checked_cast,
+    output_dtype,
+    provenance,
+    tolerance,
+)
 from gemma2_convert.formats.gemma_pytorch import from_hf, orig_names, to_hf
 from gemma2_convert.formats.hf import config_for_output, drop_tied_head
 from gemma2_convert.formats.options import NAMES, ConvertOptions
-from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_reader, register_writer
+from gemma2_convert.formats.registry import (
+    Checkpoint,
+    WriteJob,
+    Writer,
+    register_reader,
+    register_writer,
+)
 from gemma2_convert.formats.safetensors import SafetensorsFile, write_safetensors
 from gemma2_convert.formats.stored import Stored, json_text, safetensors_rows, summary
-from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 from reference.config import Gemma2Config
 
 CONFIG_KEY = "gemma2.config"
@@ -82,7 +94,6 @@ def open_single_safetensors(path: Path, **_: object) -> Checkpoint:
         drop_tied_head(tensors, cfg)
     else:
         raise FormatError(f"__metadata__ {NAMES_KEY!r} is {names!r}; expected one of {', '.join(NAMES)}", path)
-    from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 
     return Checkpoint("safetensors", path, cfg, tensors, find_tokenizer(path), dict(f.metadata))
 

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from gemma2_convert.formats.gemma_pytorch import INDEX, QUANTIZED, expand, fuse_qkv, scaler_name
+from gemma2_convert.formats.gemma_pytorch import (
+    INDEX,
+    QUANTIZED,
+    dequantize_int8,
+    expand,
+    fuse_qkv,
+    scaler_name,
+    split_qkv,
+)
+from gemma2_convert.formats.synthetic import random_tensors
 from reference.config import Gemma2Config
 
 
@@ -51,8 +60,6 @@ def quantize_int8(sd: Mapping[str, torch.Tensor], cfg: Gemma2Config) -> dict[str
 
 def dequantized_hf(hf: Mapping[str, torch.Tensor], cfg: Gemma2Config) -> dict[str, torch.Tensor]:
     """The HF state dict an int8 checkpoint made by :func:`quantize_int8` converts to."""
-    from gemma2_convert.formats.gemma_pytorch import dequantize_int8, split_qkv
-
     q = quantize_int8(orig_state_dict(hf, cfg), cfg)
     out = {}
     for _, name, targets in expand(cfg.num_hidden_layers):
@@ -97,7 +104,5 @@ def write_orig_sharded(directory: str | Path, hf: Mapping[str, torch.Tensor], cf
 def write_random_orig_ckpt(path: str | Path, cfg: Gemma2Config, seed: int = 0,
                            dtype: torch.dtype = torch.float32) -> Path:
     """A gemma_pytorch checkpoint of random weights (gemma2_convert.formats.synthetic) for the demo."""
-    from gemma2_convert.formats.synthetic import random_tensors
-
     hf = {k: v.load() for k, v in random_tensors(cfg, seed, dtype).items()}
     return write_orig_ckpt(path, hf, cfg)

@@ -12,7 +12,18 @@ from pathlib import Path
 
 import torch
 
+from gemma2_convert.formats import open_checkpoint
+from gemma2_convert.formats.orbax_writer import write_orbax
+from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.formats.output import check_output
+from gemma2_convert.formats.testing import write_random_orig_ckpt
+from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
+from gemma2_convert.pipeline.convert import orig_to_hf
+from gemma2_convert.pipeline.gguf import to_gguf
+from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
 from gemma2_convert.pipeline.load import from_pretrained
+from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+from quant.metrics import kl_divergence, top1_agreement
 from reference import Gemma2Config, Gemma2ForCausalLM
 from reference.weights import expected_shapes
 
@@ -35,9 +46,6 @@ def _size(p: Path) -> int:
 
 def step_make_checkpoint(work: Path, cfg: Gemma2Config, seed: int) -> DemoRow:
     """A tiny model in the original gemma_pytorch format (model.ckpt + tokenizer.model), as downloaded."""
-    from gemma2_convert.formats.testing import write_random_orig_ckpt
-    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
-
     orig = work / "tiny-orig"
     write_random_orig_ckpt(orig / "model.ckpt", cfg, seed)
     make_tiny_spm(orig / "tokenizer.model", cfg.vocab_size)
@@ -48,9 +56,6 @@ def step_make_checkpoint(work: Path, cfg: Gemma2Config, seed: int) -> DemoRow:
 
 def step_orig_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     """gemma2-convert orig-to-hf, verified: tensors equal and identical reference logits."""
-    from gemma2_convert.pipeline.convert import orig_to_hf
-    from gemma2_convert.formats.orig_config import ShapeOptions
-
     res = orig_to_hf(work / "tiny-orig", work / "tiny-hf", shape=ShapeOptions(config=cfg))
     rep = res.report
     assert rep is not None
@@ -66,16 +71,11 @@ FLAX_PADDING = 64
 def step_flax_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     """tiny-hf written as a Kaggle-style Flax archive (Orbax, padded embedding, gating [2, I, H]; jax-free),
     then ``gemma2-convert orig-to-hf`` on it, verified, and its tensors compared with tiny-hf's."""
-    from gemma2_convert.pipeline.convert import orig_to_hf
-    from gemma2_convert.formats import open_checkpoint
-    from gemma2_convert.formats.orig_config import ShapeOptions
-
     label = "Flax (Orbax) → HF + verify"
     try:
         import tensorstore  # noqa: F401
     except ImportError:
         return DemoRow(label, "", 0, "skipped: pip install 'gemma2-convert[flax]'", True, skipped=True)
-    from gemma2_convert.formats.orbax_writer import write_orbax
 
     hf = open_checkpoint(work / "tiny-hf")
     flax = work / "tiny-flax"
@@ -104,8 +104,6 @@ def step_generate(work: Path) -> DemoRow:
 def step_quantize(work: Path, fmt: str) -> DemoRow:
     """gemma2-quantize int4 (g32, mse), verified against the HF model by the reference; a GGUF output
     is also run by llama.cpp when llama-cpp-python is installed."""
-    from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
-
     out = work / ("tiny-int4-ct" if fmt == "hf" else "tiny-q4_0.gguf")
     res = quantize_checkpoint(work / "tiny-hf", out, QuantizeOptions(4, 32, True, "mse", fmt))
     q = res.quality
@@ -128,9 +126,6 @@ LLAMA_CPP_MAX_ABS = 5e-3
 
 def step_gguf(work: Path) -> DemoRow:
     """The HF model → F32 GGUF (verified by reading it back); llama.cpp runs it when installed."""
-    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
-    from gemma2_convert.pipeline.gguf import to_gguf
-
     src, out = work / "tiny-hf", work / "tiny-f32.gguf"
     tok = src / "tokenizer.model"
     if not tok.is_file():
@@ -151,8 +146,6 @@ def step_gguf(work: Path) -> DemoRow:
 def llama_cpp_vs_reference(ref_path: Path, gguf: Path, n_tokens: int = 64, seed: int = 0) -> tuple[float, float]:
     """max |Δ logits| and top-1 agreement of llama.cpp on ``gguf`` vs the reference (float32) on ``ref_path``,
     over a seeded random sequence of ``n_tokens`` starting with <bos>."""
-    from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
-
     ref = from_pretrained(ref_path, Gemma2ForCausalLM, dtype=torch.float32)
     cfg = ref.config
     g = torch.Generator().manual_seed(seed)
@@ -167,9 +160,6 @@ def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
     """KL(reference on src ‖ llama.cpp on gguf) and top-1 agreement on a seeded random prompt."""
     import llama_cpp  # noqa: F401  (ImportError when the test extra is missing)
 
-    from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
-    from quant.metrics import kl_divergence, top1_agreement
-
     ref = from_pretrained(src, Gemma2ForCausalLM)
     ids = [ref.config.bos_token_id] + torch.randint(3, ref.config.vocab_size, (47,),
                                                     generator=torch.Generator().manual_seed(0)).tolist()
@@ -181,8 +171,6 @@ def _llama_cpp_kl(src: Path, gguf: Path) -> tuple[float, float]:
 def run_demo(work: Path | None, seed: int = 0, on_row: Callable[[DemoRow], None] | None = None) -> list[DemoRow]:
     """Run every step in ``work`` (empty or absent, else refused), or in a temporary directory deleted after
     (``work`` None); returns one row per step, each also passed to ``on_row`` as it finishes."""
-    from gemma2_convert.formats.output import check_output
-
     if work is not None:
         check_output(work, force=False)
         work.mkdir(parents=True, exist_ok=True)

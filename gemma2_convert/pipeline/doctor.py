@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.registry import Checkpoint
+from reference.config import PRESETS
 
 LEVELS = ("error", "warning", "info")
 GEMMA_BOS, GEMMA_EOS, END_OF_TURN = 2, 1, 107
@@ -172,8 +173,6 @@ def special_ids(f: Facts) -> Iterator[Finding]:
 
 @check
 def query_scalar(f: Facts) -> Iterator[Finding]:
-    from reference.config import PRESETS
-
     raw = f.raw_config or {}
     value = raw.get("query_pre_attn_scalar", f.checkpoint.config.query_pre_attn_scalar if f.checkpoint else None)
     if f.variant not in ("2b", "9b", "27b") or value is None:

@@ -13,13 +13,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
-from gemma2_convert.pipeline.doctor import Facts, Finding, diagnose
 from gemma2_convert.core.errors import ConversionError
 from gemma2_convert.formats import READERS, detect_format, open_checkpoint
 from gemma2_convert.formats.orig_config import Dims, ShapeOptions, detect_variant
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.formats.stored import TensorRow
+from gemma2_convert.formats.weight_check import (
+    FP16_OVERFLOW,
+    describe_nonfinite,
+    extremes,
+)
+from gemma2_convert.pipeline.doctor import Facts, Finding, diagnose
 from reference.config import Gemma2Config
 
 
@@ -56,8 +60,6 @@ def variant_of(cfg: Gemma2Config) -> str:
 
 def scan_tensors(ckpt: Checkpoint, on_tensor: Callable[[str, int], None] | None = None) -> dict[str, str]:
     """Every tensor read once: tensor → 'nonfinite: …', a float16-range note, or ''."""
-    from gemma2_convert.formats.weight_check import FP16_OVERFLOW, describe_nonfinite, extremes
-
     out = {}
     for name, lt in ckpt.tensors.items():
         t = lt.load()

@@ -17,8 +17,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from gemma2_convert.core.errors import ConfigError
-from gemma2_convert.formats.gguf.names import ARCH
-from gemma2_convert.formats.gguf.values import Value, ValueType, array, boolean, f32, string, u32
+from gemma2_convert.formats.gguf.names import ARCH, llama_cpp_query_scalar
+from gemma2_convert.formats.gguf.values import (
+    Value,
+    ValueType,
+    array,
+    boolean,
+    f32,
+    string,
+    u32,
+)
 from reference.config import FULL, SLIDING, Gemma2Config, alternating_layer_types
 
 PREFIX = "gemma2_convert."
@@ -132,7 +140,6 @@ def config_from_metadata(kv: Mapping[str, Any], vocab_size: int, where: str) -> 
             cfg[f"{role}_token_id"] = int(kv[f"tokenizer.ggml.{key}"])
     if "tokenizer.ggml.eos_token_id" in kv and "eos_token_id" not in base:
         cfg["eos_token_id"] = int(kv["tokenizer.ggml.eos_token_id"])
-    from gemma2_convert.formats.gguf.names import llama_cpp_query_scalar
 
     probe = Gemma2Config.from_hf_dict({**cfg, "query_pre_attn_scalar": 1.0}, where)
     cfg["query_pre_attn_scalar"] = float(kv.get(K_QUERY_SCALAR, llama_cpp_query_scalar(probe)))

@@ -20,13 +20,36 @@ from gemma2_convert.core.errors import ConfigError, UnsupportedError, name_list
 from gemma2_convert.core.progress import Progress
 from gemma2_convert.formats.gguf import metadata as gm
 from gemma2_convert.formats.gguf.file import GGUFFile
-from gemma2_convert.formats.gguf.mix import TypeChoice, check_type, choose_type, file_type
-from gemma2_convert.formats.gguf.names import (add_one, fold_query, gguf_name, is_norm, is_query,
-                                               llama_cpp_query_scalar, norm_residual, query_fold_ratio)
+from gemma2_convert.formats.gguf.mix import (
+    TypeChoice,
+    check_type,
+    choose_type,
+    file_type,
+)
+from gemma2_convert.formats.gguf.names import (
+    add_one,
+    fold_query,
+    gguf_name,
+    is_norm,
+    is_query,
+    llama_cpp_query_scalar,
+    norm_residual,
+    query_fold_ratio,
+)
 from gemma2_convert.formats.gguf.values import Value, ValueType, array, string
-from gemma2_convert.formats.gguf.writer import TensorPlan, header_bytes, patch_string, write_gguf
+from gemma2_convert.formats.gguf.writer import (
+    TensorPlan,
+    header_bytes,
+    patch_string,
+    write_gguf,
+)
 from gemma2_convert.formats.options import ConvertOptions
-from gemma2_convert.formats.registry import Checkpoint, Writer, WriteJob, register_writer
+from gemma2_convert.formats.registry import (
+    Checkpoint,
+    WriteJob,
+    Writer,
+    register_writer,
+)
 from gemma2_convert.formats.tokenizer.spm import find_tokenizer, gguf_vocab
 from gemma2_convert.formats.tolerance import Tolerance
 from gemma2_convert.formats.weight_check import WeightCheck

@@ -16,13 +16,13 @@ import torch
 
 from gemma2_convert.core.errors import UnsupportedError
 from gemma2_convert.core.progress import Progress
-from gemma2_convert.formats.options import ConvertOptions
-from gemma2_convert.formats.gguf.names import is_query, query_fold_ratio
-from gemma2_convert.formats.gguf.values import string
-from gemma2_convert.formats.gguf.output import plan_tensors, prepare_gguf, tensor_order
-from gemma2_convert.formats.gguf.writer import TensorPlan
-from gemma2_convert.formats.registry import Checkpoint, WriteJob
 from gemma2_convert.formats.gguf.mix import TypeChoice
+from gemma2_convert.formats.gguf.names import is_query, query_fold_ratio
+from gemma2_convert.formats.gguf.output import plan_tensors, prepare_gguf, tensor_order
+from gemma2_convert.formats.gguf.values import string
+from gemma2_convert.formats.gguf.writer import TensorPlan
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.registry import Checkpoint, WriteJob
 from quant import jit
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
 from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q8_0

@@ -14,15 +14,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma2_convert.core.errors import FormatError, TensorMismatchError, UnsupportedError, name_list
-from gemma2_convert.formats.gguf.metadata import (K_HF_CONFIG, K_NORM_RESIDUAL, K_QUERY_FOLD, K_SOURCE_DTYPE,
-                                                  K_TOKENIZER_MODEL, PREFIX, config_from_metadata)
-from gemma2_convert.formats.gguf.names import ARCH, hf_name, is_norm, is_query, sub_one, unfold_query
+from gemma2_convert.core.errors import (
+    FormatError,
+    TensorMismatchError,
+    UnsupportedError,
+    name_list,
+)
+from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats.gguf.file import GGUFFile, TensorInfo
+from gemma2_convert.formats.gguf.metadata import (
+    K_HF_CONFIG,
+    K_NORM_RESIDUAL,
+    K_QUERY_FOLD,
+    K_SOURCE_DTYPE,
+    K_TOKENIZER_MODEL,
+    PREFIX,
+    config_from_metadata,
+)
+from gemma2_convert.formats.gguf.names import (
+    ARCH,
+    hf_name,
+    is_norm,
+    is_query,
+    sub_one,
+    unfold_query,
+)
 from gemma2_convert.formats.gguf.values import GGUF_MAGIC
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.stored import Stored, TensorRow, json_text, summary
-from gemma2_convert.core.lazy import LazyTensor
 from quant.gguf_codec import dequantize_tensor
 from quant.gguf_types import GGML_TYPES
 

@@ -27,10 +27,22 @@ from typing import Protocol
 import torch
 
 from gemma2_convert.core.errors import ConversionError, NonFiniteError
-from gemma2_convert.formats.gguf.values import (ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, Value, ValueType, array,
-                                                boolean, f32, string, string_bytes, u32, value_bytes)
-from gemma2_convert.formats.direct_write import SequentialWriter
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.direct_write import SequentialWriter
+from gemma2_convert.formats.gguf.values import (
+    ALIGNMENT,
+    GGUF_MAGIC,
+    GGUF_VERSION,
+    Value,
+    ValueType,
+    array,
+    boolean,
+    f32,
+    string,
+    string_bytes,
+    u32,
+    value_bytes,
+)
 from gemma2_convert.formats.output import Interrupted
 from gemma2_convert.formats.weight_check import WeightCheck
 from quant.gguf_codec import bytes_for, quantize_tensor

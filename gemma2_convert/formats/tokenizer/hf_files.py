@@ -28,7 +28,12 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-from gemma2_convert.formats.tokenizer.spm import GEMMA2_CHAT_TEMPLATE, PieceType, SpmModel, read_spm
+from gemma2_convert.formats.tokenizer.spm import (
+    GEMMA2_CHAT_TEMPLATE,
+    PieceType,
+    SpmModel,
+    read_spm,
+)
 
 _SPACE = "▁"
 

@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from gemma2_convert.core.errors import ConversionError, FormatError, UnsupportedError
-from gemma2_convert.formats.tokenizer.gguf_vocab import GGUFVocab, TokenType, build_gguf_vocab
+from gemma2_convert.formats.tokenizer.gguf_vocab import (
+    GGUFVocab,
+    TokenType,
+    build_gguf_vocab,
+)
 
 __all__ = [
     "GEMMA2_CHAT_TEMPLATE", "GGUFVocab", "Piece", "PieceType", "SpmModel", "TokenType",
