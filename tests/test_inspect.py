@@ -21,6 +21,7 @@ import torch
 from gemma2_convert import __version__
 from gemma2_convert.pipeline.doctor import Facts, diagnose
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.core.progress import Progress
 from gemma2_convert.pipeline.inspect import Inspection, inspect_path
 from gemma2_convert.core.lazy import LazyTensor
 from reference.config import Gemma2Config
@@ -308,7 +309,12 @@ def test_scan_finds_nonfinite_and_float16_overflow(artifacts, tmp_path):
     hf = write_hf(tmp_path / "hf", root / "tokenizer.model", sd)
     assert "nonfinite" not in _codes(hf)  # reading every tensor is opt-in
     seen: list[str] = []
-    codes = _codes(hf, scan=True, on_tensor=lambda name, n: seen.append(name))
+
+    class Seen(Progress):
+        def advance(self, amount: int = 1, item: str = "") -> None:
+            seen.append(item)
+
+    codes = _codes(hf, scan=True, progress=Seen())
     assert codes["nonfinite"] == "tensor 'model.layers.0.mlp.up_proj.weight': 1 NaN and 0 ±Inf value(s), the first " \
                                  "at index [0, 1]"
     assert codes["beyond-float16"].startswith("tensor 'model.layers.1.mlp.up_proj.weight': max |w| 1e+06 is beyond")

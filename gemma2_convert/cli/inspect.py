@@ -31,8 +31,8 @@ def inspect(path: Path, as_json: bool, scan: bool, config_path: Path | None, qui
       gemma2-convert inspect gemma-2-9b-it-Q4_K_M.gguf --json
       gemma2-convert inspect model.ckpt --config config.json --scan
     """
-    with RichProgress(quiet or as_json or not scan) as progress, progress.phase("scanning"):
-        ins = inspect_path(path, options=ShapeOptions(config=config_path), scan=scan, on_tensor=progress.on_tensor)
+    with RichProgress(quiet or as_json or not scan) as progress:
+        ins = inspect_path(path, options=ShapeOptions(config=config_path), scan=scan, progress=progress)
     print_inspection(ins, as_json)
     if ins.errors:
         first = ins.errors[0]

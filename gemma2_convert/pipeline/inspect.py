@@ -8,12 +8,12 @@ known problems; it reads only the norms and a stray ``lm_head``, or every tensor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gemma2_convert.core.errors import ConversionError
+from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats import READERS, detect_format, open_checkpoint
 from gemma2_convert.formats.orig_config import Dims, ShapeOptions, detect_variant
 from gemma2_convert.formats.registry import Checkpoint
@@ -58,7 +58,7 @@ def variant_of(cfg: Gemma2Config) -> str:
     return detect_variant(Dims.of(cfg)) or "custom"
 
 
-def scan_tensors(ckpt: Checkpoint, on_tensor: Callable[[str, int], None] | None = None) -> dict[str, str]:
+def scan_tensors(ckpt: Checkpoint, progress: Progress = SILENT) -> dict[str, str]:
     """Every tensor read once: tensor → 'nonfinite: …', a float16-range note, or ''."""
     out = {}
     for name, lt in ckpt.tensors.items():
@@ -72,13 +72,17 @@ def scan_tensors(ckpt: Checkpoint, on_tensor: Callable[[str, int], None] | None 
                 problem = (f"max |w| {max(-lo, hi):.4g} is beyond the float16 range: a float16 output "
                            "(--dtype float16, --type f16) is refused")
         out[name] = problem
-        if on_tensor is not None:
-            on_tensor(name, lt.nbytes)
+        progress.on_tensor(name, lt.nbytes)
     return out
 
 
+def _scan(ckpt: Checkpoint, progress: Progress) -> dict[str, str]:
+    with progress.phase("scanning", ckpt.nbytes):
+        return scan_tensors(ckpt, progress)
+
+
 def inspect_path(path: str | Path, *, options: ShapeOptions | None = None, scan: bool = False,
-                 on_tensor: Callable[[str, int], None] | None = None) -> Inspection:
+                 progress: Progress = SILENT) -> Inspection:
     """Inspect any checkpoint this tool reads. A file that is broken as stored raises its
     ConversionError; one that is intact but not a readable Gemma 2 model is reported, with the reason
     as an ``error`` finding."""
@@ -95,6 +99,6 @@ def inspect_path(path: str | Path, *, options: ShapeOptions | None = None, scan:
     variant = variant_of(cfg) if cfg is not None else "unknown"
     facts = Facts(path, fmt, ckpt, error, variant, stored.raw_config, stored.gguf_kv,
                   {r.name: r.shape for r in stored.rows}, stored.tensors, stored.special_tokens,
-                  scanned=scan_tensors(ckpt, on_tensor) if scan and ckpt is not None else None)
+                  scanned=_scan(ckpt, progress) if scan and ckpt is not None else None)
     return Inspection(str(path), fmt, variant, cfg.to_hf_dict() if cfg is not None else stored.raw_config,
                       stored.rows, stored.metadata, stored.provenance, diagnose(facts))
