@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gemma2_convert.core.errors import UnknownFormatError
 from gemma2_convert.core.progress import SILENT, Progress, Warnings
@@ -27,6 +27,8 @@ from gemma2_convert.formats.registry import Writer, WriteJob, get_writer
 from gemma2_convert.formats.tolerance import Tolerance
 from gemma2_convert.pipeline.verify import VerifyReport, require, verify
 from reference.config import Gemma2Config
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -99,17 +101,17 @@ def _size(path: Path, files: list[str]) -> int:
     return sum((path / n).stat().st_size for n in files) if path.is_dir() else path.stat().st_size
 
 
-def run_job(ckpt: Checkpoint, out: Path, writer: Writer, job: WriteJob, opts: ConvertOptions, progress: Progress,
-            on_report: Callable[[VerifyReport], None] | None = None) -> tuple[list[str], VerifyReport | None]:
-    """Write a planned ``job`` atomically (free space checked first), verify it unless told not to."""
-    report = None
-    with atomic_output(out, opts.force, directory=writer.directory, need_bytes=job.need_bytes,
-                       inputs=source_paths(ckpt)) as tmp:
-        with progress.phase("writing", job.source_bytes):
+def run_job(ckpt: Checkpoint, out: Path, job: WriteJob, *, directory: bool, force: bool, progress: Progress,
+            check: Callable[[Path], R] | None = None, label: str = "writing") -> tuple[list[str], R | None]:
+    """Write a planned ``job`` into a temporary sibling of ``out`` (free space checked first), run ``check`` on
+    it (verification: it raises when the output fails), and only then rename it into place."""
+    result = None
+    with atomic_output(out, force, directory=directory, need_bytes=job.need_bytes, inputs=source_paths(ckpt)) as tmp:
+        with progress.phase(label, job.source_bytes):
             files = job.write(tmp, progress) or [out.name]
-        if opts.verify:
-            report = verify_output(job.source or ckpt, tmp, out, writer, job.tolerance, opts, progress, on_report)
-    return files, report
+        if check is not None:
+            result = check(tmp)
+    return files, result
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Progress = SILENT,
@@ -122,7 +124,12 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Pr
     notes = Warnings(progress)
     ckpt = open_input(src, opts)
     job = writer.prepare(ckpt, opts, notes)
-    files, report = run_job(ckpt, out, writer, job, opts, notes, on_report)
+
+    def check(tmp: Path) -> VerifyReport:
+        return verify_output(job.source or ckpt, tmp, out, writer, job.tolerance, opts, notes, on_report)
+
+    files, report = run_job(ckpt, out, job, directory=writer.directory, force=opts.force, progress=notes,
+                            check=check if opts.verify else None)
     config_from = ckpt.metadata.get("config_from") or ("GGUF metadata" if ckpt.format == "gguf" else "stored config")
     return ConvertResult(out, writer.name, sorted(files), _size(out, files), job.config, config_from, report,
                          notes.messages, time.perf_counter() - t0, job.details)

@@ -8,27 +8,33 @@ the source with the reference model (``quality.py``) and only then renamed into 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from gemma2_convert import __version__
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
-from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.progress import SILENT, Progress
+from gemma2_convert.formats.compressed_writer import prepare_compressed
 from gemma2_convert.formats.gguf.quantized import prepare_gguf_quantized
-from gemma2_convert.formats.hf import write_hf_dir
-from gemma2_convert.formats.output import atomic_output, check_free_space, check_output
+from gemma2_convert.formats.output import check_free_space, check_output
 from gemma2_convert.formats.registry import Checkpoint, open_checkpoint
 from gemma2_convert.formats.weight_check import WeightCheck, checked_once
-from gemma2_convert.pipeline.calibrate import SequentialGPTQ, activation_importance, calibration_ids, read_text
-from gemma2_convert.pipeline.quality import DEFAULT_EVAL_TEXT, check_quality, quality_report
-from quant.compressed_tensors import pack_quantized, packed_layout, quantization_config
-from quant.metrics import db_from_rel_rmse, rel_rmse
+from gemma2_convert.pipeline.calibrate import (
+    SequentialGPTQ,
+    activation_importance,
+    calibration_ids,
+    read_text,
+)
+from gemma2_convert.pipeline.convert import run_job
+from gemma2_convert.pipeline.quality import (
+    DEFAULT_EVAL_TEXT,
+    check_quality,
+    quality_report,
+)
 from quant.methods import quantize_weight
+from quant.metrics import db_from_rel_rmse, rel_rmse
 from quant.policy import default_policy
 from quant.qparams import dequantize, scale_dtype_for
 from quant.spec import QuantSpec
@@ -74,14 +80,6 @@ class QuantizeResult:
     output_bytes: int = 0
     stats: list[TensorStat] = field(default_factory=list)
     quality: dict = field(default_factory=dict)
-
-
-def layer_order(name: str) -> tuple[int, str]:
-    """Embedding first, then layer by layer, then the rest (what GPTQ's sequential calibration needs)."""
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1, name
-    return (0, name) if "embed" in name else (1 << 30, name)
 
 
 def plan_specs(ckpt: Checkpoint, opts: QuantizeOptions) -> dict[str, QuantSpec | None]:
@@ -134,36 +132,6 @@ class ModuleQuantizer:
         self.stats.append(TensorStat(name, label, db_from_rel_rmse(e), e))
 
 
-def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
-                     mq: ModuleQuantizer) -> list[tuple[str, LazyTensor]]:
-    """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
-    items: list[tuple[str, LazyTensor]] = []
-    for name in sorted(ckpt.tensors, key=layer_order):
-        lt, spec = ckpt.tensors[name], specs[name]
-        if spec is None:
-            items.append((name, lt))
-            continue
-        prefix = name.removesuffix(".weight")
-        layout = packed_layout(prefix, lt.shape, spec, scale_dtype_for(lt.dtype))
-        for part, (shape, dtype) in layout.items():
-            def load(part: str = part, name: str = name, prefix: str = prefix, spec: QuantSpec = spec):
-                return pack_quantized(prefix, *mq.codes(name), spec)[part]
-            items.append((part, LazyTensor(shape, dtype, load)))
-    return items
-
-
-def write_hf_quantized(out: Path, ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: ModuleQuantizer,
-                       on_tensor: Callable[[str, int], None] | None = None) -> None:
-    """The compressed-tensors pack-quantized HF directory of ``ckpt`` into ``out``."""
-    # every Linear but lm_head must be listed (kept ones go to `ignore`): decoder projections and a classifier
-    modules = {n.removesuffix(".weight"): s for n, s in specs.items()
-               if s is not None or n.endswith("_proj.weight") or n == "score.weight"}
-    qcfg = quantization_config(modules)
-    write_hf_dir(out, ckpt.config, compressed_items(ckpt, specs, mq), tokenizer=ckpt.tokenizer,
-                 extra_config={"quantization_config": qcfg}, on_tensor=on_tensor,
-                 provenance={"source": str(ckpt.path), "quantized_by": f"gemma2-quantize {__version__}"})
-
-
 def estimate_bytes(ckpt: Checkpoint, specs: dict[str, QuantSpec | None]) -> int:
     """About what the output takes: packed codes plus a scale (and zero) per group, kept tensors as they are."""
     total = 0
@@ -193,27 +161,32 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
     specs = plan_specs(ckpt, opts)
     if not any(specs.values()):
         raise UnsupportedError("no tensor of this checkpoint is quantizable by the policy", ckpt.path)
-    check_free_space(Path(out), estimate_bytes(ckpt, specs))  # before calibration and writing
+    check_free_space(Path(out), estimate_bytes(ckpt, specs))  # before calibration, which takes long
     res = QuantizeResult(Path(out), opts.format, sum(s is not None for s in specs.values()),
                          sum(s is None for s in specs.values()), ckpt.nbytes)
     gptq = _gptq_engine(ckpt, specs, opts) if opts.method == "gptq" else None
     importance = _importance(ckpt, specs, opts) if opts.method in ("mse", "hqq") else None
     mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
-    directory = opts.format == "hf"
-    with atomic_output(out, opts.force, directory=directory, inputs=[ckpt.path]) as tmp:
-        with progress.phase("quantizing", ckpt.nbytes):
-            if opts.format == "hf":
-                write_hf_quantized(tmp, ckpt, specs, mq, progress.on_tensor)
-            else:
-                prepare_gguf_quantized(ckpt, specs, mq, opts.embedding, opts.allow_nonfinite, progress).write(
-                    tmp, progress)
-        res.output_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if directory \
+    need = estimate_bytes(ckpt, specs)
+    if opts.format == "hf":
+        job = prepare_compressed(ckpt, specs, mq.codes, need)
+    else:
+        job = prepare_gguf_quantized(ckpt, specs, mq, opts.embedding, opts.allow_nonfinite, progress)
+
+    def check(tmp: Path) -> dict:
+        res.output_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() \
             else tmp.stat().st_size
-        if opts.verify:
-            text = read_text(opts.eval_text, DEFAULT_EVAL_TEXT)
-            with progress.phase("reference forward", None, "layers"):
-                res.quality = quality_report(ckpt, open_checkpoint(tmp), text, on_layer=progress.update)
-            check_quality(res.quality, opts.bits, tmp)
+        if not opts.verify:
+            return {}
+        with progress.phase("reference forward", None, "layers"):
+            quality = quality_report(ckpt, open_checkpoint(tmp), read_text(opts.eval_text, DEFAULT_EVAL_TEXT),
+                                     on_layer=progress.update)
+        check_quality(quality, opts.bits, tmp)
+        return quality
+
+    _, quality = run_job(ckpt, Path(out), job, directory=opts.format == "hf", force=opts.force, progress=progress,
+                         check=check, label="quantizing")
+    res.quality = quality or {}
     return res
 
 
