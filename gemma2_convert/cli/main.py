@@ -12,6 +12,7 @@ from gemma2_convert import __version__
 from gemma2_convert.cli import (
     convert,
     demo,
+    formats,
     gguf_to_hf,
     inspect,
     orig_to_gguf,
@@ -46,6 +47,7 @@ cli.add_command(orig_to_gguf.orig_to_gguf)
 cli.add_command(gguf_to_hf.gguf_to_hf)
 cli.add_command(inspect.inspect)
 cli.add_command(convert.convert)
+cli.add_command(formats.formats)
 
 
 def main() -> None:

@@ -220,5 +220,5 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
                     source=ckpt)
 
 
-register_writer(Writer("gguf", "one GGUF file for llama.cpp (--type f32, f16, bf16, q8_0 … q6_k, q4_k_m, q5_k_m)",
+register_writer(Writer("gguf", "one GGUF file for llama.cpp, in any --type below",
                        directory=False, prepare=prepare_gguf, reads_back_as="gguf"))
