@@ -16,6 +16,8 @@ from gemma2_convert.core.errors import TensorMismatchError, UnsupportedError
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "mse", "hqq", "gptq")
+"""The registered methods' names (``quant.methods.QUANTIZERS``, which imports this module, so it cannot be read
+from here; tests/test_quant_methods.py holds the two equal)."""
 
 
 class InvalidQuantSpecError(UnsupportedError):

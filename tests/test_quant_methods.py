@@ -210,3 +210,10 @@ def test_accumulate_hessian_equals_batch_formula(calib) -> None:
     x, h = calib
     expected = 2.0 / x.shape[0] * (x.T.double() @ x.double())
     torch.testing.assert_close(h.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_spec_names_exactly_the_registered_methods():
+    from quant.methods import QUANTIZERS
+    from quant.spec import METHODS
+
+    assert list(QUANTIZERS) == list(METHODS)

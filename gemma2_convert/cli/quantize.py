@@ -15,7 +15,8 @@ from gemma2_convert.pipeline.quantize import (
     QuantizeOptions,
     quantize_checkpoint,
 )
-from quant.spec import GROUP_SIZES, METHODS
+from quant.methods import QUANTIZERS
+from quant.spec import GROUP_SIZES
 
 
 def parse_group_size(value: str) -> int | None | str:
@@ -39,7 +40,7 @@ def parse_group_size(value: str) -> int | None | str:
                    "auto: 128 for --format hf, 32 for --format gguf.")
 @click.option("--scheme", type=click.Choice(["sym", "asym"]), default="sym", show_default=True,
               help="Symmetric (scale only) or asymmetric (scale + zero point).")
-@click.option("--method", type=click.Choice(METHODS), default="mse", show_default=True,
+@click.option("--method", type=click.Choice(list(QUANTIZERS)), default="mse", show_default=True,
               help="rtn: min/max; mse: least-squares scale search; hqq: half-quadratic zero-point fit; "
                    "gptq: Hessian-based error feedback, calibrated on --calibration text.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,

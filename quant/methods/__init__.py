@@ -6,7 +6,8 @@ This package lists the method modules in one place: importing them registers eac
 every method returns are in the registry's docstring.
 """
 
-from quant.methods import gptq, hqq, mse, rtn  # noqa: F401 - importing them registers the methods
+# Importing them registers the methods, in this order (the order --method lists them).
+from quant.methods import rtn, mse, hqq, gptq  # noqa: F401, I001
 from quant.methods.registry import (QUANTIZERS, ROW_CHUNK, Quantizer, by_row_chunks, get_quantizer,
                                     quantize_weight, register_quantizer)
 
