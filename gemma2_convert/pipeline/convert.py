@@ -52,20 +52,19 @@ class ConvertResult:
 def open_input(src: str | Path, opts: ConvertOptions) -> Checkpoint:
     """Open ``src`` with the reader that recognises it, among ``opts.inputs`` when the command restricts them.
 
-    With originals only (orig-to-*), an unrecognised input goes to the gemma_pytorch reader, which says what
-    is wrong with it; another readable format is refused with the command to use instead."""
-    path = Path(src)
+    An input no allowed reader recognises goes to the first allowed one, which says what is wrong with it
+    (gguf-to-hf: the GGUF reader; orig-to-*: the gemma_pytorch reader); another readable format is refused
+    with the command to use instead."""
+    path, allowed = Path(src), opts.inputs
     try:
-        fmt = detect_format(path)
+        fmt = allowed[0] if allowed is not None and len(allowed) == 1 else detect_format(path)
     except UnknownFormatError:
-        if opts.inputs is None or len(opts.inputs) > 1 and "gemma_pytorch" not in opts.inputs:
+        if allowed is None:
             raise
-        fmt = opts.inputs[0] if len(opts.inputs) == 1 else "gemma_pytorch"
-    if opts.inputs is not None and len(opts.inputs) == 1:
-        fmt = opts.inputs[0]  # its reader says what is wrong with anything else
-    if opts.inputs is not None and fmt not in opts.inputs:
+        fmt = allowed[0]
+    if allowed is not None and fmt not in allowed:
         wanted = ("an original one (a gemma_pytorch model.ckpt or a Flax/Orbax directory)"
-                  if "gemma_pytorch" in opts.inputs else " or ".join(opts.inputs))
+                  if set(allowed) == set(ORIGINALS) else " or ".join(allowed))
         raise UnknownFormatError(f"this is a {fmt} checkpoint, not {wanted}; use `gemma2-convert convert` for it",
                                  path)
     options: dict[str, Any] = {"options": opts.shape}
