@@ -10,7 +10,8 @@ from gemma2_convert.pipeline import catalog
 
 @click.command("formats")
 @click.option("--markdown", is_flag=True, help="Print the tables as markdown (the README's, which a test keeps equal).")
-def formats(markdown: bool) -> None:
+@click.option("--quiet", is_flag=True, help="Accepted like every command's; this one draws no progress bar.")
+def formats(markdown: bool, quiet: bool) -> None:
     """List every input format (auto-detected), every output (convert --to) and every GGUF --type.
 
     \b
