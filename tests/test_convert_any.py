@@ -79,3 +79,22 @@ def test_convert_any_input_to_any_output(sources, tmp_path, src, to):
     assert rep["tensors_equal"] == rep["tensors_total"] and rep["max_abs_logits"] == 0, rep
     differ = [k for k, t in want.items() if not torch.equal(back[k].load(), t.load())]
     assert not differ, f"{src} → {to}: {len(differ)} tensors differ, first {differ[:3]}"
+
+
+def test_single_file_over_the_hub_limit_warns(tmp_path):
+    """A single safetensors file above 50 GB is planned with a warning naming the sharded alternative (nothing
+    is read or written: the plan only looks at shapes)."""
+    from gemma2_convert.core.lazy import LazyTensor
+    from gemma2_convert.core.progress import Warnings
+    from gemma2_convert.formats.options import ConvertOptions
+    from gemma2_convert.formats.registry import WRITERS, Checkpoint
+    from reference.weights import expected_shapes
+
+    cfg = Gemma2Config.preset("27b")
+    never = lambda: pytest.fail("the plan must not read a tensor")  # noqa: E731
+    tensors = {k: LazyTensor(s, torch.float32, never) for k, s in expected_shapes(cfg).items()}  # 109 GB
+    seen = Warnings()
+    job = WRITERS["safetensors"].prepare(Checkpoint("hf", tmp_path, cfg, tensors), ConvertOptions(to="safetensors"),
+                                         seen)
+    assert job.need_bytes > 100e9
+    assert any("over the Hugging Face Hub's 50.0 GB per-file limit" in m and "--to hf" in m for m in seen.messages)

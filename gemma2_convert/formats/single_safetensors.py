@@ -22,6 +22,7 @@ from pathlib import Path
 from gemma2_convert.core.errors import ConfigError, FormatError, check_names
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.progress import Progress
+from gemma2_convert.core.units import human_bytes
 from gemma2_convert.formats.dense import (
     checked_cast,
     output_dtype,
@@ -43,6 +44,8 @@ from gemma2_convert.formats.stored import Stored, json_text, safetensors_rows, s
 from gemma2_convert.formats.tokenizer.spm import find_tokenizer
 from reference.config import Gemma2Config
 
+HUB_FILE_LIMIT = 50 * 10**9
+"""The Hugging Face Hub refuses files larger than this (huggingface_hub#1624)."""
 CONFIG_KEY = "gemma2.config"
 NAMES_KEY = "gemma2.names"
 PROVENANCE_KEY = "gemma2.provenance"
@@ -122,6 +125,10 @@ def prepare_single(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -
     items = checked_cast(ckpt, tensors, dtype, opts, progress)
     prov = provenance(ckpt, opts.command, {"dtype": opts.dtype, "names": opts.names, "verify": opts.verify})
     size = sum(t.nbytes for _, t in items)
+    if size > HUB_FILE_LIMIT:
+        progress.warn(f"{ckpt.path}: the single file will be {human_bytes(size)}, over the Hugging Face Hub's "
+                      f"{human_bytes(HUB_FILE_LIMIT)} per-file limit; for the Hub write a sharded directory "
+                      "instead (--to hf, or orig-to-hf, with --max-shard-size)")
 
     def write(tmp: Path, progress: Progress) -> list[str]:
         write_single_safetensors(tmp, ckpt.config, items, names=opts.names, provenance=prov,
