@@ -79,6 +79,11 @@ def print_report(rep: VerifyReport, as_json: bool = False) -> None:
             ("tokens compared", rep.tokens), ("max |Δ logits|", f"{rep.max_abs_logits:.3g}"),
             ("mean KL(a‖b)", f"{rep.mean_kl:.3g}"), ("top-1 agreement", f"{rep.top1:.2%}"),
             ("perplexity a / b", f"{rep.ppl_a:.4g} / {rep.ppl_b:.4g}")]
+    if rep.text is not None:
+        t = rep.text
+        rows += [("text: tokens compared", int(t["tokens"])), ("text: max |Δ logits|", f"{t['max_abs_logits']:.3g}"),
+                 ("text: mean KL(a‖b)", f"{t['mean_kl']:.3g}"), ("text: top-1 agreement", f"{t['top1']:.2%}"),
+                 ("text: perplexity a / b", f"{t['ppl_a']:.4g} / {t['ppl_b']:.4g}")]
     rows += [(f"differs: {d.name}", f"SQNR {d.sqnr_db:.1f} dB, max |Δ| {d.max_abs:.3g}") for d in rep.worst_tensors]
     rows.append(("result", "[green]PASS" if rep.passed else "[red]FAIL: " + "; ".join(rep.failures)))
     out.print(table(f"verify {rep.a} → {rep.b}", ["check", "value"], rows))

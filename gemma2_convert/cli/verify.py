@@ -10,6 +10,7 @@ from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.errors import fail
 from gemma2_convert.cli.render import print_report
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.pipeline.calibrate import read_text
 from gemma2_convert.pipeline.verify import TOLERANCES, verify_paths
 
 
@@ -24,10 +25,13 @@ from gemma2_convert.pipeline.verify import TOLERANCES, verify_paths
 @click.option("--tokens", type=int, default=64, show_default=True, help="Tokens per prompt.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="config.json for an input that stores none (gemma_pytorch of unpublished shape).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text (your own prompts or eval text) to compare on as well, in windows of up to 1024 "
+                   "tokens: KL, top-1 and the perplexity of both models on it, judged like the rest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar (also off when stderr is not a terminal).")
 def verify(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float, tokens: int,
-           config_path: Path | None, as_json: bool, quiet: bool) -> None:
+           config_path: Path | None, text_file: Path | None, as_json: bool, quiet: bool) -> None:
     """Compare two checkpoints (any format the reference reads): tensors, then logits on fixed prompts.
 
     Prints a table (--json: the same as JSON); exits 3, with one error line, when the comparison fails.
@@ -36,10 +40,12 @@ def verify(a: Path, b: Path, tolerance: str, max_kl: float, min_top1: float, tok
     Examples:
       gemma2-convert verify gemma-2-2b/model.ckpt ./gemma-2-2b-hf
       gemma2-convert verify ./gemma-2-2b-hf ./gemma-2-2b.safetensors --json
+      gemma2-convert verify ./gemma-2-9b-hf gemma-2-9b-Q4_K_M.gguf --tolerance lossy --text held-out.txt
     """
     with RichProgress(quiet or as_json) as progress:
         rep = verify_paths(a, b, tolerance=tolerance, max_kl=max_kl, min_top1=min_top1, n_tokens=tokens,
-                           shape=ShapeOptions(config=config_path), progress=progress)
+                           shape=ShapeOptions(config=config_path), progress=progress,
+                           text=None if text_file is None else read_text(text_file, ""))
     print_report(rep, as_json)
     if not rep.passed:
         fail(f"{rep.b}: verification against {rep.a} failed: " + "; ".join(rep.failures), 3)

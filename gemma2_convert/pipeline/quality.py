@@ -14,7 +14,8 @@ import torch
 from gemma2_convert.core.memory import fits_resident
 from gemma2_convert.core.errors import VerificationError
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.pipeline.verify import DEFAULT_TEXT, compare_logits, reference_model, track_layers
+from gemma2_convert.pipeline.verify import (DEFAULT_TEXT, compare_logits, reference_model, sentencepiece_of,
+                                            token_windows, track_layers)
 
 DEFAULT_EVAL_TEXT = (DEFAULT_TEXT + "\n\n") * 3
 """Built-in held-out text; pass ``--eval FILE`` for a real evaluation set."""
@@ -26,17 +27,11 @@ tight enough to catch a broken format (wrong scale, nibble order or layout gives
 
 def eval_prompts(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 64) -> list[torch.Tensor]:
     """Token windows [1, seq_len] of ``text`` (tokenizer of the source), or seeded random ids without one."""
-    cfg = ckpt.config
-    if ckpt.tokenizer is None:
+    sp = sentencepiece_of(ckpt) if ckpt.tokenizer is not None else None
+    if sp is None:
         g = torch.Generator().manual_seed(0)
-        return [torch.randint(3, cfg.vocab_size, (1, seq_len), generator=g) for _ in range(2)]
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
-    ids = [i for i in sp.encode(text) if i < cfg.vocab_size]
-    body = seq_len - 1
-    windows = [ids[i:i + body] for i in range(0, max(len(ids) - body, 0) + 1, body)][:max_seqs]
-    return [torch.tensor([[cfg.bos_token_id] + w]) for w in windows if w]
+        return [torch.randint(3, ckpt.config.vocab_size, (1, seq_len), generator=g) for _ in range(2)]
+    return token_windows(sp, ckpt.config, text, seq_len, max_seqs)
 
 
 def weight_bytes(ckpt: Checkpoint) -> tuple[int, int]:

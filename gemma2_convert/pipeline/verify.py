@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from gemma2_convert.core.errors import ConfigError, VerificationError, check_names
@@ -23,6 +24,7 @@ from gemma2_convert.formats import Checkpoint, open_checkpoint
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.tolerance import Tolerance
 from quant.metrics import kl_divergence, perplexity, sqnr_db, top1_agreement
+from reference.config import Gemma2Config
 from reference.heads import CLASSES
 from reference.model import Gemma2Model
 from reference.weights import WeightStore
@@ -58,9 +60,42 @@ class VerifyReport:
     ppl_b: float = 0.0
     passed: bool = False
     failures: list[str] = field(default_factory=list)
+    text: dict[str, float] | None = None
+    """The same figures on the user's text (``--text``): tokens, max_abs_logits, mean_kl, top1, ppl_a, ppl_b."""
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def sentencepiece_of(ckpt: Checkpoint) -> spm.SentencePieceProcessor | None:
+    """The checkpoint's tokenizer: its tokenizer.model file, else the one the file embeds; None without."""
+    if ckpt.tokenizer is not None:
+        return spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
+    if ckpt.tokenizer_blob is not None:
+        return spm.SentencePieceProcessor(model_proto=ckpt.tokenizer_blob)
+    return None
+
+
+def token_windows(sp: spm.SentencePieceProcessor, cfg: Gemma2Config, text: str, seq_len: int,
+                  max_seqs: int = 64) -> list[torch.Tensor]:
+    """``text`` tokenized, cut into windows [1, seq_len] that each start with <bos> (at most ``max_seqs``)."""
+    ids = [i for i in sp.encode(text) if i < cfg.vocab_size]
+    body = seq_len - 1
+    windows = [ids[i:i + body] for i in range(0, max(len(ids) - body, 0) + 1, body)][:max_seqs]
+    return [torch.tensor([[cfg.bos_token_id] + w]) for w in windows if w]
+
+
+def text_prompts(ckpt: Checkpoint, text: str) -> list[torch.Tensor]:
+    """The user's text as prompts for ``verify --text``: windows of up to 4 sliding windows (≤ 1024 tokens)."""
+    sp = sentencepiece_of(ckpt)
+    if sp is None:
+        raise ConfigError("--text needs the model's tokenizer, and none was found with this checkpoint (a "
+                          "tokenizer.model beside it, or one embedded in the GGUF)", ckpt.path)
+    cfg = ckpt.config
+    prompts = token_windows(sp, cfg, text, min(4 * cfg.sliding_window, cfg.max_position_embeddings, 1024))
+    if not prompts:
+        raise ConfigError("--text holds no tokens", ckpt.path)
+    return prompts
 
 
 def default_prompts(ckpt: Checkpoint, n_tokens: int, seed: int = 0) -> list[torch.Tensor]:
@@ -69,8 +104,6 @@ def default_prompts(ckpt: Checkpoint, n_tokens: int, seed: int = 0) -> list[torc
     cfg = ckpt.config
     prompts = []
     if ckpt.tokenizer is not None:
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_file=str(ckpt.tokenizer))
         ids = [cfg.bos_token_id] + sp.encode(DEFAULT_TEXT)
         ids = [i for i in ids if i < cfg.vocab_size][:n_tokens]
@@ -164,11 +197,12 @@ def track_layers(models: tuple[Gemma2Model, ...], n_prompts: int, on_layer: Call
 def verify(
     a: str | Path | Checkpoint, b: str | Path | Checkpoint, *, tolerance: Tolerance | None = None,
     dtype: torch.dtype = torch.float32, n_tokens: int = 64, resident: bool | None = None,
-    check_tensors: bool = True, progress: Progress = SILENT,
+    check_tensors: bool = True, progress: Progress = SILENT, text: str | None = None,
 ) -> VerifyReport:
     """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring.
     Progress: a phase of bytes per tensor compared, then one of decoder layers run by the reference
-    forward passes (both models, every prompt)."""
+    forward passes (both models, every prompt). ``text``: also compare on the user's text (its figures are
+    judged by the same tolerance and reported apart, with the perplexity of both models on it)."""
     tol = tolerance or Tolerance()
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
@@ -189,21 +223,37 @@ def verify(
         m = compare_logits(*models, prompts)
     for k, v in m.items():
         setattr(rep, k, v)
+    if text is not None:
+        extra = text_prompts(ca, text)
+        with progress.phase("reference forward on the text", None, "layers"):
+            track_layers(models, len(extra), progress.update)
+            rep.text = compare_logits(*models, extra)
     judge(rep, tol)
     return rep
 
 
 def judge(rep: VerifyReport, tol: Tolerance) -> None:
-    """Fill ``rep.failures`` and ``rep.passed`` from its figures and the bounds of ``tol``."""
-    if not all(math.isfinite(v) for v in (rep.max_abs_logits, rep.mean_kl, rep.ppl_a, rep.ppl_b)):
-        rep.failures.append("the logits are not finite (NaN/Inf): a weight holds NaN/Inf or the forward overflows")
-    if rep.max_abs_logits > tol.max_abs:
-        rep.failures.append(f"max |Δ logits| {rep.max_abs_logits:.3g} > {tol.max_abs:g}")
-    if rep.mean_kl > tol.max_kl:
-        rep.failures.append(f"mean KL {rep.mean_kl:.3g} > {tol.max_kl:g}")
-    if rep.top1 < tol.min_top1:
-        rep.failures.append(f"top-1 agreement {rep.top1:.2%} < {tol.min_top1:.2%}")
+    """Fill ``rep.failures`` and ``rep.passed`` from its figures (and those on ``--text``) and ``tol``."""
+    figures = {"max_abs_logits": rep.max_abs_logits, "mean_kl": rep.mean_kl, "top1": rep.top1,
+               "ppl_a": rep.ppl_a, "ppl_b": rep.ppl_b}
+    rep.failures += logit_failures(figures, tol)
+    if rep.text is not None:
+        rep.failures += [f"on the text: {f}" for f in logit_failures(rep.text, tol)]
     rep.passed = not rep.failures
+
+
+def logit_failures(m: dict[str, float], tol: Tolerance) -> list[str]:
+    """What in the figures ``m`` (as ``compare_logits`` returns them) breaks the bounds of ``tol``."""
+    out = []
+    if not all(math.isfinite(m[k]) for k in ("max_abs_logits", "mean_kl", "ppl_a", "ppl_b")):
+        out.append("the logits are not finite (NaN/Inf): a weight holds NaN/Inf or the forward overflows")
+    if m["max_abs_logits"] > tol.max_abs:
+        out.append(f"max |Δ logits| {m['max_abs_logits']:.3g} > {tol.max_abs:g}")
+    if m["mean_kl"] > tol.max_kl:
+        out.append(f"mean KL {m['mean_kl']:.3g} > {tol.max_kl:g}")
+    if m["top1"] < tol.min_top1:
+        out.append(f"top-1 agreement {m['top1']:.2%} < {tol.min_top1:.2%}")
+    return out
 
 
 def require(rep: VerifyReport) -> None:
@@ -217,7 +267,7 @@ TOLERANCES = ("auto", "exact", "cast", "lossy")
 
 def verify_paths(
     a: str | Path, b: str | Path, *, tolerance: str = "auto", max_kl: float = 0.05, min_top1: float = 0.9,
-    n_tokens: int = 64, shape: ShapeOptions | None = None, progress: Progress = SILENT,
+    n_tokens: int = 64, shape: ShapeOptions | None = None, progress: Progress = SILENT, text: str | None = None,
 ) -> VerifyReport:
     """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match."""
     ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
@@ -227,4 +277,4 @@ def verify_paths(
     tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
     if tolerance not in tols:
         raise ConfigError(f"unknown tolerance {tolerance!r}; choose {', '.join(TOLERANCES)}")
-    return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, progress=progress)
+    return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, progress=progress, text=text)

@@ -1,0 +1,50 @@
+"""``verify --text FILE``: the user's own text compared too, with both models' perplexity on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from gemma2_convert.cli.main import cli
+from gemma2_convert.pipeline.convert import convert
+from gemma2_convert.formats.options import ConvertOptions
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MODEL, TEXT = FIXTURES / "gemma2-tiny-trained", FIXTURES / "eval.txt"
+
+
+def _verify(a: Path, b: Path, *extra: str):
+    return CliRunner().invoke(cli, ["verify", str(a), str(b), "--text", str(TEXT), "--json", *extra])
+
+
+def test_text_is_compared_and_its_perplexity_reported(tmp_path):
+    copy = tmp_path / "copy.safetensors"
+    convert(MODEL, copy, ConvertOptions(to="safetensors", verify=False))
+    r = _verify(MODEL, copy)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    text = rep["text"]
+    assert text["tokens"] > 500 and text["max_abs_logits"] == 0 and text["top1"] == 1.0
+    assert text["ppl_a"] == text["ppl_b"] and 1.0 < text["ppl_a"] < 100  # a trained model on in-domain text
+    assert rep["tokens"] < text["tokens"]  # the fixed prompts are still compared, and reported apart
+
+
+def test_text_failures_are_named(tmp_path):
+    q4 = tmp_path / "q4_0.gguf"
+    convert(MODEL, q4, ConvertOptions(to="gguf", gguf_type="q4_0", verify=False))
+    r = _verify(MODEL, q4, "--tolerance", "lossy", "--max-kl", "1e-9", "--min-top1", "0")
+    assert r.exit_code == 3
+    rep = json.loads(r.stdout)
+    assert rep["text"]["mean_kl"] > 1e-9 and any(f.startswith("on the text: mean KL") for f in rep["failures"])
+
+
+def test_text_needs_a_tokenizer(tmp_path):
+    bare = tmp_path / "bare.safetensors"
+    convert(MODEL, bare, ConvertOptions(to="safetensors", verify=False))
+    (tmp_path / "other").mkdir()
+    moved = tmp_path / "other" / "bare.safetensors"
+    bare.rename(moved)  # no tokenizer.model beside it any more
+    r = _verify(moved, MODEL)
+    assert r.exit_code == 2 and "--text needs the model's tokenizer" in r.output
