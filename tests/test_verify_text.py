@@ -48,3 +48,24 @@ def test_text_needs_a_tokenizer(tmp_path):
     bare.rename(moved)  # no tokenizer.model beside it any more
     r = _verify(moved, MODEL)
     assert r.exit_code == 2 and "--text needs the model's tokenizer" in r.output
+
+
+def test_auto_judges_a_quantized_file_by_its_types(tmp_path):
+    """``verify ORIGINAL model-Q4_0.gguf`` with the default tolerance passes a healthy file (it is judged by the
+    GGUF type's bounds, not as a cast) and still fails a broken one."""
+    q4 = tmp_path / "q4_0.gguf"
+    convert(MODEL, q4, ConvertOptions(to="gguf", gguf_type="q4_0", verify=False))
+    r = CliRunner().invoke(cli, ["verify", str(MODEL), str(q4), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and rep["tensors_equal"] < rep["tensors_total"] and rep["max_abs_logits"] > 0
+    broken = tmp_path / "broken"  # every norm off by one: the classic "+1 stored twice" conversion bug
+    convert(MODEL, broken, ConvertOptions(to="hf", verify=False))
+    from safetensors.torch import load_file, save_file
+
+    f = broken / "model.safetensors"
+    sd = load_file(f)
+    save_file({k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}, f, metadata={"format": "pt"})
+    convert(broken, tmp_path / "broken.gguf", ConvertOptions(to="gguf", gguf_type="q4_0", verify=False))
+    r = CliRunner().invoke(cli, ["verify", str(MODEL), str(tmp_path / "broken.gguf"), "--json"])
+    assert r.exit_code == 3 and not json.loads(r.stdout)["passed"]

@@ -21,6 +21,7 @@ from gemma2_convert.core.errors import ConfigError, VerificationError, check_nam
 from gemma2_convert.core.memory import fits_resident
 from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats import Checkpoint, open_checkpoint
+from gemma2_convert.formats.gguf.output import quantized_tolerance
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.tolerance import Tolerance
 from quant.metrics import kl_divergence, perplexity, sqnr_db, top1_agreement
@@ -271,10 +272,26 @@ def verify_paths(
 ) -> VerifyReport:
     """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match."""
     ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
-    if tolerance == "auto":
-        same = all(cb.tensors[n].dtype == t.dtype for n, t in ca.tensors.items() if n in cb.tensors)
-        tolerance = "exact" if same else "cast"
     tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
-    if tolerance not in tols:
+    if tolerance != "auto" and tolerance not in tols:
         raise ConfigError(f"unknown tolerance {tolerance!r}; choose {', '.join(TOLERANCES)}")
-    return verify(ca, cb, tolerance=tols[tolerance], n_tokens=n_tokens, progress=progress, text=text)
+    tol = auto_tolerance(ca, cb) if tolerance == "auto" else tols[tolerance]
+    return verify(ca, cb, tolerance=tol, n_tokens=n_tokens, progress=progress, text=text)
+
+
+PACKED_BOUND = (0.25, 0.7)
+"""(max mean KL, min top-1) for packed (compressed-tensors) weights: int4's quality limit, the looser one."""
+
+
+def auto_tolerance(a: Checkpoint, b: Checkpoint) -> Tolerance:
+    """What ``--tolerance auto`` demands: quantized weights (a GGUF's block types, packed compressed-tensors)
+    are judged by their type's bounds; otherwise exact when the dtypes match, else equal after the cast."""
+    for ck in (b, a):
+        if ck.format == "gguf":
+            bound = quantized_tolerance(t for t in ck.metadata.get("tensor_types", "").split(", ") if t)
+            if bound is not None:
+                return bound
+        if any(t.packed for t in ck.tensors.values()):
+            return Tolerance.lossy(*PACKED_BOUND)
+    same = all(b.tensors[n].dtype == t.dtype for n, t in a.tensors.items() if n in b.tensors)
+    return Tolerance() if same else Tolerance.cast()
