@@ -2,10 +2,11 @@
 
 ``quantize_tensor(t, "Q4_K")`` returns uint8 ``[..., row_bytes]`` for a float ``[..., cols]`` tensor: the
 bytes a GGUF writer stores for that tensor (rows in order, each row a run of blocks). They are
-byte-identical to llama.cpp's ``llama_model_quantize`` (legacy types and K-quants; K-quants also with an
-imatrix) and to gguf-py's ``gguf.quants.quantize`` (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; F16 too, except
-for NaN payloads). ``dequantize_tensor`` inverts it as ggml's ``dequantize_row_*`` does. Rows are
-processed in chunks so that temporaries stay small; a NaN/inf input or an fp16 scale overflow is an error.
+byte-identical to llama.cpp's ``llama_model_quantize`` (legacy types, K-quants and IQ4_NL / IQ4_XS;
+K-quants and IQ4 also with an imatrix) and to gguf-py's ``gguf.quants.quantize`` (BF16, Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1; F16 too, except for NaN payloads). ``dequantize_tensor`` inverts it as ggml's
+``dequantize_row_*`` does. Rows are processed in chunks so that temporaries stay small; a NaN/inf input
+or an fp16 scale overflow is an error.
 Everything about a type (block layout, codec functions, fallback) comes from its entry in
 ``quant.gguf_types.GGML_TYPES``.
 """
@@ -101,7 +102,8 @@ def quantize_tensor(t: Tensor, qtype: str, quant_weights: Tensor | None = None, 
     """float ``[..., cols]`` -> uint8 ``[..., row_bytes(qtype, cols)]``, GGML type ``qtype``.
 
     ``quant_weights``: optional per-column importance ``[cols]`` (an imatrix entry, mean of squared
-    activations); K-quants then follow llama.cpp's ``quantize_row_*_impl``, Q8_0 and float types ignore it.
+    activations); K-quants then follow llama.cpp's ``quantize_row_*_impl``, IQ4_NL / IQ4_XS weight their
+    scale search with it, Q8_0 and float types ignore it.
     ``threads``: worker threads for the compiled kernels (default: every CPU available; the torch
     kernels always run on the calling thread). Callers that already run one quantization per thread
     pass 1. The bytes do not depend on it. ``out``: a contiguous CPU uint8 tensor with as many bytes to

@@ -7,7 +7,7 @@ bound on a file that stores it, the ``general.file_type`` of a file of that type
 The GGUF writer, reader, ``--type`` choices and help, and the verification bounds all read ``GGML_TYPES``.
 
 The entries are registered at the end of this module, one :func:`register_type` statement each, so the
-registry is complete whenever this module is imported. A new type (say IQ4_NL) is one codec module in
+registry is complete whenever this module is imported. A new type (say IQ3_S) is one codec module in
 ``quant/`` (its ``quantize``/``dequantize`` on ``[rows, cols]``) plus two lines here: its import and its
 ``register_type(GGMLType(...))``.
 
@@ -30,6 +30,7 @@ from torch import Tensor
 from gemma2_convert.core.errors import UnsupportedError, name_list
 from quant import gguf_float as fl
 from quant import gguf_imatrix as im
+from quant import gguf_iq4 as iq
 from quant import gguf_kquants as kq
 from quant import gguf_legacy as lg
 from quant import jit
@@ -109,8 +110,8 @@ class GGMLType:
     """(max mean KL, min top-1 agreement) that verification demands of the reference's logits on a file
     whose loosest stored type is this one; None: exact (F32). Sanity checks that catch a broken file, not
     quality gates: about 2-3× llama.cpp's published mean KLD on LLaMA-3-8B (Q8_0 0.0014, Q6_K 0.0055,
-    Q5_K_M 0.011, Q4_0 0.072; QUANT_FORMATS.md §7.1) and above what random tiny models give (Q8_0 2e-4,
-    Q6_K 2e-3, Q5_0 1.1e-2, Q4_0 4.4e-2, all top-1 100 %)."""
+    Q5_K_M 0.011, IQ4_XS 0.036, Q4_0 0.072; QUANT_FORMATS.md §7.1) and above what random tiny models give
+    (Q8_0 2e-4, Q6_K 2e-3, Q5_0 1.1e-2, IQ4_XS 1.8e-2, Q4_0 4.4e-2, all top-1 100 %)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -136,6 +137,8 @@ FILE_TYPES: dict[str, int] = {
     "MOSTLY_Q5_K_S": 16,
     "MOSTLY_Q5_K_M": 17,
     "MOSTLY_Q6_K": 18,
+    "MOSTLY_IQ4_NL": 25,
+    "MOSTLY_IQ4_XS": 30,
     "MOSTLY_BF16": 32,
 }
 """``general.file_type`` values (llama.cpp ``enum llama_ftype`` / gguf-py ``LlamaFileType``); each is also
@@ -235,3 +238,18 @@ register_type(GGMLType("Q6_K", 14, 256, 210, Codec(
     kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q6_k"),
     "MOSTLY_Q6_K", "6-bit K-quant: 256-weight super-blocks, 8-bit scales per 16",
     fallback="Q8_0", lossy_bound=(2e-2, 0.85)))
+# Non-linear 4-bit (llama.cpp's quantize_iq4_nl / quantize_iq4_xs: the same weighted search with or
+# without an imatrix). An IQ4_XS row that is not whole super-blocks falls back to IQ4_NL; an IQ4_NL row
+# that is not whole blocks to F16, as llama.cpp's tensor_type_fallback does. Bound: llama.cpp's mean KLD
+# on LLaMA-3-8B is 0.036 for both (with an imatrix; Q4_K_S without one 0.043), tiny random models give
+# 0.014-0.017 (IQ4_NL) and 0.015-0.018 (IQ4_XS), top-1 100 % (tests/gguf_helpers.py "kmix" and "fold",
+# seeds 3 and 11; Q4_K 0.011-0.017 and Q4_0 0.018-0.023 on the same models), so 0.1 is 2.8x the first.
+_IQ4_JIT = "quant.gguf_iq4_jit"
+register_type(GGMLType("IQ4_NL", 20, 32, 18, Codec(
+    iq.quantize_iq4_nl, iq.dequantize_iq4_nl, (0,), "used", compiled=f"{_IQ4_JIT}:quantize_iq4_nl"),
+    "MOSTLY_IQ4_NL", "4-bit codes on a non-linear 16-value grid, an fp16 scale per 32 weights",
+    lossy_bound=(0.1, 0.75)))
+register_type(GGMLType("IQ4_XS", 23, 256, 136, Codec(
+    iq.quantize_iq4_xs, iq.dequantize_iq4_xs, (0,), "used", compiled=f"{_IQ4_JIT}:quantize_iq4_xs"),
+    "MOSTLY_IQ4_XS", "IQ4_NL's grid in 256-weight super-blocks, 6-bit scales per 32",
+    fallback="IQ4_NL", lossy_bound=(0.1, 0.75)))

@@ -91,8 +91,8 @@ def test_file_types_match_gguf_constants():
 
 
 def test_unknown_type_lists_valid_names():
-    with pytest.raises(UnsupportedError, match=r"IQ4_XS.*valid types: BF16, F16, F32, Q4_0"):
-        ggml_type("IQ4_XS")
+    with pytest.raises(UnsupportedError, match=r"IQ3_S.*valid types: BF16, F16, F32, IQ4_NL, IQ4_XS, Q4_0"):
+        ggml_type("IQ3_S")
     with pytest.raises(UnsupportedError, match=r"valid names: .*Q4_K_M"):
         file_type_id("Q3_K_L")
 
@@ -334,7 +334,8 @@ def test_imatrix_rules():
         err = float((dequantize_tensor(with_qw, qtype, a.shape) - a).pow(2).mean().sqrt())
         ref = float((dequantize_tensor(quantize_tensor(a, qtype), qtype, a.shape) - a).pow(2).mean().sqrt())
         assert err < 1.1 * ref, (qtype, err, ref)
-    with pytest.raises(UnsupportedError, match=r"to Q5_0 is not implemented; it is for Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
+    with pytest.raises(UnsupportedError,
+                       match=r"to Q5_0 is not implemented; it is for IQ4_NL, IQ4_XS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
         quantize_tensor(a, "Q5_0", qw)
     with pytest.raises(ConversionError, match=r"importance matrix has 256 entries for rows of 512 columns"):
         quantize_tensor(a, "Q4_K", qw[:256])

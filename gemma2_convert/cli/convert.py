@@ -12,6 +12,7 @@ from gemma2_convert.cli.options import (
     gguf_type_help,
     safety_options,
     shape_options,
+    split_options,
 )
 from gemma2_convert.cli.render import print_conversion, print_gguf, print_report
 from gemma2_convert.formats import WRITERS
@@ -43,6 +44,7 @@ def _formats_help() -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="--to gguf: threads quantizing in parallel (default: every CPU this process may use).")
 @click.option("--drop-head", is_flag=True, help="--to gguf: export a classifier's decoder as a causal LM.")
+@split_options
 @click.option("--verify/--no-verify", "verify_output", default=True, show_default=True,
               help="Reload the output and compare every tensor and the reference logits with SRC; on failure "
                    "nothing is left at the output path.")
@@ -52,8 +54,9 @@ def _formats_help() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
 @safety_options
 def convert(src: Path, out: Path, to: str, type_name: str, dtype: str, max_shard_size: str, names: str,
-            tokenizer: Path | None, shape: ShapeOptions, threads: int | None, drop_head: bool, verify_output: bool,
-            direct_io: bool, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool) -> None:
+            tokenizer: Path | None, shape: ShapeOptions, threads: int | None, drop_head: bool,
+            split_max_size: str | None, split_max_tensors: int | None, verify_output: bool, direct_io: bool,
+            force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Convert SRC — any format this tool reads — to the format --to names, streaming, then verify it.
 
     \b
@@ -61,9 +64,11 @@ def convert(src: Path, out: Path, to: str, type_name: str, dtype: str, max_shard
       gemma2-convert convert ./gemma-2-2b-hf gemma-2-2b.safetensors --to safetensors
       gemma2-convert convert gemma-2-2b-q8_0.gguf ./back --to hf --dtype bfloat16
       gemma2-convert convert ./flax-ckpt gemma-2-9b.gguf --to gguf --type q4_k_m
+      gemma2-convert convert ./gemma-2-27b-hf gemma-2-27b-bf16.gguf --to gguf --type bf16 --split-max-size 50G
     """
     opts = ConvertOptions(to=to, command="convert", shape=shape, tokenizer=tokenizer, dtype=dtype,
                           max_shard_size=max_shard_size, names=names, gguf_type=type_name, threads=threads,
+                          split_max_size=split_max_size, split_max_tensors=split_max_tensors,
                           drop_head=drop_head, allow_nonfinite=allow_nonfinite, direct_io=direct_io,
                           verify=verify_output, force=force)
     with RichProgress(quiet or as_json) as progress:

@@ -90,8 +90,22 @@ def gguf_type_help() -> str:
     return "\n\n".join(["Tensor type:", *(f"{key}: {line}" for key, line in type_help().items())])
 
 
+def split_options(fn: F) -> F:
+    """--split-max-size and --split-max-tensors: a GGUF output as a split set (llama.cpp's gguf-split layout)."""
+    return _apply(fn, [
+        click.option("--split-max-size", metavar="SIZE", default=None,
+                     help="Split the GGUF into parts of at most SIZE each, header included (50G, 500M: decimal units "
+                          "as llama.cpp's gguf-split; 50GB, 2GiB also work), named NAME-00001-of-0000N.gguf (NAME: "
+                          "the output name without .gguf) in gguf-split's layout. llama.cpp and this tool open the "
+                          "set from its first part."),
+        click.option("--split-max-tensors", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Split the GGUF into parts of at most N tensors each (with --split-max-size: both hold)."),
+    ])
+
+
 def gguf_options(fn: F) -> F:
-    """--type, --tokenizer, --verify/--no-verify, --threads, --force, --json, --allow-nonfinite, --quiet."""
+    """--type, --tokenizer, --verify/--no-verify, --threads, --split-max-size, --split-max-tensors, --force, --json,
+    --allow-nonfinite, --quiet."""
     return safety_options(_apply(fn, [
         click.option("--type", "type_name", type=click.Choice(list(GGUF_TYPES), case_sensitive=False), default="f16",
                      show_default=True, help=gguf_type_help()),
@@ -103,6 +117,7 @@ def gguf_options(fn: F) -> F:
                           "failure nothing is left at the output path."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Threads quantizing in parallel. Default: every CPU this process may use."),
+        split_options,
         force_option,
         json_option,
     ]))

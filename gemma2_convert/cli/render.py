@@ -56,12 +56,14 @@ def print_gguf(res: ConvertResult, as_json: bool) -> None:
     fold = res.details["query_fold"]
     if as_json:
         click.echo(json.dumps({
-            "output": str(res.output), "type": res.details["type"], "bytes": res.nbytes, "query_fold": fold,
+            "output": str(res.output), "files": res.files, "type": res.details["type"], "bytes": res.nbytes,
+            "query_fold": fold,
             "special_types": {c.name: f"{c.qtype} ({c.reason})" for c in choices},
             "seconds": round(res.seconds, 3), "warnings": res.warnings,
             "verify": res.report.to_json() if res.report else None}, indent=2))
         return
     rows = [("size", human_bytes(res.nbytes)), ("type", res.details["type"]), shape_row(res.config),
+            *([("split", f"{len(res.files)} parts: {res.files[0]} …")] if len(res.files) > 1 else []),
             ("query scale folded into attn_q", "no" if fold == 1 else f"× {fold:.6g}"),
             ("time", f"{res.seconds:.1f}s")]
     rows += [(c.name, f"{c.qtype} ({c.reason})") for c in choices[:MAX_CHOICE_ROWS]]
@@ -140,6 +142,9 @@ def render_inspection(ins: Inspection, console: Console) -> None:
             rows.append(("layer_types", (f"{sum(t == 'sliding_attention' for t in layer_types)} sliding, "
                                          f"{sum(t == 'full_attention' for t in layer_types)} full")))
         console.print(table("config", ["key", "value"], escaped(rows)))
+    if ins.parts:
+        console.print(table(f"split into {len(ins.parts)} parts", ["file", "tensors", "bytes", "problem"], escaped(
+            [(p.name, p.tensors, f"{p.nbytes:,}", p.problem or "ok") for p in ins.parts])))
     console.print(table("tensors", ["name", "shape", "type", "bytes"], escaped(
         [(r.name, list(r.shape), r.type, f"{r.nbytes:,}") for r in ins.tensors])))
     if ins.metadata:

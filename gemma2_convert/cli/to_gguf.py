@@ -19,8 +19,8 @@ from gemma2_convert.pipeline.gguf import to_gguf as run
 @click.option("--drop-head", is_flag=True, help="For a classification model: leave its score head out and export "
               "the decoder as a causal LM (llama.cpp's gemma2 has no classification head).")
 def to_gguf(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, verify_output: bool,
-            threads: int | None, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool,
-            drop_head: bool) -> None:
+            threads: int | None, split_max_size: str | None, split_max_tensors: int | None, force: bool,
+            as_json: bool, allow_nonfinite: bool, quiet: bool, drop_head: bool) -> None:
     """Write any checkpoint this tool reads (HF directory, single safetensors, gemma_pytorch, GGUF) as a GGUF
     that llama.cpp runs with the model's own logits, at any depth.
 
@@ -29,9 +29,11 @@ def to_gguf(src: Path, out_file: Path, type_name: str, tokenizer: Path | None, v
       gemma2-convert to-gguf ./gemma-2-2b-hf gemma-2-2b-f16.gguf
       gemma2-convert to-gguf ./gemma-2-9b-hf gemma-2-9b-Q4_K_M.gguf --type q4_k_m
       gemma2-convert to-gguf gemma-2-2b-f32.gguf gemma-2-2b-q8_0.gguf --type q8_0
+      gemma2-convert to-gguf ./gemma-2-27b-hf gemma-2-27b-f16.gguf --split-max-size 50G
     """
     with RichProgress(quiet or as_json) as progress:
         res = run(src, out_file, type_name=type_name, tokenizer=tokenizer, verify=verify_output, threads=threads,
-                  force=force, drop_head=drop_head, allow_nonfinite=allow_nonfinite, progress=progress,
+                  split_max_size=split_max_size, split_max_tensors=split_max_tensors, force=force,
+                  drop_head=drop_head, allow_nonfinite=allow_nonfinite, progress=progress,
                   on_report=None if as_json else print_report)
     print_gguf(res, as_json)

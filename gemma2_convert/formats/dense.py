@@ -64,11 +64,13 @@ def tolerance(ckpt: Checkpoint, dtype: torch.dtype | None) -> Tolerance:
 
 def tokenizer_file(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -> Path | None:
     """The tokenizer.model to ship: the option, else the one found with the source; checked against the
-    embedding. None (with a warning) when there is none and the source embeds none either."""
+    embedding. None (with a warning) when there is none and the source embeds none either (a GGUF's
+    ``tokenizer_blob`` is the embedded model or the one rebuilt from its ``tokenizer.ggml.*`` keys)."""
     tok = opts.tokenizer or ckpt.tokenizer or find_tokenizer(ckpt.path)
     if tok is None:
         if ckpt.tokenizer_blob is None:
-            what = "the GGUF embeds no tokenizer.model and none lies next to it" if ckpt.format == "gguf" \
+            what = ("the GGUF embeds neither a tokenizer.model nor a SentencePiece vocabulary (tokenizer.ggml.*), "
+                    "and no tokenizer.model lies next to it") if ckpt.format == "gguf" \
                 else "no tokenizer.model found next to the checkpoint"
             progress.warn(f"{ckpt.path}: {what}; writing no tokenizer files (pass --tokenizer)")
         return None

@@ -40,6 +40,11 @@ class ConvertOptions:
     """gguf: the ``--type`` (a key of ``formats.gguf.mix.GGUF_TYPES``)."""
     threads: int | None = None
     """gguf: quantization threads (None: every CPU this process may use)."""
+    split_max_size: str | int | None = None
+    """gguf: split the output into parts of at most this many bytes, header included (``50G``, ``500M``; decimal
+    units as llama.cpp's gguf-split), named ``NAME-00001-of-0000N.gguf`` in gguf-split's layout."""
+    split_max_tensors: int | None = None
+    """gguf: split the output into parts of at most this many tensors (with ``split_max_size``: both hold)."""
     drop_head: bool = False
     """gguf: export a classifier's decoder as a causal LM instead of refusing it."""
     allow_nonfinite: bool = False
@@ -62,3 +67,28 @@ class ConvertOptions:
             raise ConfigError(f"--max-shard-size: {e}") from None
         if self.names not in NAMES:
             raise ConfigError(f"unknown --names {self.names!r}; choose one of {', '.join(NAMES)}")
+        self._check_split()
+
+    @property
+    def split(self) -> bool:
+        """gguf: the output is a split set (either limit is given)."""
+        return self.split_max_size is not None or self.split_max_tensors is not None
+
+    @property
+    def split_bytes(self) -> int | None:
+        """``split_max_size`` in bytes (None: no size limit)."""
+        return None if self.split_max_size is None else parse_size(self.split_max_size)
+
+    def _check_split(self) -> None:
+        if self.split and self.to != "gguf":
+            raise ConfigError(f"--split-max-size and --split-max-tensors split a GGUF output, not {self.to!r}"
+                              + ("; an HF directory is sharded by --max-shard-size" if self.to == "hf" else ""))
+        if self.split_max_size is not None:
+            try:
+                size = parse_size(self.split_max_size)
+            except ValueError as e:
+                raise ConfigError(f"--split-max-size: {e} (llama.cpp's 50G and 500M work)") from None
+            if size <= 0:
+                raise ConfigError(f"--split-max-size must be positive, not {self.split_max_size!r}")
+        if self.split_max_tensors is not None and self.split_max_tensors < 1:
+            raise ConfigError(f"--split-max-tensors must be at least 1, not {self.split_max_tensors}")

@@ -14,6 +14,7 @@ N readers + M writers instead of N×M converters; ``gemma2_convert.pipeline.conv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ class Checkpoint:
     default_dtype: str | None = None
     """The float dtype a dense output takes under ``--dtype auto``; None: each tensor keeps its own
     (a GGUF records its source's dtype; its quantized tensors decode to float32)."""
+    parts: tuple[Path, ...] = ()
+    """The other files of a checkpoint split over several beside ``path`` (a split GGUF's later parts):
+    an output may replace none of them."""
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +85,9 @@ class WriteJob:
     tolerance: Tolerance
     """What verification demands of the output against its source."""
     write: Callable[[Path, Progress], list[str]]
-    """Writes into the temporary output path; returns the names of the files written."""
+    """Writes into the temporary output path; returns the names of the files written. A writer whose output is
+    several files side by side (``Writer.siblings``) writes them beside that path, in a fresh temporary
+    directory, named after it; the first name returned is the file to open."""
     details: dict[str, Any] = field(default_factory=dict)
     """Writer-specific facts for the result (GGUF: type, query fold, tensors with a non-default type)."""
     source: Checkpoint | None = None
@@ -98,6 +104,9 @@ class Writer:
     prepare: Callable[[Checkpoint, ConvertOptions, Progress], WriteJob]
     reads_back_as: str
     """The reader that opens the output for verification."""
+    siblings: Callable[[Path, ConvertOptions], re.Pattern[str] | None] | None = None
+    """When the output at ``out`` is several files side by side (a split GGUF): the pattern of their names;
+    every file beside ``out`` that matches it belongs to an earlier output there, which ``--force`` replaces."""
 
 
 READERS: dict[str, Reader] = {}

@@ -26,6 +26,17 @@ class TensorRow:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class PartRow:
+    """One file of a checkpoint stored as several (a split GGUF's parts)."""
+
+    name: str
+    nbytes: int
+    tensors: int
+    problem: str = ""
+    """What is wrong with it ('' when fine): missing, unreadable, a part of another set."""
+
+
 @dataclass
 class Stored:
     """A checkpoint as its format stores it (what ``inspect`` shows beside the canonical view)."""
@@ -37,6 +48,8 @@ class Stored:
     raw_config: dict[str, Any] | None = None
     gguf_kv: dict[str, Any] | None = None
     special_tokens: dict[str, bool] | None = None
+    parts: list[PartRow] = field(default_factory=list)
+    """The files of a split checkpoint, in order (empty for one file or directory)."""
 
 
 def summary(v: Any) -> Any:

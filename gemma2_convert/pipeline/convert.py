@@ -10,6 +10,7 @@ formats, ``to`` hf, and so on).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from gemma2_convert.formats.dense import source_files
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.output import atomic_output, check_output
-from gemma2_convert.formats.registry import Writer, WriteJob, get_writer
+from gemma2_convert.formats.registry import WriteJob, Writer, get_writer
 from gemma2_convert.formats.tolerance import Tolerance
 from gemma2_convert.pipeline.verify import VerifyReport, require, verify
 from reference.config import Gemma2Config
@@ -36,6 +37,7 @@ class ConvertResult:
     """What a conversion wrote, and its verification report (None without verification)."""
 
     output: Path
+    """The output (of a split GGUF: its first part, the file to open)."""
     format: str
     """The writer's name (hf, safetensors, gguf, orbax)."""
     files: list[str]
@@ -63,8 +65,8 @@ def open_input(src: str | Path, opts: ConvertOptions) -> Checkpoint:
             raise
         fmt = allowed[0]
     if allowed is not None and fmt not in allowed:
-        wanted = ("an original one (a gemma_pytorch model.ckpt or a Flax/Orbax directory)"
-                  if set(allowed) == set(ORIGINALS) else " or ".join(allowed))
+        wanted = (f"an original one ({', '.join(ORIGINALS)})" if set(allowed) == set(ORIGINALS)
+                  else " or ".join(allowed))
         raise UnknownFormatError(f"this is a {fmt} checkpoint, not {wanted}; use `gemma2-convert convert` for it",
                                  path)
     options: dict[str, Any] = {"options": opts.shape}
@@ -74,8 +76,8 @@ def open_input(src: str | Path, opts: ConvertOptions) -> Checkpoint:
 
 
 def source_paths(ckpt: Checkpoint) -> list[Path]:
-    """The checkpoint path and its files: what an output may never replace."""
-    return [ckpt.path, *source_files(ckpt)]
+    """The checkpoint path and its files (a split GGUF's parts): what an output may never replace."""
+    return [ckpt.path, *source_files(ckpt), *ckpt.parts]
 
 
 def verify_output(src: Checkpoint, written: Path, final: Path, writer: Writer, tolerance: Tolerance,
@@ -101,15 +103,20 @@ def _size(path: Path, files: list[str]) -> int:
 
 
 def run_job(ckpt: Checkpoint, out: Path, job: WriteJob, *, directory: bool, force: bool, progress: Progress,
-            check: Callable[[Path], R] | None = None, label: str = "writing") -> tuple[list[str], R | None]:
+            check: Callable[[Path], R] | None = None, label: str = "writing",
+            siblings: re.Pattern[str] | None = None) -> tuple[list[str], R | None]:
     """Write a planned ``job`` into a temporary sibling of ``out`` (free space checked first), run ``check`` on
-    it (verification: it raises when the output fails), and only then rename it into place."""
+    it (verification: it raises when the output fails), and only then rename it into place. ``siblings``: the
+    output is several files beside ``out`` (``Writer.siblings``), written into a temporary directory, checked
+    from the first, and moved into place together."""
     result = None
-    with atomic_output(out, force, directory=directory, need_bytes=job.need_bytes, inputs=source_paths(ckpt)) as tmp:
+    with atomic_output(out, force, directory=directory, need_bytes=job.need_bytes, inputs=source_paths(ckpt),
+                       siblings=siblings) as tmp:
+        target = tmp if siblings is None else tmp / out.name
         with progress.phase(label, job.source_bytes):
-            files = job.write(tmp, progress) or [out.name]
+            files = job.write(target, progress) or [out.name]
         if check is not None:
-            result = check(tmp)
+            result = check(target if siblings is None else tmp / files[0])
     return files, result
 
 
@@ -119,18 +126,22 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Pr
     t0 = time.perf_counter()
     out = Path(out)
     writer = get_writer(opts.to)
-    check_output(out, opts.force, [src])  # fail before reading a large checkpoint
+    siblings = writer.siblings(out, opts) if writer.siblings is not None else None
+    check_output(out, opts.force, [src], siblings)  # fail before reading a large checkpoint
     notes = Warnings(progress)
     ckpt = open_input(src, opts)
     job = writer.prepare(ckpt, opts, notes)
 
     def check(tmp: Path) -> VerifyReport:
-        return verify_output(job.source or ckpt, tmp, out, writer, job.tolerance, opts, notes, on_report)
+        final = out if siblings is None else out.parent / tmp.name
+        return verify_output(job.source or ckpt, tmp, final, writer, job.tolerance, opts, notes, on_report)
 
     files, report = run_job(ckpt, out, job, directory=writer.directory, force=opts.force, progress=notes,
-                            check=check if opts.verify else None)
+                            check=check if opts.verify else None, siblings=siblings)
     config_from = ckpt.metadata.get("config_from") or ("GGUF metadata" if ckpt.format == "gguf" else "stored config")
-    return ConvertResult(out, writer.name, sorted(files), _size(out, files), job.config, config_from, report,
+    output, nbytes = ((out, _size(out, files)) if siblings is None else
+                      (out.parent / files[0], sum((out.parent / n).stat().st_size for n in files)))
+    return ConvertResult(output, writer.name, sorted(files), nbytes, job.config, config_from, report,
                          notes.messages, time.perf_counter() - t0, job.details)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats.registry import Checkpoint
+from gemma2_convert.formats.stored import PartRow
 from reference.config import PRESETS
 
 LEVELS = ("error", "warning", "info")
@@ -55,6 +56,8 @@ class Facts:
     """HF added tokens: content → ``special``."""
     scanned: dict[str, str] | None = None
     """``--scan``: tensor → problem ('' when fine); None when not scanned."""
+    parts: list[PartRow] = field(default_factory=list)
+    """The files of a split checkpoint (a split GGUF's parts), each with what is wrong with it."""
 
 
 CHECKS: list[Callable[[Facts], Iterator[Finding]]] = []
@@ -145,6 +148,13 @@ def gguf_provenance(f: Facts) -> Iterator[Finding]:
              (("source_xxh3_128", "pending"), ("source_sha256", "sha256-pending"))):
         yield Finding("error", "incomplete-write", "the source fingerprint was never filled in: the write that "
                       "made this file did not finish")
+
+
+@check
+def gguf_split_parts(f: Facts) -> Iterator[Finding]:
+    for p in f.parts:
+        if p.problem:
+            yield Finding("error", "gguf-split-part", f"{p.name}: {p.problem}")
 
 
 # ---- config and tokenizer --------------------------------------------------------------------

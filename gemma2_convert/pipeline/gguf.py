@@ -34,6 +34,6 @@ def gguf_to_hf(src: str | Path, out: str | Path, *, progress: Progress = SILENT,
                **options: Any) -> ConvertResult:
     """GGUF → Hugging Face directory, dequantizing; ``dtype`` auto = the recorded source dtype (float32 for
     files without our provenance); the tokenizer: ``tokenizer``, else one next to the file, else the one
-    our GGUFs embed."""
+    our GGUFs embed, else one rebuilt from the ``tokenizer.ggml.*`` keys (llama.cpp's GGUFs)."""
     opts = ConvertOptions(to="hf", command="gguf-to-hf", inputs=("gguf",), **options)
     return convert(src, out, opts, progress, on_report)

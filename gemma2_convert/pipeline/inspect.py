@@ -8,7 +8,7 @@ known problems; it reads only the norms and a stray ``lm_head``, or every tensor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats import READERS, detect_format, open_checkpoint
 from gemma2_convert.formats.orig_config import Dims, ShapeOptions, detect_variant
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.formats.stored import TensorRow
+from gemma2_convert.formats.stored import PartRow, TensorRow
 from gemma2_convert.formats.weight_check import (
     FP16_OVERFLOW,
     describe_nonfinite,
@@ -37,6 +37,8 @@ class Inspection:
     metadata: dict[str, Any]
     provenance: dict[str, Any] | None
     findings: list[Finding]
+    parts: list[PartRow] = field(default_factory=list)
+    """The files of a split checkpoint (a split GGUF's parts), with their sizes and problems."""
 
     @property
     def total_bytes(self) -> int:
@@ -50,7 +52,8 @@ class Inspection:
         return {"path": self.path, "format": self.format, "variant": self.variant, "config": self.config,
                 "tensors": [asdict(r) | {"shape": list(r.shape)} for r in self.tensors],
                 "total_bytes": self.total_bytes, "metadata": self.metadata, "provenance": self.provenance,
-                "doctor": [asdict(f) for f in self.findings]}
+                "doctor": [asdict(f) for f in self.findings],
+                **({"parts": [asdict(p) for p in self.parts]} if self.parts else {})}
 
 
 def variant_of(cfg: Gemma2Config) -> str:
@@ -99,6 +102,6 @@ def inspect_path(path: str | Path, *, options: ShapeOptions | None = None, scan:
     variant = variant_of(cfg) if cfg is not None else "unknown"
     facts = Facts(path, fmt, ckpt, error, variant, stored.raw_config, stored.gguf_kv,
                   {r.name: r.shape for r in stored.rows}, stored.tensors, stored.special_tokens,
-                  scanned=_scan(ckpt, progress) if scan and ckpt is not None else None)
+                  scanned=_scan(ckpt, progress) if scan and ckpt is not None else None, parts=stored.parts)
     return Inspection(str(path), fmt, variant, cfg.to_hf_dict() if cfg is not None else stored.raw_config,
-                      stored.rows, stored.metadata, stored.provenance, diagnose(facts))
+                      stored.rows, stored.metadata, stored.provenance, diagnose(facts), stored.parts)

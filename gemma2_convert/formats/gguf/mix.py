@@ -1,7 +1,8 @@
 """Which ggml type each Gemma 2 tensor is stored as, for a ``--type`` (one predicate, one place).
 
-* ``f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k``: every matrix in that type (what
-  llama.cpp's converter does for f16/bf16/q8_0, and ``llama-quantize --pure`` for the others).
+* one key per registered ggml type (``quant.gguf_types``: f32, f16, bf16, q8_0, q4_k, iq4_xs, …; ``gemma2-convert
+  formats`` lists them): every matrix in that type (what llama.cpp's converter does for f16/bf16/q8_0, and
+  ``llama-quantize --pure`` for the others).
 * ``q4_k_m q5_k_m``: llama-quantize's mixes (``src/llama-quant.cpp``
   ``llama_tensor_get_type_impl``; QUANT_FORMATS.md §1.5): the tied ``token_embd`` in Q6_K (Q8_0
   if its rows are not a multiple of 256), ``attn_v`` and ``ffn_down`` in Q6_K on the layers

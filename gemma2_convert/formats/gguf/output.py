@@ -2,12 +2,14 @@
 
 Every tensor is renamed (``names``), given a type (``mix``), transformed (+1 on norms, the query-scale
 fold) and quantized in row chunks straight into the file (``writer``). The plan — tensor types, metadata,
-header, size and the tolerance verification applies — is made before anything is written.
+header, size and the tolerance verification applies — is made before anything is written. With a split
+option the file is a set of parts in llama.cpp's gguf-split layout (``split``), written one after the other.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,6 +37,14 @@ from gemma2_convert.formats.gguf.names import (
     llama_cpp_query_scalar,
     norm_residual,
     query_fold_ratio,
+)
+from gemma2_convert.formats.gguf.split import (
+    Part,
+    part_name,
+    part_pattern,
+    plan_parts,
+    seal_parts,
+    split_prefix,
 )
 from gemma2_convert.formats.gguf.values import Value, ValueType, array, string
 from gemma2_convert.formats.gguf.writer import (
@@ -212,6 +222,13 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
     check = WeightCheck(opts.allow_nonfinite, progress.warn, ckpt.path, fix="use --type bf16 or f32")
     meta = (gm.model_metadata(ckpt.config, file_type(key), ckpt.path.stem) + provenance(ckpt, ratio)
             + vocabulary(ckpt, opts.tokenizer) + norm_residuals(ckpt) + list(extra_metadata))
+    special = [c for c in choices if c.reason and c.reason not in ("norm", "1-D")]
+    details = {"type": key, "query_fold": ratio, "choices": special}
+    if opts.split:
+        parts = plan_parts(meta, plans, opts.split_bytes, opts.split_max_tensors)
+        details["parts"] = len(parts)
+        return WriteJob(ckpt.config, sum(p.nbytes for p in parts), sum(p.source.nbytes for p in plans),
+                        tolerance(choices, ckpt, ratio), split_writer(parts, opts, check), details, source=ckpt)
     head = header_bytes(meta, plans)
 
     def write(tmp: Path, progress: Progress) -> list[str]:
@@ -221,11 +238,31 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
         patch_string(tmp, gm.K_SOURCE_FINGERPRINT, HASH_PLACEHOLDER, h.hexdigest())
         return []
 
-    special = [c for c in choices if c.reason and c.reason not in ("norm", "1-D")]
     return WriteJob(ckpt.config, len(head) + sum(p.nbytes + 32 for p in plans), sum(p.source.nbytes for p in plans),
-                    tolerance(choices, ckpt, ratio), write, {"type": key, "query_fold": ratio, "choices": special},
-                    source=ckpt)
+                    tolerance(choices, ckpt, ratio), write, details, source=ckpt)
+
+
+def split_writer(parts: list[Part], opts: ConvertOptions, check: WeightCheck) -> Callable[[Path, Progress], list[str]]:
+    """``WriteJob.write`` of a split GGUF: the parts beside the path it is given, named after it, one after the
+    other (one source fingerprint over all); then the fingerprint (first part) and the set digest (every part)."""
+
+    def write(tmp: Path, progress: Progress) -> list[str]:
+        h = xxhash.xxh3_128()
+        names = [part_name(split_prefix(tmp), i, len(parts)) for i in range(len(parts))]
+        for name, part in zip(names, parts):
+            write_gguf(tmp.parent / name, part.metadata, part.tensors, source_hash=h, on_tensor=progress.on_tensor,
+                       threads=opts.threads, check=check, header=part.header, direct_io=opts.direct_io)
+        seal_parts([tmp.parent / n for n in names], parts, h.hexdigest())
+        patch_string(tmp.parent / names[0], gm.K_SOURCE_FINGERPRINT, HASH_PLACEHOLDER, h.hexdigest())
+        return names
+
+    return write
+
+
+def split_outputs(out: Path, opts: ConvertOptions) -> re.Pattern[str] | None:
+    """``Writer.siblings``: with a split option, the output is the parts ``OUT-00001-of-0000N.gguf`` …"""
+    return part_pattern(out) if opts.split else None
 
 
 register_writer(Writer("gguf", "one GGUF file for llama.cpp, in any --type below",
-                       directory=False, prepare=prepare_gguf, reads_back_as="gguf"))
+                       directory=False, prepare=prepare_gguf, reads_back_as="gguf", siblings=split_outputs))

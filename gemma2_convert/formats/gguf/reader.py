@@ -1,6 +1,7 @@
 """The ``gguf`` reader: a gemma2 GGUF (ours or llama.cpp's) as the canonical checkpoint.
 
-The file is parsed and validated by ``gguf_file.GGUFFile``; here the tensors get their HF names
+The file is parsed and validated by ``gguf_file.GGUFFile`` (every part of a split set, given its first
+file: ``split.open_set``); here the tensors get their HF names
 back, norms their zero-centred values (−1, plus the float32 low bits our writer records),
 ``attn_q`` its true scale (÷ the recorded fold), and the config comes from the metadata. Tensors
 are dequantized lazily from the mapped file: F32/F16/BF16 are zero-copy views.
@@ -39,9 +40,11 @@ from gemma2_convert.formats.gguf.names import (
     sub_one,
     unfold_query,
 )
+from gemma2_convert.formats.gguf.split import SPLIT_NO, GGUFSet, open_set, read_parts
 from gemma2_convert.formats.gguf.values import GGUF_MAGIC
 from gemma2_convert.formats.registry import Checkpoint, register_reader
-from gemma2_convert.formats.stored import Stored, TensorRow, json_text, summary
+from gemma2_convert.formats.stored import PartRow, Stored, TensorRow, json_text, summary
+from gemma2_convert.formats.tokenizer.from_gguf import spm_from_gguf
 from quant.gguf_codec import dequantize_tensor
 from quant.gguf_types import GGML_TYPES
 
@@ -55,7 +58,7 @@ def _is_gguf(p: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def dequantize(f: GGUFFile, info: TensorInfo) -> torch.Tensor:
+def dequantize(f: GGUFFile | GGUFSet, info: TensorInfo) -> torch.Tensor:
     """The stored tensor in PyTorch layout: a zero-copy view for F32/F16/BF16, else float32."""
     raw = f.raw(info.name)
     if info.type_name in _FLOAT_VIEWS:
@@ -72,7 +75,7 @@ def stored_dtype(info: TensorInfo) -> torch.dtype:
     return _FLOAT_VIEWS.get(info.type_name, torch.float32)
 
 
-def _canonical(f: GGUFFile, info: TensorInfo, hf: str, fold: float, source_dtype: torch.dtype | None) -> LazyTensor:
+def _canonical(f: GGUFSet, info: TensorInfo, hf: str, fold: float, source_dtype: torch.dtype | None) -> LazyTensor:
     """Undo the GGUF transforms lazily: −1 (+ recorded low bits) on norms, ÷fold on q_proj."""
     shape = info.shape
     if is_norm(hf):
@@ -97,12 +100,12 @@ def _canonical(f: GGUFFile, info: TensorInfo, hf: str, fold: float, source_dtype
     return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info))
 
 
-def _source_dtype(f: GGUFFile) -> torch.dtype | None:
+def _source_dtype(f: GGUFSet) -> torch.dtype | None:
     name = f.kv.get(K_SOURCE_DTYPE)
     return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
 
 
-def _tensors(f: GGUFFile, fold: float) -> dict[str, LazyTensor]:
+def _tensors(f: GGUFSet, fold: float) -> dict[str, LazyTensor]:
     unknown = []
     out: dict[str, LazyTensor] = {}
     for name, info in f.tensors.items():
@@ -118,7 +121,7 @@ def _tensors(f: GGUFFile, fold: float) -> dict[str, LazyTensor]:
     return out
 
 
-def _check_vocab(f: GGUFFile) -> int:
+def _check_vocab(f: GGUFSet) -> int:
     """Embedding rows, checked against the vocabulary length."""
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
@@ -135,9 +138,18 @@ def _check_vocab(f: GGUFFile) -> int:
     return rows
 
 
+def _tokenizer_blob(f: GGUFFile | GGUFSet) -> bytes | None:
+    """The tokenizer.model our GGUFs embed, else the one rebuilt from llama.cpp's ``tokenizer.ggml.*`` keys."""
+    blob = f.kv.get(K_TOKENIZER_MODEL)
+    return blob if isinstance(blob, bytes) and blob else spm_from_gguf(f.kv, f.path)
+
+
 def stored_gguf(path: Path) -> Stored:
-    """The file as stored: tensors in their ggml types, metadata, and our provenance keys apart."""
-    f = GGUFFile(path)
+    """The file as stored: tensors in their ggml types, metadata, and our provenance keys apart; of a split
+    set, every part that belongs to it, and each part with its size and what is wrong with it."""
+    found = read_parts(path)
+    f = GGUFSet([p.file for p in found if p.file is not None and (not p.problem or p.path == path)])
+    parts = [PartRow(p.path.name, p.nbytes, len(p.file.tensors) if p.file else 0, p.problem) for p in found]
     rows = [TensorRow(t.name, t.shape, t.type_name, t.nbytes) for t in f.tensors.values()]
     tensors = {t.name: LazyTensor(t.shape, stored_dtype(t), lambda t=t: dequantize(f, t)) for t in f.tensors.values()}
     ours = {k: v for k, v in f.kv.items() if k.startswith(PREFIX)}
@@ -148,12 +160,14 @@ def stored_gguf(path: Path) -> Stored:
         prov["norm_residual"] = f"low bits of {residuals} norm tensor(s)"
     meta = {"gguf_version": f.version, **{k: summary(v) for k, v in f.kv.items() if not k.startswith(PREFIX)}}
     raw = json_text(f.kv.get(K_HF_CONFIG)) if isinstance(f.kv.get(K_HF_CONFIG), str) else None
-    return Stored(rows, tensors, meta, prov or None, raw, gguf_kv=f.kv)
+    later = f.kv.get(SPLIT_NO, 0) != 0  # a later part of a split set: no model metadata for the doctor to judge
+    return Stored(rows, tensors, meta, prov or None, raw, gguf_kv=None if later else f.kv,
+                  parts=parts if f.split else [])
 
 
 @register_reader("gguf", "a llama.cpp GGUF file of architecture gemma2", _is_gguf, stored=stored_gguf)
 def open_gguf(path: Path, **_: object) -> Checkpoint:
-    f = GGUFFile(path)
+    f = open_set(path)
     arch = f.kv.get("general.architecture")
     if arch != ARCH:
         raise UnsupportedError(f"GGUF architecture is {arch!r}; only {ARCH!r} (Gemma 2) is supported", path)
@@ -166,10 +180,10 @@ def open_gguf(path: Path, **_: object) -> Checkpoint:
             "file_type": str(f.kv.get("general.file_type", "?"))}
     meta.update({k.removeprefix(PREFIX): str(v) for k, v in f.kv.items()
                  if k.startswith(PREFIX) and not k.startswith(K_NORM_RESIDUAL) and k not in (K_HF_CONFIG, K_TOKENIZER_MODEL)})
-    blob = f.kv.get(K_TOKENIZER_MODEL)
     return Checkpoint("gguf", path, cfg, _tensors(f, fold), None, meta,
-                      tokenizer_blob=blob if isinstance(blob, bytes) and blob else None,
-                      default_dtype=meta.get("source_dtype", "float32"))
+                      tokenizer_blob=_tokenizer_blob(f),
+                      default_dtype=meta.get("source_dtype", "float32"),
+                      parts=tuple(g.path for g in f.files[1:]))
 
 
 __all__ = ["GGUFFile", "TensorInfo", "dequantize", "open_gguf"]

@@ -339,18 +339,19 @@ def write_gguf(
         return sink.finish()
 
 
-def patch_string(path: str | Path, key: str, placeholder: str, value: str) -> None:
+def patch_string(path: str | Path, key: str, placeholder: str, value: str, within: int = 1 << 20) -> None:
     """Replace the string metadata value of ``key``, written as ``placeholder``, by ``value`` of the same
-    length, in place (for a value known only after the tensor data is written)."""
+    length, in place (for a value known only after the tensor data is written); it is looked for in the
+    first ``within`` bytes (the header)."""
     old = string_bytes(key) + struct.pack("<I", ValueType.STRING) + string_bytes(placeholder)
     new = string_bytes(key) + struct.pack("<I", ValueType.STRING) + string_bytes(value)
     if len(old) != len(new):
         raise ValueError("a patched string must keep its length")
     with open(path, "r+b") as f:
-        head = f.read(1 << 20)
+        head = f.read(within)
         pos = head.find(old)
         if pos < 0:
-            raise ValueError(f"{key} = {placeholder!r} not found in the first MiB of {path}")
+            raise ValueError(f"{key} = {placeholder!r} not found in the first {within} bytes of {path}")
         f.seek(pos)
         f.write(new)
         f.flush()
