@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,9 @@ class Checkpoint:
     """A SentencePiece tokenizer.model found with the checkpoint, if any."""
     metadata: dict[str, str] = field(default_factory=dict)
     """Format-specific facts worth showing (provenance, quantization, source dtype)."""
-    tokenizer_blob: bytes | None = None
-    """A tokenizer.model the file itself embeds (our GGUFs)."""
+    tokenizer_source: Callable[[], bytes | None] | None = None
+    """Gives the tokenizer.model the file itself carries (our GGUFs embed one; llama.cpp's hold the
+    vocabulary it is rebuilt from), on first use of ``tokenizer_blob``: opening costs nothing for it."""
     default_dtype: str | None = None
     """The float dtype a dense output takes under ``--dtype auto``; None: each tensor keeps its own
     (a GGUF records its source's dtype; its quantized tensors decode to float32)."""
@@ -56,6 +58,11 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @cached_property
+    def tokenizer_blob(self) -> bytes | None:
+        """The serialized tokenizer.model the file carries (see ``tokenizer_source``), or None."""
+        return None if self.tokenizer_source is None else self.tokenizer_source()
 
 
 @dataclass(frozen=True)

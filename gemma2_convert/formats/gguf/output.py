@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -190,7 +191,7 @@ def causal_lm_view(ckpt: Checkpoint, drop_head: bool, warn: Callable[[str], None
         warn(f"{ckpt.path}: dropping the {head.replace('_', ' ')} head (score); the GGUF is a causal LM")
     tensors = {k: v for k, v in ckpt.tensors.items() if not k.startswith("score.")}
     cfg = ckpt.config.replace(architectures=("Gemma2ForCausalLM",), id2label=(), problem_type=None)
-    return Checkpoint(ckpt.format, ckpt.path, cfg, tensors, ckpt.tokenizer, dict(ckpt.metadata))
+    return replace(ckpt, config=cfg, tensors=tensors, metadata=dict(ckpt.metadata))
 
 
 

@@ -181,7 +181,7 @@ def open_gguf(path: Path, **_: object) -> Checkpoint:
     meta.update({k.removeprefix(PREFIX): str(v) for k, v in f.kv.items()
                  if k.startswith(PREFIX) and not k.startswith(K_NORM_RESIDUAL) and k not in (K_HF_CONFIG, K_TOKENIZER_MODEL)})
     return Checkpoint("gguf", path, cfg, _tensors(f, fold), None, meta,
-                      tokenizer_blob=_tokenizer_blob(f),
+                      tokenizer_source=lambda: _tokenizer_blob(f),
                       default_dtype=meta.get("source_dtype", "float32"),
                       parts=tuple(g.path for g in f.files[1:]))
 
