@@ -69,3 +69,21 @@ def test_auto_judges_a_quantized_file_by_its_types(tmp_path):
     convert(broken, tmp_path / "broken.gguf", ConvertOptions(to="gguf", gguf_type="q4_0", verify=False))
     r = CliRunner().invoke(cli, ["verify", str(MODEL), str(tmp_path / "broken.gguf"), "--json"])
     assert r.exit_code == 3 and not json.loads(r.stdout)["passed"]
+
+
+def test_report_states_what_was_proven_and_a_changed_config_fails(tmp_path):
+    copy = tmp_path / "copy"
+    convert(MODEL, copy, ConvertOptions(to="hf", verify=False))
+    r = CliRunner().invoke(cli, ["verify", str(MODEL), str(copy), "--json"])
+    assert r.exit_code == 0, r.output
+    proof = json.loads(r.stdout)["proof"]
+    assert proof[0].startswith("tensors: ") and "all equal" in proof[0]
+    assert proof[1] == "config: every field the forward pass reads is equal" and "identical" in proof[2]
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["query_pre_attn_scalar"] = cfg["query_pre_attn_scalar"] * 2  # the wrong query scale of some converters
+    (copy / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli, ["verify", str(MODEL), str(copy), "--json"])
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 3 and rep["proof"] == []
+    assert any(f.startswith("the configs differ in what the forward pass reads: query_pre_attn_scalar")
+               for f in rep["failures"]), rep["failures"]

@@ -87,6 +87,7 @@ def print_report(rep: VerifyReport, as_json: bool = False) -> None:
                  ("text: mean KL(a‖b)", f"{t['mean_kl']:.3g}"), ("text: top-1 agreement", f"{t['top1']:.2%}"),
                  ("text: perplexity a / b", f"{t['ppl_a']:.4g} / {t['ppl_b']:.4g}")]
     rows += [(f"differs: {d.name}", f"SQNR {d.sqnr_db:.1f} dB, max |Δ| {d.max_abs:.3g}") for d in rep.worst_tensors]
+    rows += [("proven", line) for line in rep.proof]
     rows.append(("result", "[green]PASS" if rep.passed else "[red]FAIL: " + "; ".join(rep.failures)))
     out.print(table(f"verify {rep.a} → {rep.b}", ["check", "value"], rows))
 

@@ -63,6 +63,10 @@ class VerifyReport:
     failures: list[str] = field(default_factory=list)
     text: dict[str, float] | None = None
     """The same figures on the user's text (``--text``): tokens, max_abs_logits, mean_kl, top1, ppl_a, ppl_b."""
+    config_differences: list[str] = field(default_factory=list)
+    """Fields of the model config that change the forward pass and differ (``field: a → b``)."""
+    proof: list[str] = field(default_factory=list)
+    """What the report establishes and how, one statement each (filled when it passes)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -207,7 +211,7 @@ def verify(
     tol = tolerance or Tolerance()
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
-    rep = VerifyReport(str(ca.path), str(cb.path))
+    rep = VerifyReport(str(ca.path), str(cb.path), config_differences=config_differences(ca.config, cb.config))
     if check_tensors:
         with progress.phase("comparing tensors", ca.nbytes):
             rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb, on_tensor=progress.on_tensor)
@@ -233,6 +237,47 @@ def verify(
     return rep
 
 
+FORWARD_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window",
+                  "attn_logit_softcapping", "final_logit_softcapping", "rms_norm_eps", "rope_theta", "layer_types",
+                  "hidden_activation", "tie_word_embeddings")
+"""The config fields the forward pass reads (spec §4.7): equal in both, a model computes the same function
+of its weights."""
+
+
+def config_differences(a: Gemma2Config, b: Gemma2Config) -> list[str]:
+    """``field: a → b`` for each forward field that differs (floats within float32 rounding count as equal: a
+    GGUF stores them as float32)."""
+    out = []
+    for name in FORWARD_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        same = math.isclose(x, y, rel_tol=1e-6) if isinstance(x, float) and isinstance(y, float) else x == y
+        if not same:
+            out.append(f"{name}: {x!r} → {y!r}")
+    return out
+
+
+def proof_lines(rep: VerifyReport, tol: Tolerance) -> list[str]:
+    """What a passing report proves, and by what."""
+    lines = []
+    if rep.tensors_total:
+        if rep.tensors_equal == rep.tensors_total:
+            how = "all equal (torch.equal after the expected cast)"
+        else:
+            how = (f"{rep.tensors_equal} equal, the others within the tolerance "
+                   f"(worst SQNR {rep.worst_tensors[0].sqnr_db:.1f} dB)")
+        lines.append(f"tensors: {rep.tensors_total} compared under the mapping, {how}")
+    lines.append("config: every field the forward pass reads is equal" if not rep.config_differences
+                 else f"config: {len(rep.config_differences)} forward field(s) differ: {'; '.join(rep.config_differences)}")
+    exact = tol.max_abs == 0.0
+    lines.append(f"logits: {rep.tokens} positions of the reference forward on both, "
+                 + ("identical" if exact and rep.max_abs_logits == 0 else
+                    f"max |Δ| {rep.max_abs_logits:.3g}, mean KL {rep.mean_kl:.3g}, top-1 {rep.top1:.2%}"))
+    if tol.tensors_equal and exact and not rep.config_differences:
+        lines.append("so: equal weights and an equivalent config compute the same function; the logits confirm it")
+    return lines
+
+
 def judge(rep: VerifyReport, tol: Tolerance) -> None:
     """Fill ``rep.failures`` and ``rep.passed`` from its figures (and those on ``--text``) and ``tol``."""
     figures = {"max_abs_logits": rep.max_abs_logits, "mean_kl": rep.mean_kl, "top1": rep.top1,
@@ -240,7 +285,10 @@ def judge(rep: VerifyReport, tol: Tolerance) -> None:
     rep.failures += logit_failures(figures, tol)
     if rep.text is not None:
         rep.failures += [f"on the text: {f}" for f in logit_failures(rep.text, tol)]
+    if tol.tensors_equal and rep.config_differences:  # a lossless conversion keeps the model's function
+        rep.failures.append("the configs differ in what the forward pass reads: " + "; ".join(rep.config_differences))
     rep.passed = not rep.failures
+    rep.proof = proof_lines(rep, tol) if rep.passed else []
 
 
 def logit_failures(m: dict[str, float], tol: Tolerance) -> list[str]:
