@@ -32,6 +32,7 @@ from quant import gguf_float as fl
 from quant import gguf_imatrix as im
 from quant import gguf_iq4 as iq
 from quant import gguf_kquants as kq
+from quant import gguf_kquants_low as kl
 from quant import gguf_legacy as lg
 from quant import jit
 
@@ -132,6 +133,10 @@ FILE_TYPES: dict[str, int] = {
     "MOSTLY_Q8_0": 7,
     "MOSTLY_Q5_0": 8,
     "MOSTLY_Q5_1": 9,
+    "MOSTLY_Q2_K": 10,
+    "MOSTLY_Q3_K_S": 11,
+    "MOSTLY_Q3_K_M": 12,
+    "MOSTLY_Q3_K_L": 13,
     "MOSTLY_Q4_K_S": 14,
     "MOSTLY_Q4_K_M": 15,
     "MOSTLY_Q5_K_S": 16,
@@ -226,6 +231,22 @@ register_type(GGMLType("Q5_1", 7, 32, 24, Codec(
 # whole super-blocks falls back to a 32-block type as llama.cpp does.
 _KQUANT = {"chunk_elements": 1 << 18}
 _KQUANT_JIT = "quant.gguf_kquants_jit"
+# Q2_K / Q3_K (quantize_q2_K / quantize_q3_K, with or without an imatrix): sixteen 16-weight sub-blocks per
+# super-block; a row that is not whole super-blocks falls back to Q4_0 (tensor_type_fallback). Bounds: tiny
+# random models (tests/gguf_helpers.py "kmix" and "fold", seeds 3 and 11) give 0.21-0.30 with every matrix Q2_K
+# and 0.059-0.074 with every matrix Q3_K, top-1 100 % (Q4_K 0.011-0.017 on the same models); llama.cpp
+# publishes no KLD for them, only perplexity (Llama-2-70B: Q2_K +8.8 %, Q3_K_S +7.9 %, Q4_K_S +1.6 %), so the
+# bounds are about 3.3x the tiny-model maximum. The mixes (formats/gguf/mix.py) keep the embedding in Q6_K and
+# give 0.008-0.012 (q2_k) and 0.004-0.005 (q3_k_s) there.
+_LOW_JIT = "quant.gguf_kquants_low_jit"
+register_type(GGMLType("Q2_K", 10, 256, 84, Codec(
+    kl.quantize_q2_k, kl.dequantize_q2_k, (80, 82), "used", **_KQUANT, compiled=f"{_LOW_JIT}:quantize_q2_k"),
+    "MOSTLY_Q2_K", "2-bit K-quant: 256-weight super-blocks, 4-bit scales and minimums per 16",
+    fallback="Q4_0", lossy_bound=(1.0, 0.5)))
+register_type(GGMLType("Q3_K", 11, 256, 110, Codec(
+    kl.quantize_q3_k, kl.dequantize_q3_k, (108,), "used", **_KQUANT, compiled=f"{_LOW_JIT}:quantize_q3_k"),
+    "MOSTLY_Q3_K_S", "3-bit K-quant: 256-weight super-blocks, 6-bit scales per 16",
+    fallback="Q4_0", lossy_bound=(0.25, 0.6)))
 register_type(GGMLType("Q4_K", 12, 256, 144, Codec(
     kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q4_k"),
     "MOSTLY_Q4_K_S", "4-bit K-quant: 256-weight super-blocks, 6-bit scales and minimums per 32",

@@ -91,10 +91,10 @@ def test_file_types_match_gguf_constants():
 
 
 def test_unknown_type_lists_valid_names():
-    with pytest.raises(UnsupportedError, match=r"IQ3_S.*valid types: BF16, F16, F32, IQ4_NL, IQ4_XS, Q4_0"):
+    with pytest.raises(UnsupportedError, match=r"IQ3_S.*valid types: BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0"):
         ggml_type("IQ3_S")
     with pytest.raises(UnsupportedError, match=r"valid names: .*Q4_K_M"):
-        file_type_id("Q3_K_L")
+        file_type_id("IQ3_M")
 
 
 # ---- legacy types: bytes and dequantization vs gguf-py ---------------------------------------
@@ -320,7 +320,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ConversionError, match=r"needs 36 bytes, got 35"):
         dequantize_tensor(torch.zeros(35, dtype=torch.uint8), "Q4_0", (1, 64))
     with pytest.raises(UnsupportedError, match="valid types"):
-        quantize_tensor(torch.zeros(2, 64), "Q3_K")
+        quantize_tensor(torch.zeros(2, 64), "IQ3_S")
 
 
 def test_imatrix_rules():
@@ -335,7 +335,7 @@ def test_imatrix_rules():
         ref = float((dequantize_tensor(quantize_tensor(a, qtype), qtype, a.shape) - a).pow(2).mean().sqrt())
         assert err < 1.1 * ref, (qtype, err, ref)
     with pytest.raises(UnsupportedError,
-                       match=r"to Q5_0 is not implemented; it is for IQ4_NL, IQ4_XS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
+                       match=r"to Q5_0 is not implemented; it is for IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
         quantize_tensor(a, "Q5_0", qw)
     with pytest.raises(ConversionError, match=r"importance matrix has 256 entries for rows of 512 columns"):
         quantize_tensor(a, "Q4_K", qw[:256])

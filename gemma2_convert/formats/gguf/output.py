@@ -90,7 +90,8 @@ def plan_tensors(ckpt: Checkpoint, type_name: str) -> tuple[list[TensorPlan], li
     plans, choices = [], []
     for hf in tensor_order(ckpt):
         src, name = ckpt.tensors[hf], gguf_name(hf)
-        choice = choose_type(name, src.shape, type_name, cfg.num_hidden_layers)
+        choice = choose_type(name, src.shape, type_name, cfg.num_hidden_layers,
+                             cfg.num_attention_heads // cfg.num_key_value_heads)
         transform = add_one if is_norm(hf) else (lambda w: fold_query(w, ratio)) if is_query(hf) and ratio != 1 else None
         plans.append(TensorPlan(name, src, choice.qtype, transform))
         choices.append(choice)
