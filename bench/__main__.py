@@ -1,5 +1,5 @@
-"""``python -m bench all --size 2b [--llama-cpp DIR]``, or one benchmark: ``orig-to-hf``, ``gguf``, ``quant``,
-``forward``, ``scale``; ``chart`` redraws the PNG from the markdown. ``python -m bench NAME --help``.
+"""``python -m bench all --size 2b [--llama-cpp DIR]``, or one benchmark: ``orig-to-hf``, ``keras``, ``gguf``,
+``quant``, ``forward``, ``scale``; ``chart`` redraws the PNG from the markdown. ``python -m bench NAME --help``.
 
 Synthetic checkpoints go to a scratch directory (``--workdir``, default the system temp dir) that is
 removed at the end, also on Ctrl-C. Each benchmark replaces its own section of ``--doc`` as soon as it
@@ -9,13 +9,28 @@ finishes; the targets table and the chart are redrawn from all sections.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
-from bench import chart, forward, gguf, harness, machine, orig_to_hf, profile, quant, report, scale, synth, targets
+from bench import (
+    chart,
+    forward,
+    gguf,
+    harness,
+    keras_to_hf,
+    machine,
+    orig_to_hf,
+    profile,
+    quant,
+    report,
+    scale,
+    synth,
+    targets,
+)
 
-SUITE = ("orig-to-hf", "gguf", "quant", "forward")
+SUITE = ("orig-to-hf", "keras", "gguf", "quant", "forward")
 
 
 def _options(ap: argparse.ArgumentParser, *, size: bool = True) -> None:
@@ -46,6 +61,8 @@ def machine_section(m: dict) -> str:
 def run_benchmark(name: str, a: argparse.Namespace, work: Path, m: dict) -> str:
     if name == "orig-to-hf":
         return orig_to_hf.run(a.size, a.runs, work, m)
+    if name == "keras":
+        return keras_to_hf.run(a.size, a.runs, work, m)
     if name == "gguf":
         return gguf.run(a.size, a.runs, work, work.parent, a.llama_cpp, m, a.quick)
     if name == "quant":
@@ -58,6 +75,9 @@ def run_benchmark(name: str, a: argparse.Namespace, work: Path, m: dict) -> str:
 def suite(names: tuple[str, ...], a: argparse.Namespace) -> int:
     if getattr(a, "llama_cpp", None) is not None and not (a.llama_cpp / "convert_hf_to_gguf.py").is_file():
         print(f"--llama-cpp {a.llama_cpp}: no convert_hf_to_gguf.py there", file=sys.stderr)
+        return 2
+    if "keras" in names and importlib.util.find_spec("h5py") is None:
+        print("the keras benchmark needs h5py: pip install -e '.[keras]'", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     with harness.scratch("bench-", a.workdir) as work:
@@ -89,8 +109,9 @@ def main(argv: list[str]) -> int:
         return CHILDREN[argv[0]](argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    _options(sub.add_parser("all", help="orig-to-hf, gguf, quant and forward, then the targets and the chart"))
-    for name, mod in (("orig-to-hf", orig_to_hf), ("gguf", gguf), ("quant", quant), ("forward", forward)):
+    _options(sub.add_parser("all", help="orig-to-hf, keras, gguf, quant and forward, then the targets and the chart"))
+    for name, mod in (("orig-to-hf", orig_to_hf), ("keras", keras_to_hf), ("gguf", gguf), ("quant", quant),
+                      ("forward", forward)):
         _options(sub.add_parser(name, help=mod.__doc__.split("\n")[0]))
     sc = sub.add_parser("scale", help=scale.__doc__.split("\n")[0])
     _options(sc, size=False)

@@ -13,7 +13,7 @@ from bench.report import read_data
 def _bars(data: dict) -> list[tuple[str, str, list[tuple[str, float, float]]]]:
     """(panel title, time unit, [(tool, time, peak GB)]) for each section that has per-tool rows."""
     panels = []
-    for mark, title in (("orig-to-hf", "orig→HF"), ("gguf", "HF→GGUF")):
+    for mark, title in (("orig-to-hf", "orig→HF"), ("keras", "Keras→HF"), ("gguf", "HF→GGUF")):
         d = data.get(mark)
         if d:
             rows = [(k, v["durable_s"], v["peak_anon_gb"]) for k, v in d["cases"].items() if not k.startswith("start")]

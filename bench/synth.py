@@ -9,6 +9,8 @@ Random weights (``gemma2_convert.formats.synthetic``, deterministic per name), b
   its layers and names but the file holds one layer's bytes (how a 27B-shaped source fits on a
   disk that must also hold the 54 GB output).
 * Hugging Face directory: ``write_hf_dir`` (5 GB shards) with a small SentencePiece tokenizer.
+* KerasHub preset: ``formats.keras_writer`` (one ``model.weights.h5``, as ``save_to_preset`` writes it) with
+  the same small tokenizer as its vocabulary.spm.
 """
 
 from __future__ import annotations
@@ -144,6 +146,21 @@ def shared_hf_source(root: Path, size: str) -> tuple[Path, int]:
     if not marker.exists():
         marker.write_text(str(write_hf_source(src, preset(size))))
     return src, int(marker.read_text())
+
+
+def write_keras_source(out: Path, cfg: Gemma2Config, *, seed: int = 0) -> int:
+    """A bf16 KerasHub preset of random weights, one variable in memory at a time; returns the bytes of its
+    model.weights.h5."""
+    from gemma2_convert.formats.keras_h5 import SINGLE
+    from gemma2_convert.formats.keras_writer import write_keras_preset
+    from gemma2_convert.formats.synthetic import random_tensors
+    from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = make_tiny_spm(out.parent / f"{out.name}.tokenizer.model", min(512, cfg.vocab_size))
+    write_keras_preset(out, cfg, random_tensors(cfg, seed, torch.bfloat16), tokenizer=tok)
+    tok.unlink()
+    return (out / SINGLE).stat().st_size
 
 
 def write_config(path: Path, cfg: Gemma2Config) -> Path:

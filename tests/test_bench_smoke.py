@@ -31,13 +31,15 @@ def test_bench_all_tiny_writes_every_section_and_cleans_up(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     doc = tmp_path / "BENCH.md"
     data = report.read_data(doc)
-    assert {"orig-to-hf", "gguf", "quant", "forward", "scale", "targets", "machine"} <= set(data)
+    assert {"orig-to-hf", "keras", "gguf", "quant", "forward", "scale", "targets", "machine"} <= set(data)
     assert data["orig-to-hf"]["cases"]["gemma2-convert orig-to-hf --no-verify"]["peak_anon_gb"] > 0
+    assert data["keras"]["cases"]["gemma2-convert orig-to-hf --no-verify (KerasHub preset)"]["peak_anon_gb"] > 0
     assert data["scale"]["rows"][0]["verify"]["passed"] is True
     kernels = data["quant"]["kernels"]
     assert [v["same_bytes"] for t in ("Q8_0", "Q4_0") for v in kernels[t].values()].count(False) == 0
     text = doc.read_text(encoding="utf-8")
     assert "## Targets" in text and "convert_hf_to_gguf.py: **skipped**" in text
+    assert "| Keras→HF: wall ≤ 1.5× cp (TINY) |" in text and "| Keras→HF: peak RssAnon ≤ 2 GB" in text
     assert list((tmp_path / "scratch").iterdir()) == [], "scratch files left behind"
     if importlib.util.find_spec("matplotlib") is None:
         assert "chart skipped: matplotlib is not installed" in p.stdout

@@ -44,6 +44,12 @@ def test_demo_runs_and_prints_table(tmp_path):
     assert len(flax) == 1 and ("PASS" if has_tensorstore else "SKIP") in flax[0], r.stdout
     if has_tensorstore:
         assert "46/46 equal tiny-hf" in flax[0] and (work / "tiny-flax" / "gemma2-tiny" / "_METADATA").is_file()
+    keras = [ln for ln in r.stdout.splitlines() if "Keras (KerasHub) → HF" in ln and "│" in ln]
+    has_h5py = importlib.util.find_spec("h5py") is not None
+    assert len(keras) == 1 and ("PASS" if has_h5py else "SKIP") in keras[0], r.stdout
+    if has_h5py:
+        assert "46/46 tensors equal, max |Δ logits| 0" in keras[0] and "46/46 equal tiny-hf" in keras[0]
+        assert (work / "tiny-keras" / "model.weights.h5").is_file()
 
 
 def test_demo_flax_step_without_tensorstore(tmp_path, monkeypatch):
@@ -53,6 +59,16 @@ def test_demo_flax_step_without_tensorstore(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorstore", None)  # import tensorstore → ImportError
     row = step_flax_to_hf(tmp_path, Gemma2Config.preset("tiny"))
     assert row.skipped and row.ok and row.check == "skipped: pip install 'gemma2-convert[flax]'"
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_keras_step_without_h5py(tmp_path, monkeypatch):
+    from gemma2_convert.pipeline.demo import step_keras_to_hf
+    from reference import Gemma2Config
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py → ImportError
+    row = step_keras_to_hf(tmp_path, Gemma2Config.preset("tiny"))
+    assert row.skipped and row.ok and row.check == "skipped: pip install 'gemma2-convert[keras]'"
     assert not any(tmp_path.iterdir())
 
 

@@ -4,8 +4,10 @@ The real client is KerasHub on the torch backend: tiny random Gemma 2 models bui
 convert to HF directories whose transformers logits equal KerasHub's own (fp32, within 1e-4, sequences
 longer than three sliding windows); its tokenizer and ours give the same ids; a LoRA-enabled model converts
 to what KerasHub computes with its LoRA; the 27B's hidden/heads query scale, which KerasHub's forward
-ignores (its bug), is checked against transformers instead. Bad inputs are written without Keras
-(tests/keras_presets.py) and each gives one clear error."""
+ignores (its bug), is checked against transformers instead. Bad inputs are written without Keras (by
+``formats.keras_writer``, the package's preset writer) and each gives one clear error.
+
+tests/test_keras_clients.py: the same presets through llama.cpp, and KerasHub loading our outputs."""
 
 from __future__ import annotations
 
@@ -32,59 +34,36 @@ from gemma2_convert.core.errors import (
 )
 from gemma2_convert.formats import READERS, detect_format, open_checkpoint
 from gemma2_convert.formats import keras_map as km
-from gemma2_convert.formats.options import ConvertOptions
-from gemma2_convert.formats.orig_config import ShapeOptions
-from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
-from gemma2_convert.pipeline.convert import convert
-from reference.config import Gemma2Config
-from tests.conftest import hf_state_dict, make_hf_model
-from tests.keras_presets import (
+from gemma2_convert.formats.keras_h5 import list_variables
+from gemma2_convert.formats.keras_writer import (
     keras_args,
     keras_variables,
     write_config,
     write_keras_preset,
 )
+from gemma2_convert.formats.options import ConvertOptions
+from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
+from gemma2_convert.pipeline.convert import convert
+from tests.conftest import hf_state_dict, make_hf_model
+from tests.keras_helpers import (
+    CONFIGS,
+    TOL,
+    VOCAB,
+    ids_for,
+    keras_variable,
+    kerashub_backbone,
+    kerashub_logits,
+    lazy,
+    load_keras_hub,
+    report,
+    save_causal_lm,
+    transformers_logits,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB = 512  # the tiny SentencePiece model's size
-# GQA with head_dim ≠ hidden/heads, small softcaps so they act; MHA; the hidden/heads query scale (27B-like).
-CONFIGS = {
-    "gqa": Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-                        sliding_window=8, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
-                        torch_dtype="float32"),
-    "mha": Gemma2Config(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16,
-                        sliding_window=6, torch_dtype="float32"),
-    "hidden_over_heads": Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=3.0,
-                                      final_logit_softcapping=4.0, torch_dtype="float32"),
-}
-TOL = 1e-4
 CHAT = ("<start_of_turn>user\nWhat is 17 * 23? Answer in one line.<end_of_turn>\n<start_of_turn>model\n"
         "391.<end_of_turn>\n")
-
-
-def report(a: torch.Tensor, b: torch.Tensor) -> str:
-    d = (a.float() - b.float()).abs()
-    i = int(d.argmax())
-    at = f"({a.flatten()[i].item():.6g} vs {b.flatten()[i].item():.6g})"
-    return f"max |Δ| {d.max().item():.3g} at flat index {i} {at}"
-
-
-def ids_for(cfg: Gemma2Config, seed: int = 1) -> torch.Tensor:
-    n = 4 * cfg.sliding_window + 5  # past three windows
-    return torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def transformers_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
-                                                              dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def to_hf(src: Path, out: Path) -> Path:
@@ -101,10 +80,10 @@ def spm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, spm) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A preset written by tests/keras_presets.py from a random transformers model, and its HF tensors."""
+    """A preset written by formats.keras_writer from a random transformers model, and its HF tensors."""
     cfg = CONFIGS["gqa"]
     sd = hf_state_dict(make_hf_model(cfg))
-    return write_keras_preset(tmp_path_factory.mktemp("keras") / "preset", sd, cfg, spm=spm), sd
+    return write_keras_preset(tmp_path_factory.mktemp("keras") / "preset", cfg, lazy(sd), tokenizer=spm), sd
 
 
 def test_the_table_round_trips_hf_tensors_exactly(written):
@@ -121,7 +100,7 @@ def test_the_table_round_trips_hf_tensors_exactly(written):
 def test_bfloat16_variables_read_bit_for_bit(tmp_path):
     cfg = CONFIGS["mha"].replace(torch_dtype="bfloat16")
     sd = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(make_hf_model(cfg)).items()}
-    ck = open_checkpoint(write_keras_preset(tmp_path / "p", sd, cfg))
+    ck = open_checkpoint(write_keras_preset(tmp_path / "p", cfg, lazy(sd)))
     assert ck.config.torch_dtype == "bfloat16"
     for name, t in sd.items():
         assert torch.equal(ck.tensors[name].load().view(torch.int16), t.view(torch.int16)), name
@@ -129,7 +108,7 @@ def test_bfloat16_variables_read_bit_for_bit(tmp_path):
 
 def test_hidden_over_heads_maps_to_the_27b_query_scale(tmp_path):
     cfg = CONFIGS["hidden_over_heads"]
-    ck = open_checkpoint(write_keras_preset(tmp_path / "p", hf_state_dict(make_hf_model(cfg)), cfg))
+    ck = open_checkpoint(write_keras_preset(tmp_path / "p", cfg, lazy(hf_state_dict(make_hf_model(cfg)))))
     assert keras_args(cfg)["query_head_dim_normalize"] is False
     assert ck.config.query_pre_attn_scalar == 64 // 4 and ck.metadata["query_head_dim_normalize"] == "false"
 
@@ -252,65 +231,66 @@ def test_bad_input_gives_one_clear_error(written, tmp_path, case, error, match):
     assert str(p) in str(e.value)
 
 
+def test_chunked_compressed_and_big_endian_variables_read_through_h5py(written, tmp_path):
+    """Keras saves plain contiguous datasets, read as mmap views; any other layout h5py reads, the same values."""
+    p, sd = _copy(written, tmp_path), written[1]
+    key, up = km.KEY.format("_1"), km.BLOCK.format("_2") + "gating_ffw_2/vars/0"
+
+    def change(f):
+        q, k = f[Q1][()], f[key][()]
+        del f[Q1], f[key]
+        f.create_dataset(Q1, data=q, chunks=(1, 64, 32), compression="gzip")
+        f.create_dataset(key, data=k.astype(">f4"))
+
+    _rewrite(p, change)
+    offsets = {v.name: v.offset for v in list_variables([p / "model.weights.h5"]).values()}
+    assert offsets[Q1] is None and offsets[key] is None and offsets[up] is not None
+    ck = open_checkpoint(p)
+    for name, t in sd.items():
+        got = ck.tensors[name].load()
+        assert got.dtype == t.dtype and torch.equal(got, t), f"{name}: {report(got, t)}"
+
+
+def test_chunked_bfloat16_reads_bit_for_bit_through_h5py(tmp_path):
+    t = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with h5py.File(tmp_path / "w.h5", "w") as f:
+        ds = f.create_dataset("layers/x/vars/0", data=t.view(torch.int16).numpy().view("V2"), chunks=(2, 40))
+        ds.attrs["dtype"] = "bfloat16"
+    (v,) = list_variables([tmp_path / "w.h5"]).values()
+    assert v.offset is None and v.type == "bfloat16"
+    assert torch.equal(v.read().view(torch.int16), t.view(torch.int16))
+
+
+def test_a_file_cut_short_after_it_was_opened_is_an_error_not_a_crash(written, tmp_path):
+    p = _copy(written, tmp_path)
+    ck = open_checkpoint(p)
+    w = p / "model.weights.h5"
+    os.truncate(w, w.stat().st_size // 2)  # a mapped page past the end would be a SIGBUS
+    with pytest.raises(FormatError, match=r"ends at byte \d+, past the end of the file \(\d+ bytes\): the file is "
+                       "truncated"):
+        for t in ck.tensors.values():
+            t.load()
+
+
 def test_shape_options_are_refused(written):
     with pytest.raises(ConfigError, match="states its sizes in config.json"):
         open_checkpoint(written[0], options=ShapeOptions(query_pre_attn_scalar=16))
 
 
 def test_our_writer_matches_the_table(written):
-    """tests/keras_presets.py writes what the reader lists (guards the helper the bad inputs use)."""
+    """formats.keras_writer writes what the reader lists (guards the writer the bad inputs use)."""
     preset, sd = written
-    expected = keras_variables(sd, CONFIGS["gqa"])
+    expected = dict(keras_variables(lazy(sd), CONFIGS["gqa"]))
     stored = READERS["keras"].stored(preset)
-    assert {r.name: r.shape for r in stored.rows} == {n: tuple(t.shape) for n, t in expected.items()}
+    assert {r.name: r.shape for r in stored.rows} == {n: t.shape for n, t in expected.items()}
+    assert all(torch.equal(stored.tensors[n].load(), t.load()) for n, t in expected.items())
 
 
 # ---- the real client: KerasHub on the torch backend --------------------------------------------------
 
 @pytest.fixture(scope="module")
 def keras_hub():
-    """KerasHub on the torch backend. keras reads KERAS_BACKEND when first imported, so keras is imported
-    only here and in the tests that take this fixture (never at module top)."""
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    kh = pytest.importorskip("keras_hub", reason="KerasHub is not installed: pip install keras h5py && "
-                                                 "pip install --no-deps keras-hub==0.32.0 (README)")
-    import keras
-
-    if keras.config.backend() != "torch":
-        pytest.skip(f"keras was imported with the {keras.config.backend()} backend; these tests need "
-                    "KERAS_BACKEND=torch")
-    return kh
-
-
-def randomize(backbone, seed: int) -> None:
-    """Random weights with lively attention (KerasHub initialises norm scales to zero)."""
-    g = torch.Generator().manual_seed(seed)
-    for v in backbone.weights:
-        shape = tuple(v.shape)
-        if len(shape) == 1:
-            x = torch.randn(shape, generator=g) * 0.3
-        elif "embedding" in v.path:
-            x = torch.randn(shape, generator=g)
-        else:
-            fan_in = shape[0] * shape[1] if "attention_output" in v.path else shape[-2]
-            x = torch.randn(shape, generator=g) / fan_in ** 0.5
-        v.assign(x.numpy())
-
-
-def kerashub_backbone(keras_hub, cfg: Gemma2Config, seed: int = 0):
-    args = {k: v for k, v in keras_args(cfg).items() if k not in ("name", "trainable")}
-    backbone = keras_hub.models.GemmaBackbone(**args, dtype="float32")
-    randomize(backbone, seed)
-    return backbone
-
-
-def kerashub_logits(keras_hub, backbone, ids: torch.Tensor) -> torch.Tensor:
-    """GemmaCausalLM's own forward (final softcap included) on ``ids``, fp32."""
-    import keras
-
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    x = {"token_ids": ids.numpy().astype("int32"), "padding_mask": torch.ones_like(ids).numpy().astype("int32")}
-    return torch.from_numpy(keras.ops.convert_to_numpy(lm(x))).float()
+    return load_keras_hub()
 
 
 @pytest.mark.parametrize("name", ["gqa", "mha"])
@@ -326,28 +306,11 @@ def test_kerashub_preset_converts_to_kerashubs_logits(keras_hub, tmp_path, name)
     assert (got - expected).abs().max() <= TOL, report(got, expected)
 
 
-def keras_variable(backbone, name: str):
-    """The backbone's variable a file path names: the path is the owning objects' attribute names, the
-    layers numbered per class (``layers/gemma_decoder_block_2/attention/query_dense/vars/0``)."""
-    _, layer, *attrs, _, index = name.split("/")
-    if layer == "reversible_embedding":
-        obj = backbone.token_embedding
-    elif layer == "rms_normalization":
-        obj = backbone.layer_norm
-    else:
-        obj = backbone.transformer_layers[int(layer.rpartition("_")[2]) if layer.count("_") > 2 else 0]
-    for a in attrs:
-        obj = getattr(obj, a)
-    return obj.weights[int(index)]
-
-
 def test_sharded_bfloat16_preset_reads_keras_variables_exactly(keras_hub, tmp_path):
     import keras
 
     cfg = CONFIGS["gqa"]
-    args = {k: v for k, v in keras_args(cfg).items() if k not in ("name", "trainable")}
-    backbone = keras_hub.models.GemmaBackbone(**args, dtype="bfloat16")
-    randomize(backbone, 3)
+    backbone = kerashub_backbone(keras_hub, cfg, seed=3, dtype="bfloat16")
     backbone.save_to_preset(str(tmp_path / "preset"), max_shard_size=0.0002)
     assert (tmp_path / "preset" / "model.weights.json").is_file()
     ck = open_checkpoint(tmp_path / "preset")
@@ -360,11 +323,7 @@ def test_sharded_bfloat16_preset_reads_keras_variables_exactly(keras_hub, tmp_pa
 
 
 def test_tokenizer_ids_equal_kerashubs(keras_hub, tmp_path, spm):
-    cfg = CONFIGS["gqa"]
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=str(spm))
-    lm = keras_hub.models.GemmaCausalLM(backbone=kerashub_backbone(keras_hub, cfg),
-                                        preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer))
-    lm.save_to_preset(str(tmp_path / "preset"))
+    save_causal_lm(keras_hub, kerashub_backbone(keras_hub, CONFIGS["gqa"]), spm, tmp_path / "preset")
     assert open_checkpoint(tmp_path / "preset").tokenizer == tmp_path / "preset/assets/tokenizer/vocabulary.spm"
     import transformers
 

@@ -34,7 +34,7 @@ def _formats_help() -> str:
 @click.option("--type", "type_name", type=click.Choice(list(GGUF_TYPES), case_sensitive=False), default="f16",
               show_default=True, help="--to gguf: " + gguf_type_help())
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-              help="--to hf/safetensors/orbax: the output dtype; auto keeps the source's (a GGUF's recorded one).")
+              help="--to hf/safetensors/orbax/keras: the output dtype; auto keeps the source's (a GGUF's recorded one).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="--to hf: largest safetensors shard.")
 @click.option("--names", type=click.Choice(list(NAMES)), default="hf", show_default=True,
               help="--to safetensors: transformers' names, or gemma_pytorch's (fused qkv_proj, embedder).")
@@ -64,6 +64,7 @@ def convert(src: Path, out: Path, to: str, type_name: str, dtype: str, max_shard
       gemma2-convert convert ./gemma-2-2b-hf gemma-2-2b.safetensors --to safetensors
       gemma2-convert convert gemma-2-2b-q8_0.gguf ./back --to hf --dtype bfloat16
       gemma2-convert convert ./flax-ckpt gemma-2-9b.gguf --to gguf --type q4_k_m
+      gemma2-convert convert ./gemma-2-2b-hf ./gemma-2-2b-keras --to keras   # KerasHub's from_preset loads it
       gemma2-convert convert ./gemma-2-27b-hf gemma-2-27b-bf16.gguf --to gguf --type bf16 --split-max-size 50G
     """
     opts = ConvertOptions(to=to, command="convert", shape=shape, tokenizer=tokenizer, dtype=dtype,

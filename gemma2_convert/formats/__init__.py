@@ -10,7 +10,7 @@ from gemma2_convert.formats import hf  # noqa: F401, I001  (reader and writer)
 from gemma2_convert.formats import single_safetensors  # noqa: F401  (reader and writer)
 from gemma2_convert.formats import gemma_pytorch  # noqa: F401  (reader)
 from gemma2_convert.formats import orbax, orbax_writer  # noqa: F401  (reader; writer)
-from gemma2_convert.formats import keras  # noqa: F401  (reader)
+from gemma2_convert.formats import keras, keras_writer  # noqa: F401  (reader; writer)
 from gemma2_convert.formats.gguf import reader as gguf_reader, output as gguf_output  # noqa: F401
 from gemma2_convert.formats.registry import READERS, WRITERS, Checkpoint, detect_format, open_checkpoint
 

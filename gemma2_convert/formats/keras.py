@@ -42,6 +42,7 @@ from gemma2_convert.formats.keras_h5 import (
     shard_files,
 )
 from gemma2_convert.formats.orig_config import ShapeOptions
+from gemma2_convert.formats.readahead import ReadAhead
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.stored import Stored, TensorRow, json_file
 from gemma2_convert.formats.tokenizer.spm import find_tokenizer
@@ -175,10 +176,13 @@ def read_preset(path: Path) -> Preset:
 
 
 def to_hf(variables: Mapping[str, H5Variable], cfg: Gemma2Config) -> dict[str, LazyTensor]:
-    """Keras variables → HF-named lazy tensors (one variable read per tensor)."""
+    """Keras variables → HF-named lazy tensors (one variable read per tensor), in the canonical order
+    (``expected_shapes``: layer by layer), each load transposing the next ones on a background thread
+    (``ReadAhead``): two thirds of a Gemma 2's bytes are transposed, and the writer's I/O then hides it."""
     hf_shapes = expected_shapes(cfg)
-    return {hf: variables[name].lazy().map(lambda t, f=rule.transform: f(t, cfg), shape=hf_shapes[hf])
-            for name, hf, rule in km.expand(cfg.num_hidden_layers)}
+    mapped = {hf: variables[name].lazy().map(lambda t, f=rule.transform: f(t, cfg), shape=hf_shapes[hf])
+              for name, hf, rule in km.expand(cfg.num_hidden_layers)}
+    return ReadAhead([(hf, mapped[hf]) for hf in hf_shapes]).tensors()
 
 
 def _refuse_shape_options(opts: ShapeOptions | None, where: Path) -> None:

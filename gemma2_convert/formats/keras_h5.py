@@ -6,14 +6,19 @@ each ``/<object path>/vars`` group's file(s) (``model_00000.weights.h5``, …) b
 are 2-byte opaque datasets with the attribute ``dtype = "bfloat16"`` (keras ``saving_lib.H5IOStore``),
 reinterpreted bit for bit as ``torch.bfloat16``.
 
-Files are listed when opened (names, shapes, dtypes: nothing read) and each variable is read on ``load()``,
-one at a time, reopening its file, so nothing stays open or in memory between tensors.
+Files are listed when opened (names, shapes, dtypes, where the bytes lie: nothing read) and each variable is
+read on ``load()``, one at a time, so nothing stays open or in memory between tensors. A variable stored as
+plain little-endian bytes (contiguous, unfiltered: how Keras saves) is a zero-copy view of a private mmap of
+its file, like a safetensors tensor; any other (chunked, compressed, big-endian) is read through h5py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,9 @@ class H5Variable:
     type: str
     """numpy's name of the stored dtype (``float32``, ``int8``, …), or ``bfloat16``."""
     itemsize: int
+    offset: int | None = None
+    """Where its bytes start in ``file`` when they lie there as they are (``plain_offset``); None: read them
+    through h5py."""
 
     @property
     def nbytes(self) -> int:
@@ -80,17 +88,47 @@ class H5Variable:
 
     def lazy(self) -> LazyTensor:
         assert self.dtype is not None, f"{self.name}: {self.type} is not a float type this reader takes"
-        return LazyTensor(self.shape, self.dtype, self.read)
+        return LazyTensor(self.shape, self.dtype, self.read, prefetch=None if self.offset is None else self.prefetch)
 
     def read(self) -> torch.Tensor:
+        return self._read_h5py() if self.offset is None or self.nbytes == 0 else self._mapped(self.offset)
+
+    def prefetch(self) -> None:
+        """Start reading the variable's bytes into the page cache (``posix_fadvise(WILLNEED)``); a hint."""
+        if self.offset is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self.offset, self.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def _mapped(self, offset: int) -> torch.Tensor:
+        """A view of a private mmap of the file (ACCESS_COPY: writable for torch, never written back)."""
+        with open(self.file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset + self.nbytes > size:  # mapped pages past the end would be a SIGBUS, not an error
+                raise FormatError(f"variable {self.name} ends at byte {offset + self.nbytes}, past the end of the "
+                                  f"file ({size} bytes): the file is truncated", self.file)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=self.nbytes, offset=offset)
+        if raw.data_ptr() % self.itemsize:
+            raw = raw.clone()  # unaligned: copy rather than hand kernels a misaligned pointer
+        assert self.dtype is not None
+        return raw.view(self.dtype).reshape(self.shape)
+
+    def _read_h5py(self) -> torch.Tensor:
         try:
             with open_file(self.file) as f:
                 arr = np.asarray(f[self.name][()])
         except (OSError, KeyError, ValueError) as e:  # h5py raises OSError for data cut short
             raise FormatError(f"cannot read variable {self.name} ({_first_line(e)}); the file is damaged or "
                               "truncated", self.file) from None
-        if self.type == "bfloat16":  # 2-byte opaque → the same bits
-            return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
+        if self.type == "bfloat16":  # 2-byte opaque → the same bits (arr is ours: no copy)
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("=")))
 
 
@@ -100,12 +138,23 @@ def _type(ds: Any) -> str:
     return ds.dtype.name
 
 
+def plain_offset(ds: Any) -> int | None:
+    """The byte offset of a dataset whose bytes lie in its file as a little-endian array of its shape
+    (contiguous, no filters, no external storage), else None."""
+    little = ds.dtype.byteorder in "<|" or (ds.dtype.byteorder == "=" and sys.byteorder == "little")
+    if sys.byteorder != "little" or not little or ds.chunks is not None or ds.external:
+        return None
+    offset = ds.id.get_offset()
+    return offset if offset is not None and ds.id.get_storage_size() == ds.nbytes else None
+
+
 def _datasets(f: Any, fn: Path) -> list[H5Variable]:
     found: list[H5Variable] = []
 
     def visit(name: str, obj: Any) -> None:
         if hasattr(obj, "dtype") and hasattr(obj, "shape"):  # an h5py.Dataset
-            found.append(H5Variable(name, fn, tuple(int(x) for x in obj.shape), _type(obj), obj.dtype.itemsize))
+            found.append(H5Variable(name, fn, tuple(int(x) for x in obj.shape), _type(obj), obj.dtype.itemsize,
+                                    plain_offset(obj)))
 
     f.visititems(visit)
     return found

@@ -21,7 +21,7 @@ class ConvertOptions:
     option fails before any checkpoint is read."""
 
     to: str = "hf"
-    """The output format: a key of ``WRITERS`` (hf, safetensors, gguf, orbax)."""
+    """The output format: a key of ``WRITERS`` (hf, safetensors, gguf, orbax, keras)."""
     command: str = "convert"
     """The command recorded in the output's provenance."""
     inputs: tuple[str, ...] | None = None
@@ -31,7 +31,7 @@ class ConvertOptions:
     tokenizer: Path | None = None
     """A SentencePiece tokenizer.model; default: the one found with the input."""
     dtype: str = "auto"
-    """hf / safetensors / orbax: the output float dtype; auto keeps the source's."""
+    """hf / safetensors / orbax / keras: the output float dtype; auto keeps the source's."""
     max_shard_size: str | int = "5GB"
     """hf: the largest safetensors shard."""
     names: str = "hf"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gemma2_convert.formats import open_checkpoint
+from gemma2_convert.formats.keras_writer import write_keras_preset
 from gemma2_convert.formats.orbax_writer import write_orbax
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.output import check_output
@@ -88,6 +89,29 @@ def step_flax_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
     check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
              f"top-1 {rep.top1:.0%}; {same}/{len(hf.tensors)} equal tiny-hf")
     return DemoRow(label, "tiny-flax → tiny-flax-hf", _size(flax), check, rep.passed and same == len(hf.tensors))
+
+
+def step_keras_to_hf(work: Path, cfg: Gemma2Config) -> DemoRow:
+    """tiny-hf written as a KerasHub preset (h5py; keras-free), then ``gemma2-convert orig-to-hf`` on it,
+    verified, and its tensors compared with tiny-hf's. A KerasHub config states the query scale as head_dim
+    or hidden/heads only, so the preset's model takes head_dim (the tensors are tiny-hf's)."""
+    label = "Keras (KerasHub) → HF + verify"
+    try:
+        import h5py  # noqa: F401  (deferred: the optional keras extra)
+    except ImportError:
+        return DemoRow(label, "", 0, "skipped: pip install 'gemma2-convert[keras]'", True, skipped=True)
+
+    hf = open_checkpoint(work / "tiny-hf")
+    keras = work / "tiny-keras"
+    write_keras_preset(keras, cfg.replace(query_pre_attn_scalar=cfg.head_dim), hf.tensors,
+                       tokenizer=work / "tiny-orig" / "tokenizer.model")
+    rep = orig_to_hf(keras, work / "tiny-keras-hf").report
+    assert rep is not None
+    back = open_checkpoint(work / "tiny-keras-hf").tensors
+    same = sum(torch.equal(back[k].load(), t.load()) for k, t in hf.tensors.items())
+    check = (f"{rep.tensors_equal}/{rep.tensors_total} tensors equal, max |Δ logits| {rep.max_abs_logits:g}, "
+             f"top-1 {rep.top1:.0%}; {same}/{len(hf.tensors)} equal tiny-hf (query scale head_dim)")
+    return DemoRow(label, "tiny-keras → tiny-keras-hf", _size(keras), check, rep.passed and same == len(hf.tensors))
 
 
 def step_generate(work: Path) -> DemoRow:
@@ -189,6 +213,7 @@ def run_steps(work: Path, seed: int, on_row: Callable[[DemoRow], None] | None) -
         lambda: step_make_checkpoint(work, cfg, seed),
         lambda: step_orig_to_hf(work, cfg),
         lambda: step_flax_to_hf(work, cfg),
+        lambda: step_keras_to_hf(work, cfg),
         lambda: step_generate(work),
         lambda: step_gguf(work),
         lambda: step_quantize(work, "hf"),
