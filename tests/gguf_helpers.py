@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gemma2_convert.formats.hf import write_hf_dir
@@ -65,3 +66,32 @@ def first_diff(a: torch.Tensor, b: torch.Tensor) -> str:
     d = (a.float() - b.float()).abs()
     i = int(d.argmax())
     return f"max |Δ| {d.max().item():.3g} at flat index {i}: {a.flatten()[i].item()!r} vs {b.flatten()[i].item()!r}"
+
+
+def importance(kind: str, cols: int, seed: int = 1, decades: int = 16) -> np.ndarray | None:
+    """Importance weights [cols] (float32) of one kind: none, mean_sq (mean squared activations over two
+    decades), zeros (zero on whole blocks and scattered columns), wide (spread over ``decades`` decades)."""
+    rng = np.random.default_rng(seed)
+    if kind == "none":
+        return None
+    if kind == "mean_sq":
+        q = rng.standard_normal(cols) ** 2 + 1e-2
+    elif kind == "zeros":
+        q = rng.uniform(0.0, 1.0, cols)
+        q[rng.random(cols) < 0.2] = 0
+        q[:32] = 0
+    else:
+        q = 10.0 ** rng.uniform(-decades / 2, decades / 2, cols)
+    return q.astype(np.float32)
+
+
+def diff_blocks(ours: np.ndarray, want: np.ndarray, block_bytes: int) -> tuple[int, int, str]:
+    """(differing blocks, blocks, where the first differs: its differing byte offsets and both blocks' ends)."""
+    o, w = ours.reshape(-1, block_bytes), want.reshape(-1, block_bytes)
+    diff = np.nonzero((o != w).any(axis=1))[0]
+    first = ""
+    if len(diff):
+        i = diff[0]
+        first = (f"block {i}, bytes {np.nonzero(o[i] != w[i])[0][:8].tolist()}: ours {o[i][:12].tolist()} … "
+                 f"{o[i][-16:].tolist()} want {w[i][:12].tolist()} … {w[i][-16:].tolist()}")
+    return len(diff), len(o), first

@@ -27,6 +27,7 @@ from quant import gguf_iq4 as iq
 from quant import gguf_types
 from quant.gguf_codec import dequantize_tensor, fallback_type, quantize_tensor
 from quant.gguf_types import GGML_TYPES, file_type_id, ggml_type
+from tests.gguf_helpers import diff_blocks, importance
 
 TYPES = {"IQ4_NL": 18, "IQ4_XS": 136}
 F32 = np.float32
@@ -64,33 +65,6 @@ def _data(kind: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
         a[4 % rows, :16] = -a[4 % rows, 16:32]  # x and -x in one block: the first one sets the sign
         a[5 % rows, ::2] = 0
     return np.ascontiguousarray(a, dtype=F32)
-
-
-def _imatrix(kind: str, cols: int, seed: int = 1) -> np.ndarray | None:
-    rng = np.random.default_rng(seed)
-    if kind == "none":
-        return None
-    if kind == "mean_sq":  # mean squared activations: positive, over two decades
-        q = rng.standard_normal(cols) ** 2 + 1e-2
-    elif kind == "zeros":  # zero importance on whole blocks and scattered columns
-        q = rng.uniform(0.0, 1.0, cols)
-        q[rng.random(cols) < 0.2] = 0
-        q[:32] = 0
-    else:  # "wide": 16 decades
-        q = 10.0 ** rng.uniform(-8, 8, cols)
-    return q.astype(F32)
-
-
-def _diff_blocks(ours: np.ndarray, want: np.ndarray, block_bytes: int) -> tuple[int, int, str]:
-    """(differing blocks, blocks, where the first differs)."""
-    o, w = ours.reshape(-1, block_bytes), want.reshape(-1, block_bytes)
-    diff = np.nonzero((o != w).any(axis=1))[0]
-    first = ""
-    if len(diff):
-        i = diff[0]
-        first = (f"block {i}, bytes {np.nonzero(o[i] != w[i])[0][:8].tolist()}: ours {o[i][:12].tolist()} "
-                 f"want {w[i][:12].tolist()}")
-    return len(diff), len(o), first
 
 
 # ---- the codebook look-up --------------------------------------------------------------------
@@ -178,12 +152,12 @@ def test_bytes_equal_llama_cpp(ggml_quantize_chunk, qtype: str, imatrix: str):
     for n, kind in enumerate(KINDS):
         shape = (64, 2304) if kind in ("gauss", "heavy") else (24, 512)
         x = _data(kind, shape, seed=n)
-        qw = _imatrix(imatrix, shape[1], seed=n + 10)
+        qw = importance(imatrix, shape[1], seed=n + 10)
         want = ggml_quantize_chunk(qtype, x, qw)
         for compiled in (True, False):
             ours = quantize_tensor(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw),
                                    threads=1, compiled=compiled).numpy()
-            d, b, where = _diff_blocks(ours, want, TYPES[qtype])
+            d, b, where = diff_blocks(ours, want, TYPES[qtype])
             n_blocks, n_diff = n_blocks + b, n_diff + d
             first = first or (f"{kind} compiled={compiled}: {where}" if d else "")
     print(f"{qtype} imatrix={imatrix}: {n_blocks - n_diff}/{n_blocks} blocks identical to llama.cpp")
@@ -252,10 +226,10 @@ def test_compiled_equals_torch_port(qtype: str):
               "one_block": _data("heavy", (1, 256))}
     for kind, x in cases.items():
         for imatrix in ("none", "mean_sq", "zeros", "wide"):
-            qw = _imatrix(imatrix, x.shape[1])
+            qw = importance(imatrix, x.shape[1])
             qw = None if qw is None else torch.from_numpy(qw)
             got, want = fast(torch.from_numpy(x), qw), port(torch.from_numpy(x), qw)
-            d, b, where = _diff_blocks(got.numpy(), want.numpy(), TYPES[qtype])
+            d, b, where = diff_blocks(got.numpy(), want.numpy(), TYPES[qtype])
             assert d == 0, f"{qtype} {kind} imatrix={imatrix}: {d}/{b} blocks differ; first {where}"
     assert fast(torch.zeros(0, 256)).shape == (0, 136 if qtype == "IQ4_XS" else 144)
 

@@ -28,6 +28,7 @@ from quant import gguf_types
 from quant.gguf_codec import dequantize_tensor, fallback_type, quantize_tensor
 from quant.gguf_kquants import seq_sum
 from quant.gguf_types import GGML_TYPES, file_type_id, ggml_type
+from tests.gguf_helpers import diff_blocks, importance
 
 TYPES = {"Q2_K": 84, "Q3_K": 110}
 F32 = np.float32
@@ -64,33 +65,6 @@ def _data(kind: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
         a[4, :8] = -a[4, 8:16]
         a[5, ::2] = 0
     return np.ascontiguousarray(a, dtype=F32)
-
-
-def _imatrix(kind: str, cols: int, seed: int = 1) -> np.ndarray | None:
-    rng = np.random.default_rng(seed)
-    if kind == "none":
-        return None
-    if kind == "mean_sq":  # mean squared activations: positive, over two decades
-        q = rng.standard_normal(cols) ** 2 + 1e-2
-    elif kind == "zeros":  # zero importance on whole sub-blocks and scattered columns
-        q = rng.uniform(0.0, 1.0, cols)
-        q[rng.random(cols) < 0.2] = 0
-        q[:32] = 0
-    else:  # "wide": 20 decades
-        q = 10.0 ** rng.uniform(-10, 10, cols)
-    return q.astype(F32)
-
-
-def _diff_blocks(ours: np.ndarray, want: np.ndarray, block_bytes: int) -> tuple[int, int, str]:
-    """(differing blocks, blocks, where the first differs)."""
-    o, w = ours.reshape(-1, block_bytes), want.reshape(-1, block_bytes)
-    diff = np.nonzero((o != w).any(axis=1))[0]
-    first = ""
-    if len(diff):
-        i = diff[0]
-        first = (f"block {i}, bytes {np.nonzero(o[i] != w[i])[0][:8].tolist()}: ours {o[i][-16:].tolist()} "
-                 f"want {w[i][-16:].tolist()}")
-    return len(diff), len(o), first
 
 
 def test_nearest_int_is_the_c_bit_trick():
@@ -145,12 +119,12 @@ def test_bytes_equal_llama_cpp(ggml_quantize_chunk, qtype: str, imatrix: str):
     for n, kind in enumerate(KINDS):
         shape = (64, 2304) if kind in ("gauss", "heavy", "negative") else (24, 512)
         x = _data(kind, shape, seed=n)
-        qw = _imatrix(imatrix, shape[1], seed=n + 10)
+        qw = importance(imatrix, shape[1], seed=n + 10, decades=20)
         want = ggml_quantize_chunk(qtype, x, qw)
         for compiled in (True, False):
             ours = quantize_tensor(torch.from_numpy(x), qtype, None if qw is None else torch.from_numpy(qw),
                                    threads=1, compiled=compiled).numpy()
-            d, b, where = _diff_blocks(ours, want, TYPES[qtype])
+            d, b, where = diff_blocks(ours, want, TYPES[qtype])
             n_blocks, n_diff = n_blocks + b, n_diff + d
             first = first or (f"{kind} compiled={compiled}: {where}" if d else "")
     print(f"{qtype} imatrix={imatrix}: {n_blocks - n_diff}/{n_blocks} blocks identical to llama.cpp")
@@ -163,7 +137,7 @@ def test_negative_scales_wrap_as_in_c(ggml_quantize_chunk):
     """All-negative rows, importances over 20 decades: some Q2_K sub-block scales come out negative and C's
     ``make_qp_quants`` keeps their levels modulo 256 (``uint8_t L[]``) and reads them back so; the bytes agree
     (two super-blocks of this input differ if the levels are kept unwrapped)."""
-    x, qw = _data("negative", (128, 2048), seed=8), _imatrix("wide", 2048, seed=9)
+    x, qw = _data("negative", (128, 2048), seed=8), importance("wide", 2048, seed=9, decades=20)
     xs = torch.from_numpy(x).reshape(128, 8, 256)
     xt = xs.reshape(-1, 16).T.contiguous()  # [16, B]: sub-blocks element-major
     wt = lo.imatrix_weights(xs, xt, torch.from_numpy(qw), 1.0)
@@ -173,7 +147,7 @@ def test_negative_scales_wrap_as_in_c(ggml_quantize_chunk):
     want = ggml_quantize_chunk("Q2_K", x, qw)
     for compiled in (True, False):
         ours = quantize_tensor(torch.from_numpy(x), "Q2_K", torch.from_numpy(qw), threads=1, compiled=compiled)
-        d, b, where = _diff_blocks(ours.numpy(), want, 84)
+        d, b, where = diff_blocks(ours.numpy(), want, 84)
         assert d == 0, f"compiled={compiled}: {d}/{b} blocks differ; first {where}"
 
 
@@ -238,10 +212,10 @@ def test_compiled_equals_torch_port(qtype: str):
     fast, port = getattr(jit, name), getattr(lo, name)
     for kind, x in _cases().items():
         for imatrix in ("none", "mean_sq", "zeros", "wide"):
-            qw = _imatrix(imatrix, x.shape[1])
+            qw = importance(imatrix, x.shape[1], decades=20)
             qw = None if qw is None else torch.from_numpy(qw)
             got, want = fast(torch.from_numpy(x), qw), port(torch.from_numpy(x), qw)
-            d, b, where = _diff_blocks(got.numpy(), want.numpy(), TYPES[qtype])
+            d, b, where = diff_blocks(got.numpy(), want.numpy(), TYPES[qtype])
             assert d == 0, f"{qtype} {kind} imatrix={imatrix}: {d}/{b} blocks differ; first {where}"
     assert fast(torch.zeros(0, 256)).shape == (0, TYPES[qtype])
 
@@ -276,7 +250,7 @@ def test_extreme_values(ggml_quantize_chunk, qtype: str):
                 assert outcome[0] is None and outcome[1] is None, f"{label}: only one path refused"
                 refused += 1
             else:
-                d, b, where = _diff_blocks(outcome[0], ggml_quantize_chunk(qtype, x, qw), TYPES[qtype])
+                d, b, where = diff_blocks(outcome[0], ggml_quantize_chunk(qtype, x, qw), TYPES[qtype])
                 assert d == 0 and np.array_equal(outcome[0], outcome[1]), f"{label}: {d}/{b} differ; {where}"
     assert refused >= 2  # at least |x| ~ 1e30 with and without importances for Q2_K, with them for Q3_K
 
