@@ -13,7 +13,7 @@ if [[ -x "$dest/bin/llama-quantize" && -x "$dest/bin/llama-imatrix" ]]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" >&2
+pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work" >&2
 tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
