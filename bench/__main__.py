@@ -1,5 +1,7 @@
 """``python -m bench all --size 2b [--llama-cpp DIR]``, or one benchmark: ``orig-to-hf``, ``keras``, ``gguf``,
-``quant``, ``forward``, ``scale``; ``chart`` redraws the PNG from the markdown. ``python -m bench NAME --help``.
+``quant``, ``forward``, ``imatrix``, ``lowbit``, ``split``, ``scale``, ``transcode``, ``adapter``, ``verify``; ``chart``
+redraws the PNG from the markdown.
+``python -m bench NAME --help``.
 
 Synthetic checkpoints go to a scratch directory (``--workdir``, default the system temp dir) that is
 removed at the end, also on Ctrl-C. Each benchmark replaces its own section of ``--doc`` as soon as it
@@ -15,19 +17,26 @@ import time
 from pathlib import Path
 
 from bench import (
+    adapter,
+    autoround,
     chart,
     forward,
     gguf,
     harness,
+    imatrix,
     keras_to_hf,
+    lowbit,
     machine,
     orig_to_hf,
     profile,
     quant,
     report,
     scale,
+    split,
     synth,
     targets,
+    transcode,
+    verify,
 )
 
 SUITE = ("orig-to-hf", "keras", "gguf", "quant", "forward")
@@ -69,6 +78,20 @@ def run_benchmark(name: str, a: argparse.Namespace, work: Path, m: dict) -> str:
         return quant.run(a.size, a.runs, work, a.threads, m, a.quick, shared=work.parent)
     if name == "forward":
         return forward.run(a.size, a.runs, work.parent, m, a.quick)
+    if name == "imatrix":
+        return imatrix.run(a.size, a.runs, work, a.threads, m, a.quick, shared=work.parent)
+    if name == "lowbit":
+        return lowbit.run(a.size, a.runs, work, a.threads, m, a.quick)
+    if name == "autoround":
+        return autoround.run(a.size, a.runs, work, a.threads, m, a.quick)
+    if name == "transcode":
+        return transcode.run(a.size, a.runs, work, a.threads, m, a.quick, shared=work.parent)
+    if name == "adapter":
+        return adapter.run(a.size, a.runs, work, m, a.quick, shared=work.parent)
+    if name == "split":
+        return split.run(a.size, a.split_max_size, work, m)
+    if name == "verify":
+        return verify.run(a.sizes.split(","), a.tokens, work, m)
     return scale.run(a.sizes.split(","), work, m)
 
 
@@ -101,6 +124,11 @@ CHILDREN = {
     "llama-quantize": quant.llama_quantize_main,
     "forward-child": forward.child_main,
     "profile-parts": profile.main,
+    "lowbit-kernels": lowbit.kernels_main,
+    "split-llama-load": split.llama_load_main,
+    "adapter-peft": adapter.peft_main,
+    "verify-read": verify.read_main,
+    "verify-matmul": verify.matmul_main,
 }
 
 
@@ -111,16 +139,26 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     _options(sub.add_parser("all", help="orig-to-hf, keras, gguf, quant and forward, then the targets and the chart"))
     for name, mod in (("orig-to-hf", orig_to_hf), ("keras", keras_to_hf), ("gguf", gguf), ("quant", quant),
-                      ("forward", forward)):
+                      ("forward", forward), ("imatrix", imatrix), ("transcode", transcode), ("adapter", adapter),
+                      ("autoround", autoround)):
         _options(sub.add_parser(name, help=mod.__doc__.split("\n")[0]))
+    _options(sub.add_parser("lowbit", help=lowbit.__doc__.split("\n")[0]))
+    sp = sub.add_parser("split", help=split.__doc__.split("\n")[0])
+    _options(sp)
+    sp.set_defaults(size="27b")
+    sp.add_argument("--split-max-size", default="20G", help="the parts' size limit (to-gguf's option)")
     sc = sub.add_parser("scale", help=scale.__doc__.split("\n")[0])
     _options(sc, size=False)
     sc.add_argument("--sizes", default="2b,9b,27b", help="comma-separated sizes, smallest first")
+    vf = sub.add_parser("verify", help=verify.__doc__.split("\n")[0])
+    _options(vf, size=False)
+    vf.add_argument("--sizes", default="2b,9b", help="comma-separated sizes, smallest first")
+    vf.add_argument("--tokens", type=int, default=16, help="tokens per prompt of each verify")
     ch = sub.add_parser("chart", help="redraw the chart from the markdown report")
     ch.add_argument("--doc", type=Path, default=Path("docs/BENCHMARKS.md"))
     ch.add_argument("--png", type=Path, default=None)
     a = ap.parse_args(argv)
-    if a.command == "scale" and not set(a.sizes.split(",")) <= set(synth.SIZES):
+    if a.command in ("scale", "verify") and not set(a.sizes.split(",")) <= set(synth.SIZES):
         ap.error(f"--sizes {a.sizes}: choose from {', '.join(synth.SIZES)}")
     try:
         if a.command == "chart":

@@ -34,7 +34,7 @@ METHODS = (("rtn", "gguf", False), ("mse", "gguf", False), ("mse", "gguf", True)
 imatrix (a weighted scale search); with calibration text it first runs the reference forward pass."""
 
 
-def _ggml():
+def ggml_quantize_chunk():
     """llama.cpp's ``ggml_quantize_chunk`` through ctypes, or None without llama-cpp-python."""
     try:
         import llama_cpp
@@ -65,7 +65,7 @@ def kernels_main(argv: list[str]) -> int:
     rand = random_tensors(synth.preset(a.size), 0, torch.float32)
     mats = [rand[f"model.layers.0.mlp.{p}_proj.weight"].load() for p in ("gate", "down")]
     params = sum(m.numel() for m in mats)
-    ggml = _ggml()
+    ggml = ggml_quantize_chunk()
 
     def tools(qtype: str) -> dict:
         gt = GGMLQuantizationType[qtype]

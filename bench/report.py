@@ -25,7 +25,7 @@ harness, anchors included, so its ratios compare tools under the same load. Rege
 
 ![time and peak memory per tool](benchmarks.png)
 """
-ORDER = ("machine", "targets", "orig-to-hf", "keras", "gguf", "quant", "forward", "scale")
+ORDER = ("machine", "targets", "orig-to-hf", "keras", "gguf", "quant", "forward", "verify", "scale")
 _DATA = re.compile(r"<!-- data (\{.*?\}) -->", re.S)
 
 

@@ -103,9 +103,9 @@ def render(data: dict) -> str:
              *report.table(["size", "params, B", "source on disk, GB", "HF output, GB", "cp, s",
                             "orig-to-hf --no-verify, s", "RssAnon", "orig-to-hf + verify, s", "RssAnon",
                             "verify --tokens 16, s", "RssAnon", "verify", "max |Δ logits|"], rows), "",
-             "One run per cell, wall time to a durable output. Verification compares every tensor of the output "
-             "with the source, then runs the reference forward pass in float32 on both, streaming each layer from "
-             "the mapped files and casting it on use. *Layers shared*: the source's decoder layers all view "
+             "One run per cell, wall time to a durable output. Verification runs source and output in lockstep: "
+             "each layer is read once from the mapped files, its tensors compared, and the reference forward "
+             "pass (float32) of both run on it. *Layers shared*: the source's decoder layers all view "
              "layer 0's bytes, so source and full output fit on the disk together; the model still has every "
              "layer and is read layer by layer."]
     return report.section(MARK, lines, data)

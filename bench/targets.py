@@ -93,8 +93,24 @@ def rows(data: dict) -> list[list[str]]:
         out += _quant_rows(data["quant"])
     if "forward" in data:
         out += _forward_rows(data["forward"])
+    if "verify" in data:
+        out += _verify_rows(data["verify"])
     if "scale" in data:
         out += _scale_rows(data["scale"])
+    return out
+
+
+def _verify_rows(d: dict) -> list[list[str]]:
+    """Issue 21: verify ≤ 1.5× its floor (each size and compute mode); orig-to-hf + verify ≤ 2.5× without."""
+    out = []
+    for r in d["rows"]:
+        for mode in ("exact", "fast"):
+            x = r[mode]["ratio"]
+            out.append([f"verify ≤ 1.5× its floor ({r['size'].upper()}, {mode})", f"{x:.2f}× floor",
+                        _met(x <= 1.5), "" if x <= 1.5 else f"by {x / 1.5:.2f}×"])
+        x = r["orig-to-hf"]["durable_s"] / r["orig-to-hf --no-verify"]["durable_s"]
+        out.append([f"orig-to-hf + verify ≤ 2.5× orig-to-hf ({r['size'].upper()})", f"{x:.2f}×", _met(x <= 2.5),
+                    "" if x <= 2.5 else f"by {x / 2.5:.2f}×"])
     return out
 
 

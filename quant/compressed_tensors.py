@@ -32,8 +32,9 @@ from torch import Tensor
 
 from gemma2_convert.core.errors import FormatError, UnsupportedError
 from quant.methods import quantize_weight
-from quant.pack import pack_int32, unpack_int32
+from quant.pack import pack_int32, unpack_int32, unpack_unsigned
 from quant.qparams import dequantize
+from quant.qtensor import QuantCodes
 from quant.spec import QuantSpec
 
 FORMAT = "pack-quantized"
@@ -161,10 +162,16 @@ def _spec_from_args(module: str, args: Mapping[str, Any]) -> QuantSpec:
     strategy = args.get("strategy")
     if args.get("type", "int") != "int" or strategy not in ("group", "channel"):
         raise UnsupportedError(
-            f"{module}: weights type={args.get('type')!r} strategy={strategy!r}; only int group/channel is supported"
+            f"{module}: weights type={args.get('type')!r} strategy={strategy!r} (e.g. an fp8 scheme) is not read "
+            "here; only int group/channel pack-quantized is supported"
         )
-    if args.get("actorder") not in (None, "weight", "static") or args.get("dynamic"):
-        raise UnsupportedError(f"{module}: actorder={args.get('actorder')!r} / dynamic weights are not supported")
+    if args.get("actorder") not in (None, "weight", "static"):
+        raise UnsupportedError(
+            f"{module}: actorder={args.get('actorder')!r} stores a weight_g_idx column permutation (GPTQ act-order): "
+            "its groups are not contiguous blocks of columns, so it is not a block layout this tool reads or "
+            "transcodes; re-export it without act-order (actorder: null or 'weight')")
+    if args.get("dynamic"):
+        raise UnsupportedError(f"{module}: dynamic weight quantization is not supported")
     return QuantSpec(
         int(args.get("num_bits", 8)), args.get("group_size") if strategy == "group" else None,
         bool(args.get("symmetric", True)),
@@ -212,6 +219,27 @@ def read_compressed(
         zp = _need(tensors_by_name, f"{prefix}.weight_zero_point", (torch.int32,), [_words(out_f, spec.bits), n_groups])
         zero = unpack_int32(zp, spec.bits, out_f, packed_dim=0)                     # [out, G]
     return dequantize(unpack_int32(packed, spec.bits, in_f), scale, zero)
+
+
+def read_codes(tensors_by_name: Mapping[str, Tensor], qconfig: Mapping[str, Any], prefix: str) -> QuantCodes:
+    """Module ``prefix``'s codes as ``QuantCodes`` (``u = q + 2^(b-1)``, asym ``zero = z + 2^(b-1)``), undecoded."""
+    spec = spec_for_module(qconfig, prefix)
+    if spec is None:
+        raise FormatError(f"{prefix}: not quantized according to quantization_config")
+    shape = _need(tensors_by_name, f"{prefix}.weight_shape", (torch.int64, torch.int32), [2])
+    out_f, in_f = (int(v) for v in shape.tolist())
+    n_groups = in_f // spec.group_len(in_f)
+    packed = _need(tensors_by_name, f"{prefix}.weight_packed", (torch.int32,), [out_f, _words(in_f, spec.bits)])
+    scale = _need(tensors_by_name, f"{prefix}.weight_scale", (), [out_f, n_groups])
+    half = 1 << (spec.bits - 1)
+    u = unpack_unsigned(packed, spec.bits, in_f)
+    if u is None:
+        u = (unpack_int32(packed, spec.bits, in_f).to(torch.int16) + half).to(torch.uint8)
+    if spec.symmetric:
+        return QuantCodes(u, scale, None, "sym", spec.bits)
+    zp = _need(tensors_by_name, f"{prefix}.weight_zero_point", (torch.int32,), [_words(out_f, spec.bits), n_groups])
+    zero = unpack_int32(zp, spec.bits, out_f, packed_dim=0).to(torch.int16) + half            # [out, G]
+    return QuantCodes(u, scale, zero, "asym", spec.bits)
 
 
 def packed_layout(

@@ -1,9 +1,10 @@
-"""Q4_0 / Q4_1 with an importance matrix: llama.cpp's ``quantize_row_q4_0_impl`` / ``quantize_row_q4_1_impl``.
+"""Q4_0 / Q4_1 / Q5_0 / Q5_1 with an importance matrix: llama.cpp's ``quantize_row_q{4,5}_{0,1}_impl``.
 
 Per 32-block, the error weights are ``qw_j · sqrt(sigma2 + x_j²)`` with ``sigma2 = Σx²/n_per_row`` over
 the whole row and ``qw`` the per-column importance (mean squared input activation); Q4_0 then runs
-``make_qx_quants(32, 8, …, rmse_type 1, weights)`` and Q4_1 ``make_qkx3_quants(32, 15, …, -0.9, 0.05, 36)``
-(ggml/src/ggml-quants.c; ../shared/spec/QUANT_FORMATS.md §1.2–1.3). The blocks are stock Q4_0 / Q4_1:
+``make_qx_quants(32, 8, …, rmse_type 1, weights)`` and Q4_1 ``make_qkx3_quants(32, 15, …, -0.9, 0.05, 36)``;
+Q5_0 / Q5_1 the same with ``nmax`` 16 / 31 (ggml/src/ggml-quants.c; ../shared/spec/QUANT_FORMATS.md §1.2–1.3).
+The blocks are stock Q4_0 / Q4_1 / Q5_0 / Q5_1:
 llama.cpp decodes them as usual, the gain is in the choice of scales and codes.
 """
 
@@ -47,6 +48,28 @@ def quantize_q4_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
     d = scale.to(torch.float16).reshape(rows, cols // QK)
     m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
     return lg.pack_q4_1(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def quantize_q5_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """float ``[rows, cols]`` → Q5_0 bytes ``[rows, cols/32·22]``: ``quantize_row_q5_0_impl``, Q4_0's search with
+    ``nmax`` 16."""
+    x = w.to(torch.float32)
+    rows, cols = x.shape
+    scale, levels = kq.make_qx_quants(_element_major(x), 16, _element_major(_weights(x, quant_weights)))
+    d = scale.to(torch.float16).reshape(rows, cols // QK)
+    return lg.pack_q5_0(d, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def quantize_q5_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """float ``[rows, cols]`` → Q5_1 bytes ``[rows, cols/32·24]``: ``quantize_row_q5_1_impl``, Q4_1's search with
+    ``nmax`` 31; ``m = -the_min``."""
+    x = w.to(torch.float32)
+    rows, cols = x.shape
+    scale, the_min, levels = kq.make_qkx2_quants(_element_major(x), _element_major(_weights(x, quant_weights)),
+                                                 31, -0.9, 0.05, 36)
+    d = scale.to(torch.float16).reshape(rows, cols // QK)
+    m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
+    return lg.pack_q5_1(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
 
 
 def with_imatrix(ref, impl):

@@ -785,6 +785,16 @@ def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
     return _quantize("q4_0_imatrix", w, lambda rows: im.quantize_q4_0_imatrix(rows, quant_weights), qw)
 
 
+def quantize_q5_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """Q5_0 bytes with per-column importances: the torch port (no compiled kernel for it yet)."""
+    return im.quantize_q5_0_imatrix(_as_rows(w), quant_weights)
+
+
+def quantize_q5_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """Q5_1 bytes with per-column importances: the torch port (no compiled kernel for it yet)."""
+    return im.quantize_q5_1_imatrix(_as_rows(w), quant_weights)
+
+
 def quantize_q4_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
     """Q4_1 bytes with per-column importances (= :func:`quant.gguf_imatrix.quantize_q4_1_imatrix`)."""
     qw = _importance(quant_weights, w.shape[-1])

@@ -113,6 +113,11 @@ class GGMLType:
     quality gates: about 2-3× llama.cpp's published mean KLD on LLaMA-3-8B (Q8_0 0.0014, Q6_K 0.0055,
     Q5_K_M 0.011, IQ4_XS 0.036, Q4_0 0.072; QUANT_FORMATS.md §7.1) and above what random tiny models give
     (Q8_0 2e-4, Q6_K 2e-3, Q5_0 1.1e-2, IQ4_XS 1.8e-2, Q4_0 4.4e-2, all top-1 100 %)."""
+    min_sqnr_db: float = float("-inf")
+    """The least SQNR (dB) verification accepts for one tensor stored in this type against its source: 6 dB
+    (half the signal-to-noise amplitude ratio) under the least this package's codec gives on the trained
+    fixture's matrices, a Gaussian and a Student-t(3) matrix (docs/VERIFY.md). A tensor below it is not
+    quantization noise: a norm off by one, q and k swapped, another model's weights."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -198,35 +203,37 @@ def file_type_id(name: str) -> int:
 # ---- the types ------------------------------------------------------------------------------------
 # Float types: plain casts, no compiled kernel.
 register_type(GGMLType("F32", 0, 1, 4, Codec(fl.quantize_f32, fl.dequantize_f32), "ALL_F32",
-                       "float32, exact for any source"))
+                       "float32, exact for any source", min_sqnr_db=120.0))
 register_type(GGMLType("F16", 1, 1, 2, Codec(fl.quantize_f16, fl.dequantize_f16), "MOSTLY_F16",
-                       "IEEE half float, exact for float16 weights", lossy_bound=(1e-3, 0.95)))
+                       "IEEE half float, exact for float16 weights", lossy_bound=(1e-3, 0.95),
+                       min_sqnr_db=67.0))
 register_type(GGMLType("BF16", 30, 1, 2, Codec(fl.quantize_bf16, fl.dequantize_bf16), "MOSTLY_BF16",
-                       "bfloat16, exact for bfloat16 weights: Gemma 2's own dtype", lossy_bound=(2e-3, 0.95)))
-# Legacy 32-blocks: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1
-# (quant/gguf_imatrix.py); the Q5_0 / Q5_1 `_impl` paths are not ported.
+                       "bfloat16, exact for bfloat16 weights: Gemma 2's own dtype", lossy_bound=(2e-3, 0.95),
+                       min_sqnr_db=49.0))
+# Legacy 32-blocks: an imatrix is ignored for Q8_0 (as in llama.cpp) and used for Q4_0 / Q4_1 / Q5_0 / Q5_1
+# (quant/gguf_imatrix.py).
 _LEGACY = {"scales_show_nonfinite": True, "writes_out": True}
 _LEGACY_JIT = "quant.gguf_legacy_jit"
 register_type(GGMLType("Q8_0", 8, 32, 34, Codec(
     lg.quantize_q8_0, lg.dequantize_q8_0, (0,), "ignored", **_LEGACY, takes_bf16=True,
     compiled=f"{_LEGACY_JIT}:quantize_q8_0"), "MOSTLY_Q8_0",
-    "8-bit codes, an fp16 scale per 32 weights; near lossless", lossy_bound=(1e-2, 0.9)))
+    "8-bit codes, an fp16 scale per 32 weights; near lossless", lossy_bound=(1e-2, 0.9), min_sqnr_db=35.0))
 register_type(GGMLType("Q4_0", 2, 32, 18, Codec(
     im.with_imatrix(lg.quantize_q4_0, im.quantize_q4_0_imatrix), lg.dequantize_q4_0, (0,), "used", **_LEGACY,
     compiled=f"{_LEGACY_JIT}:quantize_q4_0"), "MOSTLY_Q4_0",
-    "4-bit codes, an fp16 scale per 32 weights", lossy_bound=(0.2, 0.7)))
+    "4-bit codes, an fp16 scale per 32 weights", lossy_bound=(0.2, 0.7), min_sqnr_db=12.0))
 register_type(GGMLType("Q4_1", 3, 32, 20, Codec(
     im.with_imatrix(lg.quantize_q4_1, im.quantize_q4_1_imatrix), lg.dequantize_q4_1, (0, 2), "used", **_LEGACY,
     compiled=f"{_LEGACY_JIT}:quantize_q4_1"), "MOSTLY_Q4_1",
-    "4-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(0.2, 0.7)))
+    "4-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(0.2, 0.7), min_sqnr_db=14.0))
 register_type(GGMLType("Q5_0", 6, 32, 22, Codec(
-    lg.quantize_q5_0, lg.dequantize_q5_0, (0,), "unsupported", **_LEGACY,
+    im.with_imatrix(lg.quantize_q5_0, im.quantize_q5_0_imatrix), lg.dequantize_q5_0, (0,), "used", **_LEGACY,
     compiled=f"{_LEGACY_JIT}:quantize_q5_0"), "MOSTLY_Q5_0",
-    "5-bit codes, an fp16 scale per 32 weights", lossy_bound=(5e-2, 0.8)))
+    "5-bit codes, an fp16 scale per 32 weights", lossy_bound=(5e-2, 0.8), min_sqnr_db=17.0))
 register_type(GGMLType("Q5_1", 7, 32, 24, Codec(
-    lg.quantize_q5_1, lg.dequantize_q5_1, (0, 2), "unsupported", **_LEGACY,
+    im.with_imatrix(lg.quantize_q5_1, im.quantize_q5_1_imatrix), lg.dequantize_q5_1, (0, 2), "used", **_LEGACY,
     compiled=f"{_LEGACY_JIT}:quantize_q5_1"), "MOSTLY_Q5_1",
-    "5-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(5e-2, 0.8)))
+    "5-bit codes, an fp16 scale and minimum per 32 weights", lossy_bound=(5e-2, 0.8), min_sqnr_db=20.0))
 # K-quants: 256-element super-blocks; the search passes prefer cache-sized chunks. A row that is not
 # whole super-blocks falls back to a 32-block type as llama.cpp does.
 _KQUANT = {"chunk_elements": 1 << 18}
@@ -242,23 +249,23 @@ _LOW_JIT = "quant.gguf_kquants_low_jit"
 register_type(GGMLType("Q2_K", 10, 256, 84, Codec(
     kl.quantize_q2_k, kl.dequantize_q2_k, (80, 82), "used", **_KQUANT, compiled=f"{_LOW_JIT}:quantize_q2_k"),
     "MOSTLY_Q2_K", "2-bit K-quant: 256-weight super-blocks, 4-bit scales and minimums per 16",
-    fallback="Q4_0", lossy_bound=(1.0, 0.5)))
+    fallback="Q4_0", lossy_bound=(1.0, 0.5), min_sqnr_db=3.0))
 register_type(GGMLType("Q3_K", 11, 256, 110, Codec(
     kl.quantize_q3_k, kl.dequantize_q3_k, (108,), "used", **_KQUANT, compiled=f"{_LOW_JIT}:quantize_q3_k"),
     "MOSTLY_Q3_K_S", "3-bit K-quant: 256-weight super-blocks, 6-bit scales per 16",
-    fallback="Q4_0", lossy_bound=(0.25, 0.6)))
+    fallback="Q4_0", lossy_bound=(0.25, 0.6), min_sqnr_db=8.0))
 register_type(GGMLType("Q4_K", 12, 256, 144, Codec(
     kq.quantize_q4_k, kq.dequantize_q4_k, (0, 2), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q4_k"),
     "MOSTLY_Q4_K_S", "4-bit K-quant: 256-weight super-blocks, 6-bit scales and minimums per 32",
-    fallback="Q5_0", lossy_bound=(0.2, 0.7)))
+    fallback="Q5_0", lossy_bound=(0.2, 0.7), min_sqnr_db=14.0))
 register_type(GGMLType("Q5_K", 13, 256, 176, Codec(
     kq.quantize_q5_k, kq.dequantize_q5_k, (0, 2), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q5_k"),
     "MOSTLY_Q5_K_S", "5-bit K-quant: Q4_K's super-blocks with one more bit per weight",
-    fallback="Q5_1", lossy_bound=(5e-2, 0.8)))
+    fallback="Q5_1", lossy_bound=(5e-2, 0.8), min_sqnr_db=20.0))
 register_type(GGMLType("Q6_K", 14, 256, 210, Codec(
     kq.quantize_q6_k, kq.dequantize_q6_k, (208,), "used", **_KQUANT, compiled=f"{_KQUANT_JIT}:quantize_q6_k"),
     "MOSTLY_Q6_K", "6-bit K-quant: 256-weight super-blocks, 8-bit scales per 16",
-    fallback="Q8_0", lossy_bound=(2e-2, 0.85)))
+    fallback="Q8_0", lossy_bound=(2e-2, 0.85), min_sqnr_db=26.0))
 # Non-linear 4-bit (llama.cpp's quantize_iq4_nl / quantize_iq4_xs: the same weighted search with or
 # without an imatrix). An IQ4_XS row that is not whole super-blocks falls back to IQ4_NL; an IQ4_NL row
 # that is not whole blocks to F16, as llama.cpp's tensor_type_fallback does. Bound: llama.cpp's mean KLD
@@ -269,8 +276,8 @@ _IQ4_JIT = "quant.gguf_iq4_jit"
 register_type(GGMLType("IQ4_NL", 20, 32, 18, Codec(
     iq.quantize_iq4_nl, iq.dequantize_iq4_nl, (0,), "used", compiled=f"{_IQ4_JIT}:quantize_iq4_nl"),
     "MOSTLY_IQ4_NL", "4-bit codes on a non-linear 16-value grid, an fp16 scale per 32 weights",
-    lossy_bound=(0.1, 0.75)))
+    lossy_bound=(0.1, 0.75), min_sqnr_db=14.0))
 register_type(GGMLType("IQ4_XS", 23, 256, 136, Codec(
     iq.quantize_iq4_xs, iq.dequantize_iq4_xs, (0,), "used", compiled=f"{_IQ4_JIT}:quantize_iq4_xs"),
     "MOSTLY_IQ4_XS", "IQ4_NL's grid in 256-weight super-blocks, 6-bit scales per 32",
-    fallback="IQ4_NL", lossy_bound=(0.1, 0.75)))
+    fallback="IQ4_NL", lossy_bound=(0.1, 0.75), min_sqnr_db=14.0))

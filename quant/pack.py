@@ -16,6 +16,8 @@ supported, where the library's dense cross-word packing reduces to this simple f
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -74,11 +76,31 @@ def pack_int32(q: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
     return (out.T if packed_dim == 0 else out).contiguous()
 
 
+def unpack_unsigned(w: Tensor, bits: int, n: int) -> Tensor | None:
+    """The unsigned codes ``[rows, n]`` uint8 of int32 words ``[rows, words]`` packed along rows, for 4 and 8 bits,
+    through the words' little-endian bytes (no int64 temporaries): byte ``j`` of a row holds elements ``2j`` (low
+    nibble) and ``2j + 1`` (4 bits), or element ``j`` (8 bits). None where that does not apply."""
+    if bits not in (4, 8) or sys.byteorder != "little" or w.shape[1] != _words_per_dim(n, bits):
+        return None
+    b = w.contiguous().view(torch.uint8)                            # [rows, 4·words]
+    if bits == 4:
+        b = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(w.shape[0], -1)
+    return b[:, :n]
+
+
+def _unpack_bytes(w: Tensor, bits: int, n: int) -> Tensor:
+    u = unpack_unsigned(w, bits, n)
+    assert u is not None
+    return (u.view(torch.int8) ^ -128).view(torch.int8) if bits == 8 else u.view(torch.int8) - (1 << (bits - 1))
+
+
 def unpack_int32(packed: Tensor, bits: int, n: int, packed_dim: int = 1) -> Tensor:
     """int32 words → 2-D signed int8 codes with ``n`` entries along ``packed_dim``."""
     w = packed.T if packed_dim == 0 else packed                     # [rows, words]
     if w.shape[1] != _words_per_dim(n, bits):
         raise ValueError(f"{w.shape[1]} int32 words cannot hold {n} {bits}-bit values")
+    if bits in (4, 8) and packed_dim == 1 and sys.byteorder == "little":
+        return _unpack_bytes(w, bits, n)
     u32 = w.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(32 // bits, dtype=torch.int64) * bits     # [per]
     x = (u32[..., None] >> shifts) & ((1 << bits) - 1)              # [rows, words, per]

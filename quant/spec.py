@@ -15,7 +15,7 @@ from gemma2_convert.core.errors import TensorMismatchError, UnsupportedError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, 256)
-METHODS = ("rtn", "mse", "hqq", "gptq")
+METHODS = ("rtn", "mse", "hqq", "gptq", "autoround")
 """The registered methods' names (``quant.methods.QUANTIZERS``, which imports this module, so it cannot be read
 from here; tests/test_quant_methods.py holds the two equal)."""
 
@@ -44,7 +44,7 @@ class QuantSpec:
     symmetric: bool = True
     """True: zero = 0 and only a scale is stored; False: an integer zero-point per group too."""
     method: str = "rtn"
-    """How codes and qparams are chosen: 'rtn', 'mse', 'hqq' or 'gptq' (``quant/methods``)."""
+    """How codes and qparams are chosen: 'rtn', 'mse', 'hqq', 'gptq' or 'autoround' (``quant/methods``)."""
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.cache import HybridCache
-from reference.model import Gemma2ForCausalLM, Gemma2Model
+from reference.model import Gemma2ForCausalLM, Gemma2Model, Rows
 from reference.outputs import ClassifierOutput, finish
 
 
@@ -45,9 +45,12 @@ class _ClassifierBase(Gemma2Model):
                 output_hidden_states: bool, cache_position: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
         out = self.decode(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                           output_attentions, output_hidden_states, cache_position)
+        return out, self._score(out.last_hidden_state)
+
+    def _score(self, h: torch.Tensor) -> torch.Tensor:
+        """The linear head on final-normed hidden states [B, T, H] → [B, T, num_labels], activation dtype."""
         bias = self.weights.get("score.bias") if "score.bias" in self.weights.tensors else None
-        scores = F.linear(out.last_hidden_state, self.weights.get("score.weight"), bias)
-        return out, scores  # [B, T, num_labels] in the activation dtype
+        return F.linear(h, self.weights.get("score.weight"), bias)
 
 
 class Gemma2ForSequenceClassification(_ClassifierBase):
@@ -73,6 +76,13 @@ class Gemma2ForSequenceClassification(_ClassifierBase):
     def verify_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self(ids), None  # [1, num_labels]
 
+    def head_rows(self, hs: list[torch.Tensor], prompts: list[torch.Tensor]) -> list[Rows]:
+        out = []
+        for h, ids in zip(hs, prompts):
+            scores = self._score(h)  # [1, T, C]
+            out.append((scores[torch.arange(1), last_token_index(ids, self.config.pad_token_id, 1)].float(), None))
+        return out
+
 
 class Gemma2ForTokenClassification(_ClassifierBase):
     """One label vector per token."""
@@ -93,6 +103,9 @@ class Gemma2ForTokenClassification(_ClassifierBase):
         rec = ClassifierOutput(loss, scores.float(), out.past_key_values, out.hidden_states, out.attentions)
         extras = labels is not None or output_attentions or output_hidden_states or bool(use_cache)
         return finish(rec, rec.logits, return_dict, extras)
+
+    def head_rows(self, hs: list[torch.Tensor], prompts: list[torch.Tensor]) -> list[Rows]:
+        return [(self._score(h).float()[0], None) for h in hs]
 
 
 CLASSES: dict[str, type[Gemma2Model]] = {

@@ -13,7 +13,8 @@ gives a transformers-style record; ``return_dict=False`` gives its tuple.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,11 +24,48 @@ from gemma2_convert.core.lazy import LazyTensor
 from reference.cache import FullLayerCache, HybridCache, SlidingLayerCache
 from reference.config import Gemma2Config
 from reference.generate import generate
-from reference.layers import apply_rope, attention_bias, repeat_kv, rms_norm, rope_cos_sin, softcap
+from reference.layers import (
+    apply_rope,
+    attention_bias,
+    repeat_kv,
+    rms_norm,
+    rope_cos_sin,
+    softcap,
+)
+from reference.lora import LowRank, merge_all
 from reference.outputs import BaseModelOutput, CausalLMOutput, finish
 from reference.weights import WeightStore
 
 HEAD_CHUNK_ROWS = 32768  # vocabulary rows of the output head cast at a time when streaming
+LayerCache = FullLayerCache | SlidingLayerCache
+Rows = tuple[torch.Tensor, torch.Tensor | None]  # outputs [P, C] and their targets [P] (or None)
+
+
+@dataclass
+class Stream:
+    """One sequence's state through the decoder stack. ``run_layer`` advances several at once, fetching each
+    weight once for all of them (verification runs every prompt of both models layer by layer this way)."""
+
+    h: torch.Tensor  # [B, T, H] hidden states entering the next layer
+    cos: torch.Tensor  # [B, 1, T, D]
+    sin: torch.Tensor  # [B, 1, T, D]
+    q_idx: torch.Tensor  # [T] cache index of each new token
+    attention_mask: torch.Tensor | None = None  # [B, past + T], 1 = real token
+    caches: Sequence[LayerCache] | dict[int, LayerCache] | None = None  # by layer index
+    attns: list | None = None  # attention probabilities, appended per layer when asked
+    masks: dict = field(default_factory=dict)  # window → (key indices [S], additive mask), for later layers
+
+    def mask(self, k_idx: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """``attention_bias`` for these keys, computed once per attention type and reused by the later layers
+        (every layer of a type sees the same key indices)."""
+        hit = self.masks.get(window)
+        same = hit is not None and hit[1].dtype == dtype and hit[0].shape == k_idx.shape
+        if same and torch.equal(hit[0], k_idx):
+            return hit[1]
+        key_valid = self.attention_mask[:, k_idx] if self.attention_mask is not None else None  # [B, S]
+        bias = attention_bias(self.q_idx, k_idx, key_valid, window, dtype)  # [B|1, 1, T, S]
+        self.masks[window] = (k_idx, bias)
+        return bias
 
 
 class Gemma2Model:
@@ -42,6 +80,9 @@ class Gemma2Model:
         """Called with (weight name, input activations [B, T, in]) before each decoder matmul (calibration)."""
         self.on_layer: Callable[[int], None] | None = None
         """Called with the layer index after each decoder layer (progress of long forwards)."""
+        self.adapters: dict[str, tuple[LowRank, ...]] = {}
+        """Weight name → low-rank updates run unmerged on top of it (``reference.lora``; the output head's
+        updates are under ``lm_head.weight`` even when the head is the tied embedding)."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -89,19 +130,17 @@ class Gemma2Model:
         if position_ids is None:
             position_ids = _positions(attention_mask, q_idx, B)
         cos, sin = rope_cos_sin(position_ids, c, self.dtype)
-        if inputs_embeds is None:
-            normalizer = torch.tensor(math.sqrt(c.hidden_size), dtype=torch.float32).to(self.dtype)  # §4.7.1
-            h = w.embed(input_ids) * normalizer  # [B, T, H]
-        else:
-            h = inputs_embeds.to(self.dtype)  # used as given, like transformers 5 (the scale is in embed_tokens)
-        hidden, attns = ([h] if output_hidden_states else None), ([] if output_attentions else None)
+        h = self._embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)  # [B, T, H]
+        attns = [] if output_attentions else None
+        s = Stream(h, cos, sin, q_idx, attention_mask, cache.layers if cache is not None else None, attns)
+        hidden = [h] if output_hidden_states else None
         for i in range(c.num_hidden_layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            h = self._layer(i, h, cos, sin, q_idx, attention_mask, layer_cache, attns)
+            self.run_layer(i, [s])
             if self.on_layer is not None:
                 self.on_layer(i)
             if hidden is not None:
-                hidden.append(h)
+                hidden.append(s.h)
+        h = s.h
         if cache is not None:
             cache.seen = max(cache.seen, int(q_idx[-1]) + 1)
         h = rms_norm(h, w.get("model.norm.weight"), c.rms_norm_eps)
@@ -109,55 +148,100 @@ class Gemma2Model:
             hidden[-1] = h  # transformers reports the final-normed state last
         return BaseModelOutput(h, cache, tuple(hidden) if hidden else None, tuple(attns) if attns else None)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """§4.7.1: embedding rows [B, T, H] times sqrt(H) rounded to the activation dtype
+        (``inputs_embeds`` are used as given, like transformers 5: the scale is in embed_tokens)."""
+        normalizer = torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(self.dtype)
+        rows = self.weights.embed(ids)  # [B, T, H]
+        for u in self.adapters.get("model.embed_tokens.weight", ()):
+            rows = u.lookup(ids, rows)
+        return rows * normalizer
+
+    def start(self, ids: torch.Tensor) -> Stream:
+        """A stream for prompt ids [B, T] without padding or cache, ready for ``run_layer(0, ...)``."""
+        q_idx = torch.arange(ids.shape[1])  # [T]
+        cos, sin = rope_cos_sin(q_idx[None].expand(ids.shape[0], -1), self.config, self.dtype)
+        return Stream(self._embed(ids), cos, sin, q_idx)
+
     def _layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_idx: torch.Tensor,
-               attention_mask: torch.Tensor | None, layer_cache: FullLayerCache | SlidingLayerCache | None,
+               attention_mask: torch.Tensor | None, layer_cache: LayerCache | None,
                attns: list | None) -> torch.Tensor:
-        """§4.7.3: sandwich-normed attention block then sandwich-normed GeGLU block."""
-        c, p = self.config, f"model.layers.{i}."
-        get, lin = self.weights.get, self._linear
-        a = rms_norm(h, get(p + "input_layernorm.weight"), c.rms_norm_eps)
-        a = self._attention(i, a, cos, sin, q_idx, attention_mask, layer_cache, attns)
-        h = h + rms_norm(a, get(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
-        m = rms_norm(h, get(p + "pre_feedforward_layernorm.weight"), c.rms_norm_eps)
-        m = lin(F.gelu(lin(m, p + "mlp.gate_proj.weight"), approximate="tanh")
-                * lin(m, p + "mlp.up_proj.weight"), p + "mlp.down_proj.weight")  # §4.7.4
-        return h + rms_norm(m, get(p + "post_feedforward_layernorm.weight"), c.rms_norm_eps)
+        """Layer ``i`` on one sequence (``run_layer`` with a single stream)."""
+        caches = {i: layer_cache} if layer_cache is not None else None
+        s = Stream(h, cos, sin, q_idx, attention_mask, caches, attns)
+        self.run_layer(i, [s])
+        return s.h
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``x @ W[name]^T``, reporting the input to ``observer`` when one is set."""
+    def run_layer(self, i: int, streams: list[Stream]) -> None:
+        """§4.7.3 on every stream: sandwich-normed attention block then sandwich-normed GeGLU block (§4.7.4).
+        Each weight is fetched once for all streams; each stream's arithmetic is that of a lone forward."""
+        c, p, get, lin = self.config, f"model.layers.{i}.", self.weights.get, self._linear_all
+        eps = c.rms_norm_eps
+        w = get(p + "input_layernorm.weight")
+        attn = self._attention_all(i, [rms_norm(s.h, w, eps) for s in streams], streams)
+        w = get(p + "post_attention_layernorm.weight")
+        for s, a in zip(streams, attn):
+            s.h = s.h + rms_norm(a, w, eps)
+        w = get(p + "pre_feedforward_layernorm.weight")
+        m = [rms_norm(s.h, w, eps) for s in streams]
+        g = [F.gelu(x, approximate="tanh") for x in lin(m, p + "mlp.gate_proj.weight")]  # [B, T, I] each
+        g = [x * y for x, y in zip(g, lin(m, p + "mlp.up_proj.weight"))]
+        out = lin(g, p + "mlp.down_proj.weight")
+        w = get(p + "post_feedforward_layernorm.weight")
+        for s, x in zip(streams, out):
+            s.h = s.h + rms_norm(x, w, eps)
+
+    def _linear_all(self, xs: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """``x @ W[name]^T`` for each x, the weight fetched once; inputs go to ``observer`` when one is set."""
         if self.observer is not None:
-            self.observer(name, x)
-        return F.linear(x, self.weights.get(name))
+            for x in xs:
+                self.observer(name, x)
+        w = self.weights.get(name)
+        updates = self.adapters.get(name, ())
+        return [adapted_linear(x, w, F.linear(x, w), updates) for x in xs]
 
-    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_idx: torch.Tensor,
-                   attention_mask: torch.Tensor | None, layer_cache: FullLayerCache | SlidingLayerCache | None,
-                   attns: list | None) -> torch.Tensor:
-        """§4.7.6: GQA attention with query_pre_attn_scalar scaling and softcap before the mask."""
-        c, p, lin = self.config, f"model.layers.{i}.self_attn.", self._linear
-        B, T, _ = x.shape
+    def _attention_all(self, i: int, xs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor]:
+        """§4.7.6 on each stream; the projections fetch their weights once."""
+        p, lin = f"model.layers.{i}.self_attn.", self._linear_all
+        q, k, v = lin(xs, p + "q_proj.weight"), lin(xs, p + "k_proj.weight"), lin(xs, p + "v_proj.weight")
+        out = [self._attend(i, *qkv, s) for *qkv, s in zip(q, k, v, streams)]
+        return lin(out, p + "o_proj.weight")  # [B, T, H] each
+
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Stream) -> torch.Tensor:
+        """GQA attention of one stream's projections [B, T, N·D | K·D] with query_pre_attn_scalar scaling and
+        softcap before the mask → [B, T, N·D]."""
+        c = self.config
+        B, T, _ = q.shape
         N, K, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = lin(x, p + "q_proj.weight").view(B, T, N, D).transpose(1, 2)  # [B, N, T, D]
-        k = lin(x, p + "k_proj.weight").view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        v = lin(x, p + "v_proj.weight").view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_idx = q_idx
-        if layer_cache is not None:
-            k, v, k_idx = layer_cache.update(k, v, q_idx)  # [B, K, S, D], [S]
-        key_valid = attention_mask[:, k_idx] if attention_mask is not None else None  # [B, S]
+        q = q.view(B, T, N, D).transpose(1, 2)  # [B, N, T, D]
+        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = apply_rope(q, s.cos, s.sin), apply_rope(k, s.cos, s.sin)
+        k_idx = s.q_idx
+        if s.caches is not None:
+            k, v, k_idx = s.caches[i].update(k, v, s.q_idx)  # [B, K, S, D], [S]
         window = c.sliding_window if c.is_sliding(i) else None
         scores = torch.matmul(q, repeat_kv(k, N // K).transpose(2, 3)) * c.query_pre_attn_scalar ** -0.5
         scores = softcap(scores, c.attn_logit_softcapping)  # [B, N, T, S]
-        scores = scores + attention_bias(q_idx, k_idx, key_valid, window, scores.dtype)
+        scores = scores + s.mask(k_idx, window, scores.dtype)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        if attns is not None:
-            attns.append(probs)
+        if s.attns is not None:
+            s.attns.append(probs)
         out = torch.matmul(probs, repeat_kv(v, N // K))  # [B, N, T, D]
-        out = out.transpose(1, 2).reshape(B, T, N * D)  # [B, T, N·D]
-        return lin(out, p + "o_proj.weight")  # [B, T, H]
+        return out.transpose(1, 2).reshape(B, T, N * D)  # [B, T, N·D]
 
     def verify_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What verification compares for one prompt [1, T]: rows of outputs [P, C], and targets or None."""
         return self(ids)[0], None
+
+    def finish_streams(self, streams: list[Stream], prompts: list[torch.Tensor]) -> list[Rows]:
+        """``verify_outputs`` of each prompt whose stream has run every layer (final norm, then the head)."""
+        w = self.weights.get("model.norm.weight")
+        return self.head_rows([rms_norm(s.h, w, self.config.rms_norm_eps) for s in streams], prompts)
+
+    def head_rows(self, hs: list[torch.Tensor], prompts: list[torch.Tensor]) -> list[Rows]:
+        """``verify_outputs`` from final-normed hidden states [1, T, H] of each prompt: the hidden states."""
+        return [(h[0], None) for h in hs]
 
 
 class Gemma2ForCausalLM(Gemma2Model):
@@ -186,17 +270,40 @@ class Gemma2ForCausalLM(Gemma2Model):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head and final softcap (§4.7.8) in the activation dtype, returned as float32."""
+        return self.logits_all([h])[0]
+
+    def logits_all(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``logits`` of each h, every chunk of the head's rows fetched once for all of them."""
         w = self.weights
-        chunks = [F.linear(h, rows) for _, rows in w.row_chunks(w.output_head(), HEAD_CHUNK_ROWS)]
-        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)  # [B, T, V]
-        return softcap(logits, self.config.final_logit_softcapping).float()
+        chunks: list[list[torch.Tensor]] = [[] for _ in hs]
+        for _, rows in w.row_chunks(w.output_head(), HEAD_CHUNK_ROWS):
+            for out, h in zip(chunks, hs):
+                out.append(F.linear(h, rows))
+        whole = [c[0] if len(c) == 1 else torch.cat(c, dim=-1) for c in chunks]  # [B, T, V] each
+        updates = self.adapters.get("lm_head.weight", ())  # an adapter's head update, run unmerged
+        if updates:
+            head = w.get(w.output_head())
+            whole = [adapted_linear(h, head, x, updates) for h, x in zip(hs, whole)]
+        return [softcap(x, self.config.final_logit_softcapping).float() for x in whole]
 
     def verify_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self(ids)[0, :-1], ids[0, 1:]  # next-token predictions and their targets
 
+    def head_rows(self, hs: list[torch.Tensor], prompts: list[torch.Tensor]) -> list[Rows]:
+        return [(x[0, :-1], ids[0, 1:]) for x, ids in zip(self.logits_all(hs), prompts)]
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Greedy or sampled continuation with the hybrid KV cache; see :func:`reference.generate.generate`."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def adapted_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                   updates: tuple[LowRank, ...]) -> torch.Tensor:
+    """``out = x @ wᵀ`` [..., out] with each low-rank update applied in turn, unmerged (DoRA's norm is taken of the
+    weight merged so far)."""
+    for i, u in enumerate(updates):
+        out = u.linear(x, w if i == 0 else merge_all(w, updates[:i]), out)
+    return out
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -62,13 +62,27 @@ class WeightStore:
         self.dtype = dtype
         self.resident = resident
         self._cache: dict[str, torch.Tensor] = {}
+        self._held: dict[str, torch.Tensor] = {}
+
+    def hold(self, loaded: Mapping[str, torch.Tensor]) -> None:
+        """Use these already-loaded tensors (as ``LazyTensor.load`` returns them) instead of loading again,
+        until ``release``: a caller that has just read a layer (to compare it) runs it from the same read."""
+        self._held.update(loaded)
+
+    def release(self) -> None:
+        """Forget what ``hold`` gave."""
+        self._held.clear()
+
+    def _load(self, name: str) -> torch.Tensor:
+        held = self._held.get(name)
+        return held if held is not None else self.tensors[name].load()
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor in the compute dtype."""
         if name in self._cache:
             return self._cache[name]
         lt = self.tensors[name]
-        t = lt.load().to(self.dtype).contiguous()  # a strided view would change GEMM rounding
+        t = self._load(name).to(self.dtype).contiguous()  # a strided view would change GEMM rounding
         if self.resident and not lt.packed:
             self._cache[name] = t
         return t
@@ -88,7 +102,7 @@ class WeightStore:
         name = "model.embed_tokens.weight"
         if self.resident or name in self._cache:
             return torch.nn.functional.embedding(ids, self.get(name))
-        raw = self.tensors[name].load()
+        raw = self._load(name)
         return torch.nn.functional.embedding(ids, raw).to(self.dtype)
 
     def row_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -96,6 +110,6 @@ class WeightStore:
         if self.resident or name in self._cache:
             yield 0, self.get(name)
             return
-        raw = self.tensors[name].load()
+        raw = self._load(name)
         for start in range(0, raw.shape[0], rows):
             yield start, raw[start:start + rows].to(self.dtype).contiguous()

@@ -47,6 +47,27 @@ def test_bench_all_tiny_writes_every_section_and_cleans_up(tmp_path):
         assert (tmp_path / "benchmarks.png").stat().st_size > 10_000
 
 
+def test_bench_imatrix_tiny(tmp_path):
+    """Ours and llama-imatrix on the same tiny model and text: a report row each, and the same statistics."""
+    p = _bench("imatrix", "--size", "tiny", "--runs", "1", "--quick", tmp=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    data = report.read_data(tmp_path / "BENCH.md")["imatrix"]
+    assert len(data["cases"]) == 2 and not data["llama_missing"] and data["worst_cosine"][0] >= 0.999
+    assert list((tmp_path / "scratch").iterdir()) == [], "scratch files left behind"
+
+
+def test_bench_verify_tiny(tmp_path):
+    """verify against its floor: both compute modes pass, with a read time, a matmul rate and a ratio each."""
+    p = _bench("verify", "--sizes", "tiny", "--tokens", "8", tmp=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    row = report.read_data(tmp_path / "BENCH.md")["verify"]["rows"][0]
+    for mode in ("exact", "fast"):
+        v = row[mode]
+        assert v["passed"] and v["read_s"] > 0 and v["gflop_s"] > 0 and v["ratio"] == v["wall_s"] / v["floor_s"]
+    assert "| verify ≤ 1.5× its floor (TINY, exact) |" in (tmp_path / "BENCH.md").read_text(encoding="utf-8")
+    assert list((tmp_path / "scratch").iterdir()) == [], "scratch files left behind"
+
+
 def test_streamed_ckpt_equals_torch_save(tmp_path):
     """synth.write_orig_ckpt writes, record by record, what torch.save of the same state dict holds."""
     from gemma2_convert.formats.synthetic import random_tensors

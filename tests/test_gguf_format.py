@@ -50,9 +50,10 @@ def test_name_table_is_a_bijection(preset):
     names = [gguf_name(n) for n in expected_shapes(cfg)]
     assert len(set(names)) == len(names) == 2 + 11 * cfg.num_hidden_layers
     assert [hf_name(n) for n in names] == list(expected_shapes(cfg))
-    assert len(GGUF_TO_HF) == 13
+    assert len(GGUF_TO_HF) == 14
+    assert gguf_name("lm_head.weight") == "output.weight"  # an untied head (a merged adapter) only
     with pytest.raises(Exception, match="no Gemma 2 counterpart"):
-        gguf_name("lm_head.weight")
+        gguf_name("model.lm_head.weight")
 
 
 def test_norm_plus_one_and_residual_are_exact():

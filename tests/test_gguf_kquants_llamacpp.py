@@ -163,7 +163,7 @@ def test_bytes_match_llama_quantize(qtype: str, f32_model, tmp_path):
     _compare(dst, data, qtype, None)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_imatrix_bytes_match_llama_quantize(qtype: str, f32_model, tmp_path):
     src, data = f32_model
     rng = np.random.default_rng(1)  # mean squared activations: positive, spread over two decades

@@ -327,16 +327,13 @@ def test_imatrix_rules():
     a = torch.from_numpy(_data("randn", (4, 512), seed=10))
     qw = torch.rand(512, generator=torch.Generator().manual_seed(0)) + 0.1
     assert torch.equal(quantize_tensor(a, "Q8_0", qw), quantize_tensor(a, "Q8_0"))  # llama.cpp ignores it too
-    for qtype in (*KQUANTS, "Q4_0", "Q4_1"):
+    for qtype in (*KQUANTS, "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         with_qw = quantize_tensor(a, qtype, qw)
         assert not torch.equal(with_qw, quantize_tensor(a, qtype)), qtype
         # uniform importance is not the reference path (different weights and scale search), but as good
         err = float((dequantize_tensor(with_qw, qtype, a.shape) - a).pow(2).mean().sqrt())
         ref = float((dequantize_tensor(quantize_tensor(a, qtype), qtype, a.shape) - a).pow(2).mean().sqrt())
         assert err < 1.1 * ref, (qtype, err, ref)
-    with pytest.raises(UnsupportedError,
-                       match=r"to Q5_0 is not implemented; it is for IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
-        quantize_tensor(a, "Q5_0", qw)
     with pytest.raises(ConversionError, match=r"importance matrix has 256 entries for rows of 512 columns"):
         quantize_tensor(a, "Q4_K", qw[:256])
 

@@ -182,8 +182,9 @@ def test_verify_reports_progress_per_tensor_and_per_layer(tmp_path):
             layers.append((done, total))
 
     rep = verify(ca, open_checkpoint(tmp_path / "hf"), n_tokens=16, progress=Recorder())
-    assert rep.passed and sum(tensors) == ca.nbytes and len(tensors) == len(sd)
-    total = 2 * rep.tokens // 15 * cfg.num_hidden_layers  # two models, every prompt (15 predictions each)
+    assert rep.passed and rep.tensors_total == len(sd) and tensors == []
+    # lockstep: one step per decoder layer (its tensors compared, both models run on every prompt), then the head
+    total = cfg.num_hidden_layers + 1
     assert layers == [(i, total) for i in range(1, total + 1)]
 
 

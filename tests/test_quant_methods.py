@@ -53,10 +53,10 @@ def roundtrip(w: torch.Tensor, spec: QuantSpec, **kw) -> torch.Tensor:
 
 
 def test_registry() -> None:
-    assert sorted(QUANTIZERS) == ["gptq", "hqq", "mse", "rtn"]
+    assert sorted(QUANTIZERS) == ["autoround", "gptq", "hqq", "mse", "rtn"]
     with pytest.raises(ValueError, match="quantizer 'rtn' is already registered"):
         register_quantizer("rtn")(lambda *a, **k: None)
-    valid = r"\['gptq', 'hqq', 'mse', 'rtn'\]"
+    valid = r"\['autoround', 'gptq', 'hqq', 'mse', 'rtn'\]"
     with pytest.raises(UnsupportedError, match=rf"unknown quantization method 'awq'; valid: {valid}"):
         get_quantizer("awq")
     with pytest.raises(GroupShapeError, match=r"layer\.weight: shape \[4, 96\]"):

@@ -58,9 +58,9 @@ def test_streaming_forward_never_casts_the_whole_embedding(weights, monkeypatch)
 
 
 def test_tensor_diff_in_row_blocks_matches_whole_tensor_metrics(monkeypatch):
-    import gemma2_convert.pipeline.verify as verify_mod
+    import gemma2_convert.pipeline.compare as compare_mod
 
-    monkeypatch.setattr(verify_mod, "COMPARE_ELEMENTS", 100)  # many blocks of 3 rows
+    monkeypatch.setattr(compare_mod, "COMPARE_ELEMENTS", 100)  # many blocks of 3 rows
     g = torch.Generator().manual_seed(1)
     x = torch.randn(50, 33, generator=g)
     assert tensor_diff("w", x, x.to(torch.bfloat16)).equal

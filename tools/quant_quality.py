@@ -1,17 +1,21 @@
 """Measure quantization quality on the trained fixture and write docs/QUANTIZATION.md.
 
-    python tools/quant_quality.py [--out docs/QUANTIZATION.md]
+    python tools/quant_quality.py [--out docs/QUANTIZATION.md] [--only imatrix]
 
 Every method × scheme × group size of ``gemma2-quantize`` on tests/fixtures/gemma2-tiny-trained, scored on
 tests/fixtures/eval.txt: compressed-tensors outputs by the reference (fp32 compute, KL against the unquantized
 model), GGUF outputs in llama.cpp (KL against llama.cpp on the F32 GGUF of the same model), next to llama.cpp's
-own quantizer. bpw counts every byte of the output's weights over every parameter of the model.
+own quantizer. bpw counts every byte of the output's weights over every parameter of the model. The imatrix
+section compares, per GGUF type, no importance matrix, llama-imatrix's and ours (``gemma2-convert imatrix``) on the
+same calibration text, each file written by ``to-gguf --imatrix``; ``--only imatrix`` recomputes that section
+alone and replaces it in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from gemma2_convert.formats import open_checkpoint  # noqa: E402
 from gemma2_convert.pipeline.gguf import to_gguf  # noqa: E402
+from gemma2_convert.pipeline.imatrix import make_imatrix  # noqa: E402
 from gemma2_convert.pipeline.llama_runner import llama_cpp_logits, llama_quantize  # noqa: E402
 from gemma2_convert.pipeline.quality import eval_prompts  # noqa: E402
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
@@ -33,6 +38,12 @@ from quant.metrics import kl_divergence, perplexity, top1_agreement  # noqa: E40
 FIX = ROOT / "tests" / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
 METHODS = ("rtn", "mse", "hqq", "gptq")
+IMATRIX_TYPES = (("Q4_0 (pure)", "q4_0"), ("IQ4_NL (pure)", "iq4_nl"), ("IQ4_XS", "iq4_xs_mix"),
+                 ("Q4_K_M", "q4_k_m"), ("Q3_K_M", "q3_k_m"), ("Q3_K_S", "q3_k_s"), ("Q2_K", "q2_k"))
+"""(label, --type) of the imatrix table: llama-quantize's types (its mixes; pure: every matrix in that type)."""
+IMATRIX_CHUNK = 256
+"""Tokens per imatrix chunk, for both tools: the fixture's context length."""
+IMATRIX_BEGIN, IMATRIX_END = "<!-- imatrix -->", "<!-- /imatrix -->"
 
 
 def weight_bytes(path: Path) -> int:
@@ -83,6 +94,68 @@ def gguf_rows(work: Path, n_params: int, prompts: list[list[int]]) -> tuple[list
     return rows, perplexity(torch.cat([x[:-1] for x in llama_cpp_logits(f32, prompts)]), targets)
 
 
+def llama_tools() -> Path:
+    """Where tools/build_llama_tools.sh puts llama-imatrix for the installed llama-cpp-python."""
+    import llama_cpp
+
+    return Path.home() / ".cache" / "gemma2-convert" / "llama-tools" / llama_cpp.__version__ / "bin"
+
+
+def imatrix_rows(work: Path, n_params: int, prompts: list[list[int]], tools: Path) -> list[tuple]:
+    """Per type: (label, bpw, then mean KL, top-1 and perplexity with no imatrix, llama-imatrix's and ours)."""
+    f32 = work / "im-f32.gguf"
+    to_gguf(MODEL, f32, type_name="f32", force=True)
+    base = torch.cat(llama_cpp_logits(f32, prompts))
+    targets = torch.cat([torch.tensor(p[1:]) for p in prompts])
+    theirs, ours = work / "llama.imatrix.gguf", work / "ours.imatrix.gguf"
+    t0 = time.perf_counter()
+    subprocess.run([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(CAL), "-o", str(theirs), "-c",
+                    str(IMATRIX_CHUNK), "-t", "2"], check=True, capture_output=True)
+    t1 = time.perf_counter()
+    make_imatrix(MODEL, CAL, ours, chunk_size=IMATRIX_CHUNK, force=True)
+    print(f"imatrix: llama-imatrix {t1 - t0:.0f} s, ours {time.perf_counter() - t1:.0f} s", flush=True)
+    rows = []
+    for label, key in IMATRIX_TYPES:
+        row: list = [label]
+        for name, im in (("none", None), ("llama", theirs), ("ours", ours)):
+            out = to_gguf(MODEL, work / f"im-{key}-{name}.gguf", type_name=key, imatrix=im, verify=False,
+                          force=True).output
+            logits = llama_cpp_logits(out, prompts)
+            lg = torch.cat(logits)
+            if name == "none":
+                row.append(8 * out.stat().st_size / n_params)
+            row += [kl_divergence(base, lg), top1_agreement(base, lg),
+                    perplexity(torch.cat([x[:-1] for x in logits]), targets)]
+        rows.append(tuple(row))
+        print(f"imatrix: {label} done", flush=True)
+    return rows
+
+
+def render_imatrix(rows: list[tuple], tokens: int) -> str:
+    lines = [IMATRIX_BEGIN, "## GGUF with an importance matrix: ours against llama-imatrix's, scored in llama.cpp",
+             "",
+             "Both importance matrices over tests/fixtures/calibration.txt in chunks of "
+             f"{IMATRIX_CHUNK} tokens: `llama-imatrix -c {IMATRIX_CHUNK}` on the F32 GGUF, and `gemma2-convert "
+             f"imatrix --chunk-size {IMATRIX_CHUNK}` on the model. Every file is `to-gguf --type T --imatrix FILE` "
+             "(the same bytes as `llama-quantize --imatrix FILE`, tests/test_gguf_imatrix_use.py), so the only "
+             f"difference within a row is the imatrix. Mean KL and top-1 against llama.cpp on the F32 GGUF over "
+             f"tests/fixtures/eval.txt ({tokens} tokens); perplexity of the same windows.", "",
+             "| type | bpw | KL, no imatrix | KL, llama-imatrix | KL, ours | ours ÷ llama-imatrix | top-1 (none / "
+             "llama / ours) | perplexity (none / llama / ours) |", "|---|---|---|---|---|---|---|---|"]
+    for label, bpw, kn, tn, pn, kl, tl, pl, ko, to, po in rows:
+        lines.append(f"| {label} | {bpw:.2f} | {kn:.2e} | {kl:.2e} | {ko:.2e} | {ko / kl:.3f} | "
+                     f"{tn:.1%} / {tl:.1%} / {to:.1%} | {pn:.3f} / {pl:.3f} / {po:.3f} |")
+    return "\n".join([*lines, "", IMATRIX_END])
+
+
+def replace_imatrix(doc: str, section: str) -> str:
+    """``doc`` with its imatrix section replaced by ``section`` (appended when it has none)."""
+    if IMATRIX_BEGIN in doc and IMATRIX_END in doc:
+        head, rest = doc.split(IMATRIX_BEGIN, 1)
+        return head + section + rest.split(IMATRIX_END, 1)[1]
+    return doc.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def render(hf: list[tuple], gg: list[tuple], ppl_f32: float, src_ppl: float, n_params: int, tokens: int) -> str:
     import llama_cpp
     import transformers
@@ -118,18 +191,29 @@ def render(hf: list[tuple], gg: list[tuple], ppl_f32: float, src_ppl: float, n_p
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "QUANTIZATION.md")
+    ap.add_argument("--only", choices=["all", "imatrix"], default="all",
+                    help="imatrix: recompute the imatrix section alone and replace it in --out")
+    ap.add_argument("--llama-tools", type=Path, default=None,
+                    help="directory of llama-imatrix (default: where tools/build_llama_tools.sh puts it)")
     args = ap.parse_args(argv)
     src = open_checkpoint(MODEL)
     n_params = sum(t.numel for t in src.tensors.values())
     prompts = [p[0].tolist() for p in eval_prompts(src, EVAL.read_text(), 256, max_seqs=64)]
+    tokens = sum(len(p) - 1 for p in prompts)
     with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
         work = Path(tmp)
+        section = render_imatrix(imatrix_rows(work, n_params, prompts, args.llama_tools or llama_tools()), tokens)
+        if args.only == "imatrix":
+            args.out.write_text(replace_imatrix(args.out.read_text(), section))
+            print(f"wrote the imatrix section of {args.out}")
+            return 0
         hf = hf_rows(work, n_params)
         gg, ppl_f32 = gguf_rows(work, n_params, prompts)
     from gemma2_convert.pipeline.quality import quality_report
 
     src_ppl = quality_report(src, src, EVAL.read_text())["ppl_a"]
-    args.out.write_text(render(hf, gg, ppl_f32, src_ppl, n_params, sum(len(p) - 1 for p in prompts)))
+    doc = render(hf, gg, ppl_f32, src_ppl, n_params, tokens)
+    args.out.write_text(replace_imatrix(doc, section))
     print(f"wrote {args.out}")
     return 0
 

@@ -80,7 +80,10 @@ class PhaseColumn(ProgressColumn):
             total = f"/{task.total:.0f}" if known else ""
             return Text(f"{task.completed:.0f}{total} {unit}", style="progress.download")
         if self.part == "speed":
-            return self.speed.render(task) if unit == "bytes" and task.speed is not None else Text("")
+            if task.speed is None:
+                return Text("")
+            return self.speed.render(task) if unit == "bytes" else Text(f"{task.speed:,.0f} {unit}/s",
+                                                                        style="progress.data.speed")
         return self.eta.render(task) if known else Text("")
 
 

@@ -14,7 +14,9 @@ from gemma2_convert.cli import (
     demo,
     formats,
     gguf_to_hf,
+    imatrix,
     inspect,
+    lora_to_gguf,
     orig_to_gguf,
     orig_to_hf,
     orig_to_safetensors,
@@ -48,6 +50,8 @@ cli.add_command(gguf_to_hf.gguf_to_hf)
 cli.add_command(inspect.inspect)
 cli.add_command(convert.convert)
 cli.add_command(formats.formats)
+cli.add_command(imatrix.imatrix)
+cli.add_command(lora_to_gguf.lora_to_gguf)
 
 
 def main() -> None:

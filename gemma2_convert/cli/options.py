@@ -103,9 +103,18 @@ def split_options(fn: F) -> F:
     ])
 
 
+def imatrix_option(fn: F) -> F:
+    """--imatrix: an importance matrix for the quantized GGUF types, used as llama-quantize uses it."""
+    return click.option(
+        "--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, metavar="FILE",
+        help="Importance matrix (imatrix.gguf or legacy .dat, from `gemma2-convert imatrix` or llama-imatrix) "
+             "that the quantized types weight their rounding with, exactly as llama-quantize --imatrix does "
+             "(Q8_0 and float types ignore it); recorded in the metadata as quantize.imatrix.*.")(fn)
+
+
 def gguf_options(fn: F) -> F:
-    """--type, --tokenizer, --verify/--no-verify, --threads, --split-max-size, --split-max-tensors, --force, --json,
-    --allow-nonfinite, --quiet."""
+    """--type, --tokenizer, --verify/--no-verify, --threads, --split-max-size, --split-max-tensors, --imatrix, --force,
+    --json, --allow-nonfinite, --quiet."""
     return safety_options(_apply(fn, [
         click.option("--type", "type_name", type=click.Choice(list(GGUF_TYPES), case_sensitive=False), default="f16",
                      show_default=True, help=gguf_type_help()),
@@ -118,6 +127,21 @@ def gguf_options(fn: F) -> F:
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Threads quantizing in parallel. Default: every CPU this process may use."),
         split_options,
+        imatrix_option,
         force_option,
         json_option,
     ]))
+
+
+def transcode_options(fn: F) -> F:
+    """``--quantized`` and ``--requantize``: what a quantized source's codes become (``formats.transcode_items``)."""
+    return _apply(fn, [
+        click.option("--quantized", type=click.Choice(["auto", "keep", "dequantize"]), default="auto",
+                     show_default=True,
+                     help="A quantized SRC (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, compressed-tensors int4/int8, MLX): keep "
+                          "moves its codes into the output's blocks without re-quantizing; dequantize writes "
+                          "floats; auto keeps them for --to mlx and a GGUF block --type, dequantizes for --to hf."),
+        click.option("--requantize", is_flag=True,
+                     help="Kept quantized: re-quantize the groups the output type cannot hold exactly (they are "
+                          "counted and reported) instead of refusing the conversion."),
+    ])

@@ -20,7 +20,7 @@ from gemma2_convert.pipeline.gguf import orig_to_gguf as run
 @gguf_options
 def orig_to_gguf(ckpt: Path, out_file: Path, shape: ShapeOptions, type_name: str, tokenizer: Path | None,
                  verify_output: bool, threads: int | None, split_max_size: str | None, split_max_tensors: int | None,
-                 force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool) -> None:
+                 imatrix: Path | None, force: bool, as_json: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Write a gemma_pytorch checkpoint (model.ckpt, sharded or int8) as a GGUF, without an HF directory.
 
     \b
@@ -30,6 +30,7 @@ def orig_to_gguf(ckpt: Path, out_file: Path, shape: ShapeOptions, type_name: str
     """
     with RichProgress(quiet or as_json) as progress:
         res = run(ckpt, out_file, shape=shape, type_name=type_name, tokenizer=tokenizer, verify=verify_output,
-                  threads=threads, split_max_size=split_max_size, split_max_tensors=split_max_tensors, force=force,
+                  threads=threads, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+                  imatrix=imatrix, force=force,
                   allow_nonfinite=allow_nonfinite, progress=progress, on_report=None if as_json else print_report)
     print_gguf(res, as_json)

@@ -36,18 +36,33 @@ def shape_row(c: Gemma2Config) -> tuple[str, str]:
                                         f"{c.num_key_value_heads}kv × {c.head_dim}"))
 
 
+def transcode_rows(details: dict) -> list[tuple[str, str]]:
+    """A quantized source kept quantized: how many tensors, and the groups the output could not hold exactly."""
+    tr = details.get("transcode")
+    if not tr:
+        return []
+    how = "re-quantized" if tr.get("requantized") else "exact"
+    text = f"{tr.get('transcoded', 0)} tensors, {tr.get('inexact_groups', 0)} of {tr.get('groups', 0)} groups"
+    return [("kept quantized", f"{text} not exact ({how})")]
+
+
 def print_conversion(res: ConvertResult, as_json: bool) -> None:
     """A conversion to HF or safetensors: files, size, config, time."""
     if as_json:
         click.echo(json.dumps({
             "output": str(res.output), "files": res.files, "bytes": res.nbytes, "config_from": res.config_from,
-            "seconds": round(res.seconds, 3), "warnings": res.warnings,
+            "seconds": round(res.seconds, 3), "warnings": res.warnings, "details": _plain(res.details),
             "verify": res.report.to_json() if res.report else None}, indent=2))
         return
     out.print(table(f"wrote {res.output}", ["", ""], [
         ("files", ", ".join(res.files) if len(res.files) <= 4 else f"{len(res.files)} files"),
         ("size", human_bytes(res.nbytes)), ("config", res.config_from), shape_row(res.config),
-        ("dtype", res.config.torch_dtype), ("time", f"{res.seconds:.1f}s")]))
+        ("dtype", res.config.torch_dtype), *transcode_rows(res.details), ("time", f"{res.seconds:.1f}s")]))
+
+
+def _plain(details: dict) -> dict:
+    """The JSON part of a result's details: the transcode record (quantized source kept quantized)."""
+    return {k: v for k, v in details.items() if k == "transcode"}
 
 
 def print_gguf(res: ConvertResult, as_json: bool) -> None:
@@ -59,13 +74,13 @@ def print_gguf(res: ConvertResult, as_json: bool) -> None:
             "output": str(res.output), "files": res.files, "type": res.details["type"], "bytes": res.nbytes,
             "query_fold": fold,
             "special_types": {c.name: f"{c.qtype} ({c.reason})" for c in choices},
-            "seconds": round(res.seconds, 3), "warnings": res.warnings,
+            "seconds": round(res.seconds, 3), "warnings": res.warnings, "details": _plain(res.details),
             "verify": res.report.to_json() if res.report else None}, indent=2))
         return
     rows = [("size", human_bytes(res.nbytes)), ("type", res.details["type"]), shape_row(res.config),
             *([("split", f"{len(res.files)} parts: {res.files[0]} …")] if len(res.files) > 1 else []),
             ("query scale folded into attn_q", "no" if fold == 1 else f"× {fold:.6g}"),
-            ("time", f"{res.seconds:.1f}s")]
+            *transcode_rows(res.details), ("time", f"{res.seconds:.1f}s")]
     rows += [(c.name, f"{c.qtype} ({c.reason})") for c in choices[:MAX_CHOICE_ROWS]]
     if len(choices) > MAX_CHOICE_ROWS:
         rows.append(("…", f"{len(choices) - MAX_CHOICE_ROWS} more tensors with a non-default type"))
@@ -87,8 +102,10 @@ def print_report(rep: VerifyReport, as_json: bool = False) -> None:
                  ("text: mean KL(a‖b)", f"{t['mean_kl']:.3g}"), ("text: top-1 agreement", f"{t['top1']:.2%}"),
                  ("text: perplexity a / b", f"{t['ppl_a']:.4g} / {t['ppl_b']:.4g}")]
     rows += [(f"differs: {d.name}", f"SQNR {d.sqnr_db:.1f} dB, max |Δ| {d.max_abs:.3g}") for d in rep.worst_tensors]
+    rows += [("bounds", rep.bounds)] if rep.bounds else []
     rows += [("proven", line) for line in rep.proof]
     rows.append(("result", "[green]PASS" if rep.passed else "[red]FAIL: " + "; ".join(rep.failures)))
+    rows += [("likely cause", line) for line in rep.likely_causes]
     out.print(table(f"verify {rep.a} → {rep.b}", ["check", "value"], rows))
 
 

@@ -12,6 +12,7 @@ from gemma2_convert.formats import gemma_pytorch  # noqa: F401  (reader)
 from gemma2_convert.formats import orbax, orbax_writer  # noqa: F401  (reader; writer)
 from gemma2_convert.formats import keras, keras_writer  # noqa: F401  (reader; writer)
 from gemma2_convert.formats.gguf import reader as gguf_reader, output as gguf_output  # noqa: F401
+from gemma2_convert.formats import mlx_reader, mlx_writer  # noqa: F401  (reader; writer)
 from gemma2_convert.formats.registry import READERS, WRITERS, Checkpoint, detect_format, open_checkpoint
 
 __all__ = ["READERS", "WRITERS", "Checkpoint", "detect_format", "open_checkpoint"]

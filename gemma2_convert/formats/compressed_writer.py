@@ -13,9 +13,16 @@ from torch import Tensor
 from gemma2_convert import __version__
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.progress import Progress
+from gemma2_convert.formats.dense import (
+    checked_cast,
+    materialize_tokenizer,
+    tokenizer_file,
+)
 from gemma2_convert.formats.hf import write_hf_dir
+from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import Checkpoint, WriteJob
 from gemma2_convert.formats.tolerance import Tolerance
+from gemma2_convert.formats.transcode_items import plan_transcode
 from quant.compressed_tensors import pack_quantized, packed_layout, quantization_config
 from quant.qparams import scale_dtype_for
 from quant.spec import QuantSpec
@@ -64,3 +71,36 @@ def prepare_compressed(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], cod
         return sorted(p.name for p in files)
 
     return WriteJob(ckpt.config, need_bytes, ckpt.nbytes, Tolerance.lossy(float("inf"), 0.0), write)
+
+
+def prepare_compressed_transcode(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress) -> WriteJob | None:
+    """``convert --to hf`` of a quantized source kept quantized (``opts.quantized``): its codes as pack-quantized
+    modules, recoded without re-quantizing (``formats.transcode_items``); None when nothing is kept."""
+    plan = plan_transcode(ckpt, "hf", opts, progress)
+    if not plan.targets:
+        return None
+    dense = dict(checked_cast(ckpt, {n: t for n, t in ckpt.tensors.items() if n not in plan.targets}, None,
+                              opts, progress))
+    items: list[tuple[str, LazyTensor]] = []
+    for name in sorted(ckpt.tensors, key=layer_order):
+        if name not in plan.targets:
+            items.append((name, dense[name]))
+            continue
+        t, prefix = plan.targets[name], name.removesuffix(".weight")
+        spec = QuantSpec(t.bits, t.group_size, t.kind == "sym")
+        for part, (shape, dtype) in packed_layout(prefix, ckpt.tensors[name].shape, spec, t.scale_dtype).items():
+            items.append((part, LazyTensor(shape, dtype, lambda part=part, name=name: plan.compressed(name)[part])))
+    modules = {n.removesuffix(".weight"): (QuantSpec(t.bits, t.group_size, t.kind == "sym") if t else None)
+               for n in ckpt.tensors if (t := plan.targets.get(n)) or n.endswith("_proj.weight") or n == "score.weight"}
+    qcfg = quantization_config(modules)
+    tok = tokenizer_file(ckpt, opts, progress)
+
+    def write(tmp: Path, progress: Progress) -> list[str]:
+        files = write_hf_dir(tmp, ckpt.config, items, tokenizer=materialize_tokenizer(ckpt, tok, tmp),
+                             extra_config={"quantization_config": qcfg}, on_tensor=progress.on_tensor,
+                             provenance={"source": str(ckpt.path), "transcoded_by": f"{opts.command} {__version__}"})
+        plan.finish()
+        return sorted(p.name for p in files)
+
+    size = sum(t.nbytes for _, t in items)
+    return WriteJob(ckpt.config, size + (64 << 20), ckpt.nbytes, plan.tolerance(), write, {"transcode": plan.details})

@@ -31,6 +31,7 @@ from gemma2_convert.formats.dense import (
     tolerance,
 )
 from gemma2_convert.formats.hf_quantized import dequantizing_tensors
+from gemma2_convert.formats.mlx_layout import is_mlx_dir
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import (
     Checkpoint,
@@ -54,7 +55,8 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.b
 
 
 def _is_hf_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+    has_files = p.is_dir() and (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+    return has_files and not is_mlx_dir(p)  # mlx-lm's quantized layout: the mlx reader's
 
 
 def shard_files(d: Path) -> list[str]:

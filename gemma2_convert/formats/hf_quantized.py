@@ -11,7 +11,13 @@ from pathlib import Path
 
 from gemma2_convert.core.errors import FormatError, UnsupportedError
 from gemma2_convert.core.lazy import LazyTensor
-from quant.compressed_tensors import QUANT_METHOD, read_compressed
+from quant.compressed_tensors import (
+    QUANT_METHOD,
+    read_codes,
+    read_compressed,
+    spec_for_module,
+)
+from quant.qtensor import QuantCodes, QuantTensor
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -41,7 +47,20 @@ def _dequantizing(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, path
         except FormatError as e:
             raise FormatError(str(e), path) from None
 
-    return LazyTensor(shape, scale_t.dtype, load, stored_nbytes=sum(t.nbytes for t in parts.values()))
+    def codes() -> QuantCodes:
+        try:
+            return read_codes({k: t.load() for k, t in parts.items()}, qconfig, prefix)
+        except FormatError as e:
+            raise FormatError(str(e), path) from None
+
+    try:
+        spec = spec_for_module(qconfig, prefix)
+    except UnsupportedError as e:
+        raise UnsupportedError(str(e), path) from None
+    if spec is None or shape[1] % (spec.group_size or shape[1]):
+        return LazyTensor(shape, scale_t.dtype, load, stored_nbytes=sum(t.nbytes for t in parts.values()))
+    return QuantTensor(shape, scale_t.dtype, load, sum(t.nbytes for t in parts.values()), None, codes,
+                       "sym" if spec.symmetric else "asym", spec.bits, spec.group_len(shape[1]), "compressed-tensors")
 
 
 def dequantizing_tensors(tensors: dict[str, LazyTensor], qconfig: dict, path: Path) -> dict[str, LazyTensor]:

@@ -12,6 +12,8 @@ from gemma2_convert.formats.gguf.mix import check_type
 from gemma2_convert.formats.orig_config import ShapeOptions
 
 NAMES = ("hf", "orig")
+QUANTIZED = ("auto", "keep", "dequantize")
+"""What a conversion does with a quantized source's codes (``ConvertOptions.quantized``)."""
 """Tensor namings of a single safetensors file."""
 
 
@@ -45,6 +47,9 @@ class ConvertOptions:
     units as llama.cpp's gguf-split), named ``NAME-00001-of-0000N.gguf`` in gguf-split's layout."""
     split_max_tensors: int | None = None
     """gguf: split the output into parts of at most this many tensors (with ``split_max_size``: both hold)."""
+    imatrix: Path | None = None
+    """gguf: a llama.cpp importance matrix (llama-imatrix's GGUF or legacy .dat) the quantized types weight their
+    search with, as ``llama-quantize --imatrix`` (``formats.gguf.importance``)."""
     drop_head: bool = False
     """gguf: export a classifier's decoder as a causal LM instead of refusing it."""
     allow_nonfinite: bool = False
@@ -57,6 +62,14 @@ class ConvertOptions:
     """Tokens per verification prompt."""
     force: bool = False
     """Replace an existing output (kept until the new one is complete)."""
+    quantized: str = "auto"
+    """A quantized source (``QuantTensor``s): ``keep`` moves its codes into the output's block layout without
+    re-quantizing, ``dequantize`` writes floats, ``auto`` keeps them for mlx and a GGUF block ``--type``
+    (q8_0, q4_0, q4_1, q5_0, q5_1), dequantizes for the others (``formats.transcode_items``)."""
+    requantize: bool = False
+    """Kept quantized: re-quantize the groups the output cannot hold exactly instead of refusing them."""
+    adapters: tuple[Path, ...] = ()
+    """PEFT LoRA adapter directories merged into the input, in order, before anything is written (``--adapter``)."""
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)
@@ -68,6 +81,8 @@ class ConvertOptions:
         if self.names not in NAMES:
             raise ConfigError(f"unknown --names {self.names!r}; choose one of {', '.join(NAMES)}")
         self._check_split()
+        if self.quantized not in QUANTIZED:
+            raise ConfigError(f"unknown quantized={self.quantized!r}; choose one of {', '.join(QUANTIZED)}")
 
     @property
     def split(self) -> bool:
@@ -80,6 +95,8 @@ class ConvertOptions:
         return None if self.split_max_size is None else parse_size(self.split_max_size)
 
     def _check_split(self) -> None:
+        if self.imatrix is not None and self.to != "gguf":
+            raise ConfigError(f"--imatrix weights the quantization of a GGUF output, not {self.to!r}; use --to gguf")
         if self.split and self.to != "gguf":
             raise ConfigError(f"--split-max-size and --split-max-tensors split a GGUF output, not {self.to!r}"
                               + ("; an HF directory is sharded by --max-shard-size" if self.to == "hf" else ""))

@@ -28,6 +28,7 @@ from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.stored import Stored
 from gemma2_convert.formats.tolerance import Tolerance
 from reference.config import Gemma2Config
+from reference.lora import LowRank
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Checkpoint:
     parts: tuple[Path, ...] = ()
     """The other files of a checkpoint split over several beside ``path`` (a split GGUF's later parts):
     an output may replace none of them."""
+    adapters: dict[str, tuple[LowRank, ...]] = field(default_factory=dict)
+    """Low-rank updates the reference runs unmerged beside these tensors (``verify BASE+ADAPTER``; see
+    ``formats.merge``); empty for a checkpoint read from disk."""
 
     @property
     def nbytes(self) -> int:

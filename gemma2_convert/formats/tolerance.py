@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -14,6 +14,11 @@ class Tolerance:
     max_abs: float = 0.0
     max_kl: float = 0.0
     min_top1: float = 1.0
+    min_sqnr_db: float = float("-inf")
+    """Lossy: the least SQNR any tensor may have against its source (the stored types' floor, registry
+    ``min_sqnr_db``); a tensor below it is not quantization noise (norms off by one, q/k swapped)."""
+    basis: str = ""
+    """Where lossy bounds come from, for the report (``"Q4_K, the loosest type stored"``)."""
 
     @staticmethod
     def cast() -> Tolerance:
@@ -21,6 +26,11 @@ class Tolerance:
         return Tolerance(True, float("inf"), 1e-2, 0.9)
 
     @staticmethod
-    def lossy(max_kl: float, min_top1: float, max_abs: float = float("inf")) -> Tolerance:
-        """Quantization: tensors differ; bounds on the logits only."""
-        return Tolerance(False, max_abs, max_kl, min_top1)
+    def lossy(max_kl: float, min_top1: float, max_abs: float = float("inf"),
+              min_sqnr_db: float = float("-inf")) -> Tolerance:
+        """Quantization: tensors differ; bounds on the logits (and a floor on each tensor's SQNR)."""
+        return Tolerance(False, max_abs, max_kl, min_top1, min_sqnr_db)
+
+    def because(self, basis: str) -> Tolerance:
+        """This tolerance, saying where its bounds come from."""
+        return replace(self, basis=basis)

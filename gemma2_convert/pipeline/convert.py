@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 from gemma2_convert.core.errors import UnknownFormatError
 from gemma2_convert.core.progress import SILENT, Progress, Warnings
 from gemma2_convert.formats import READERS, Checkpoint, detect_format, open_checkpoint
+from gemma2_convert.formats.compressed_writer import prepare_compressed_transcode
 from gemma2_convert.formats.dense import source_files
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.output import atomic_output, check_output
 from gemma2_convert.formats.registry import WriteJob, Writer, get_writer
 from gemma2_convert.formats.tolerance import Tolerance
+from gemma2_convert.pipeline.adapters import carry_tokenizer_files, with_adapters
 from gemma2_convert.pipeline.verify import VerifyReport, require, verify
 from reference.config import Gemma2Config
 
@@ -127,10 +129,15 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Pr
     out = Path(out)
     writer = get_writer(opts.to)
     siblings = writer.siblings(out, opts) if writer.siblings is not None else None
-    check_output(out, opts.force, [src], siblings)  # fail before reading a large checkpoint
+    check_output(out, opts.force, [src, *opts.adapters], siblings)  # fail before reading a large checkpoint
     notes = Warnings(progress)
-    ckpt = open_input(src, opts)
-    job = writer.prepare(ckpt, opts, notes)
+    ckpt, adapted = with_adapters(open_input(src, opts), opts.adapters, notes)
+    # a quantized source kept quantized in compressed-tensors (``--keep-quantized``): the hf writer's other form
+    job = (writer.name == "hf" and prepare_compressed_transcode(ckpt, opts, notes)) or writer.prepare(ckpt, opts, notes)
+    if adapted:
+        job.details["adapters"] = adapted
+        if writer.name == "hf":
+            carry_tokenizer_files(job, opts.adapters)
 
     def check(tmp: Path) -> VerifyReport:
         final = out if siblings is None else out.parent / tmp.name

@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 
 from gemma2_convert.formats import open_checkpoint
+from gemma2_convert.formats.adapter import write_random_adapter
 from gemma2_convert.formats.keras_writer import write_keras_preset
+from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.orbax_writer import write_orbax
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.output import check_output
 from gemma2_convert.formats.testing import write_random_orig_ckpt
 from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
-from gemma2_convert.pipeline.convert import orig_to_hf
+from gemma2_convert.pipeline.convert import convert, orig_to_hf
 from gemma2_convert.pipeline.gguf import to_gguf
 from gemma2_convert.pipeline.llama_runner import llama_cpp_logits
 from gemma2_convert.pipeline.load import from_pretrained
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
+from gemma2_convert.pipeline.verify import verify_paths
 from quant.metrics import kl_divergence, top1_agreement
 from reference import Gemma2Config, Gemma2ForCausalLM
 from reference.weights import expected_shapes
@@ -167,6 +170,20 @@ def step_gguf(work: Path) -> DemoRow:
                    f"{check}; llama.cpp vs reference max |Δ| {diff:.2g}, top-1 {top1:.0%}", ok)
 
 
+def step_adapter(work: Path, seed: int) -> DemoRow:
+    """convert --adapter: a tiny LoRA (attention and the tied head) merged, then verified against the reference
+    running it unmerged (``verify BASE+ADAPTER``)."""
+    cfg = open_checkpoint(work / "tiny-hf").config
+    lora = write_random_adapter(work / "tiny-lora", cfg, seed)
+    res = convert(work / "tiny-hf", work / "tiny-merged", ConvertOptions(to="hf", adapters=(lora,)))
+    rep = verify_paths(f"{work / 'tiny-hf'}+{lora}", work / "tiny-merged")
+    untied = ", head untied" if res.details["adapters"]["untied_head"] else ""
+    check = (f"{res.details['adapters']['merged']} weights merged{untied}; vs unmerged reference: max |Δ logits| "
+             f"{rep.max_abs_logits:.2g}, top-1 {rep.top1:.0%}")
+    return DemoRow("convert --adapter + verify BASE+ADAPTER", "tiny-merged", _size(work / "tiny-merged"), check,
+                   rep.passed)
+
+
 def llama_cpp_vs_reference(ref_path: Path, gguf: Path, n_tokens: int = 64, seed: int = 0) -> tuple[float, float]:
     """max |Δ logits| and top-1 agreement of llama.cpp on ``gguf`` vs the reference (float32) on ``ref_path``,
     over a seeded random sequence of ``n_tokens`` starting with <bos>."""
@@ -215,6 +232,7 @@ def run_steps(work: Path, seed: int, on_row: Callable[[DemoRow], None] | None) -
         lambda: step_flax_to_hf(work, cfg),
         lambda: step_keras_to_hf(work, cfg),
         lambda: step_generate(work),
+        lambda: step_adapter(work, seed),
         lambda: step_gguf(work),
         lambda: step_quantize(work, "hf"),
         lambda: step_quantize(work, "gguf"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,10 +21,18 @@ from gemma2_convert.core.errors import ConfigError, VerificationError, check_nam
 from gemma2_convert.core.memory import fits_resident
 from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats import Checkpoint, open_checkpoint
-from gemma2_convert.formats.gguf.output import quantized_tolerance
 from gemma2_convert.formats.orig_config import ShapeOptions
 from gemma2_convert.formats.tolerance import Tolerance
-from quant.metrics import kl_divergence, perplexity, sqnr_db, top1_agreement
+from gemma2_convert.pipeline.adapters import adapter_tolerance, open_spec
+from gemma2_convert.pipeline.compare import TensorDiff, tensor_diff, worst_diffs
+from gemma2_convert.pipeline.compute import COMPUTE, fast_tolerance
+from gemma2_convert.pipeline.diagnose import (
+    file_tolerance,
+    likely_causes,
+    shape_differences,
+    vocab_differences,
+)
+from gemma2_convert.pipeline.lockstep import Lockstep, logit_figures, prompt_groups
 from reference.config import Gemma2Config
 from reference.heads import CLASSES
 from reference.model import Gemma2Model
@@ -39,14 +47,6 @@ DEFAULT_TEXT = (
 
 
 @dataclass
-class TensorDiff:
-    name: str
-    equal: bool
-    sqnr_db: float
-    max_abs: float
-
-
-@dataclass
 class VerifyReport:
     a: str
     b: str
@@ -54,6 +54,8 @@ class VerifyReport:
     tensors_equal: int = 0
     worst_tensors: list[TensorDiff] = field(default_factory=list)
     tokens: int = 0
+    compute: str = "float32"
+    """The reference forward passes' dtype: float32 (exact, as transformers) or bfloat16 (the fast mode)."""
     max_abs_logits: float = 0.0
     mean_kl: float = 0.0
     top1: float = 1.0
@@ -67,6 +69,12 @@ class VerifyReport:
     """Fields of the model config that change the forward pass and differ (``field: a → b``)."""
     proof: list[str] = field(default_factory=list)
     """What the report establishes and how, one statement each (filled when it passes)."""
+    vocab_differences: list[str] = field(default_factory=list)
+    """How the two tokenizers' vocabularies differ (size, pieces id by id); empty when equal or not compared."""
+    bounds: str = ""
+    """Where the bounds of a lossy judgement come from (the stored type, its KL / top-1 / SQNR floor)."""
+    likely_causes: list[str] = field(default_factory=list)
+    """When it fails: the known conversion bugs the evidence points to (``pipeline.diagnose``), with the evidence."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,76 +127,30 @@ def default_prompts(ckpt: Checkpoint, n_tokens: int, seed: int = 0) -> list[torc
     return prompts
 
 
-COMPARE_ELEMENTS = 1 << 24  # compared per step: casts and differences of at most 16 M elements at a time
-
-
-def _row_blocks(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Matching blocks of rows of x and y, so no cast or difference of a whole (256k-row) tensor is held."""
-    if x.dim() == 0 or x.shape != y.shape:
-        yield x, y
-        return
-    step = max(1, COMPARE_ELEMENTS // max(1, x[0].numel()))
-    for i in range(0, x.shape[0], step):
-        yield x[i:i + step], y[i:i + step]
-
-
-def tensor_diff(name: str, x: torch.Tensor, y: torch.Tensor) -> TensorDiff:
-    """x cast to y's dtype against y; when they differ, SQNR (as ``quant.metrics.sqnr_db``) and max |Δ|."""
-    if x.shape != y.shape:
-        return TensorDiff(name, False, sqnr_db(x.float(), y.float()), float("inf"))
-    if all(torch.equal(xb.to(yb.dtype), yb) for xb, yb in _row_blocks(x, y)):
-        return TensorDiff(name, True, float("inf"), 0.0)
-    signal = noise = max_abs = 0.0
-    for xb, yb in _row_blocks(x, y):
-        xd = xb.double()
-        dd = xd - yb.double()
-        signal, noise = signal + float(xd.pow(2).sum()), noise + float(dd.pow(2).sum())
-        max_abs = max(max_abs, float(dd.abs().max()) if dd.numel() else 0.0)
-    if noise == 0.0:
-        return TensorDiff(name, False, float("inf"), max_abs)
-    rel = math.sqrt(noise / signal) if signal > 0 else math.inf
-    return TensorDiff(name, False, -20.0 * math.log10(rel), max_abs)
-
-
 def compare_tensors(a: Checkpoint, b: Checkpoint, worst: int = 5,
                     on_tensor: Callable[[str, int], None] | None = None) -> tuple[int, list[TensorDiff]]:
     """Number of b's tensors equal to a's cast to b's dtype, and the worst ``worst`` by SQNR
-    (``on_tensor(name, nbytes)`` after each: progress)."""
+    (``on_tensor(name, nbytes)`` after each: progress). ``verify`` does this in lockstep with the forwards."""
     check_names(a.tensors, b.tensors, b.path)
     diffs = []
     for name, ta in a.tensors.items():
         diffs.append(tensor_diff(name, ta.load(), b.tensors[name].load()))
         if on_tensor is not None:
             on_tensor(name, ta.nbytes)
-    n_equal = sum(d.equal for d in diffs)
-    return n_equal, sorted((d for d in diffs if not d.equal), key=lambda d: d.sqnr_db)[:worst]
+    return sum(d.equal for d in diffs), worst_diffs(diffs, worst)
 
 
 def reference_model(ck: Checkpoint, dtype: torch.dtype, resident: bool) -> Gemma2Model:
     """The reference class the checkpoint's config names (causal LM, classifier, bare decoder)."""
-    return CLASSES[ck.config.head](ck.config, WeightStore(ck.tensors, ck.config, dtype, resident, str(ck.path)))
+    model = CLASSES[ck.config.head](ck.config, WeightStore(ck.tensors, ck.config, dtype, resident, str(ck.path)))
+    model.adapters = ck.adapters  # BASE+ADAPTER: the low-rank updates run unmerged
+    return model
 
 
 def compare_logits(a: Gemma2Model, b: Gemma2Model, prompts: list[torch.Tensor]) -> dict[str, float]:
     """max |Δ|, mean KL(a‖b), top-1 agreement and perplexities over what each head outputs
-    (next-token logits; class logits of a classifier; hidden states of a bare decoder)."""
-    la, lb, targets = [], [], []
-    for ids in prompts:
-        (pa, tgt), (pb, _) = a.verify_outputs(ids), b.verify_outputs(ids)  # [P, C] each
-        la.append(pa)
-        lb.append(pb)
-        if tgt is not None:
-            targets.append(tgt)
-    pa, pb = torch.cat(la), torch.cat(lb)
-    tgt = torch.cat(targets) if targets else None
-    return {
-        "tokens": int(pa.shape[0]),
-        "max_abs_logits": (pa - pb).abs().max().item(),
-        "mean_kl": kl_divergence(pa, pb),
-        "top1": top1_agreement(pa, pb),
-        "ppl_a": perplexity(pa, tgt) if tgt is not None else 0.0,
-        "ppl_b": perplexity(pb, tgt) if tgt is not None else 0.0,
-    }
+    (next-token logits; class logits of a classifier; hidden states of a bare decoder), one prompt at a time."""
+    return logit_figures([(a.verify_outputs(ids), b.verify_outputs(ids)) for ids in prompts])
 
 
 def track_layers(models: tuple[Gemma2Model, ...], n_prompts: int, on_layer: Callable[[int, int], None]) -> None:
@@ -205,35 +167,43 @@ def verify(
     check_tensors: bool = True, progress: Progress = SILENT, text: str | None = None,
 ) -> VerifyReport:
     """Compare checkpoint ``b`` (the output) against ``a`` (the source); see the module docstring.
-    Progress: a phase of bytes per tensor compared, then one of decoder layers run by the reference
-    forward passes (both models, every prompt). ``text``: also compare on the user's text (its figures are
-    judged by the same tolerance and reported apart, with the perplexity of both models on it)."""
+    Both models run in lockstep (``pipeline.lockstep``): each layer is read once for the tensor comparison and
+    both forwards on every prompt; progress counts those layer steps. ``dtype``: the compute dtype (float32:
+    exact, as transformers; bfloat16: the fast mode). ``text``: also compare on the user's text (its figures
+    are judged by the same tolerance and reported apart, with the perplexity of both models on it)."""
     tol = tolerance or Tolerance()
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
-    rep = VerifyReport(str(ca.path), str(cb.path), config_differences=config_differences(ca.config, cb.config))
+    rep = VerifyReport(str(ca.path), str(cb.path), config_differences=config_differences(ca.config, cb.config),
+                       vocab_differences=vocab_differences(ca, cb), compute=str(dtype).removeprefix("torch."))
     if check_tensors:
-        with progress.phase("comparing tensors", ca.nbytes):
-            rep.tensors_equal, rep.worst_tensors = compare_tensors(ca, cb, on_tensor=progress.on_tensor)
-        rep.tensors_total = len(ca.tensors)
+        check_names(ca.tensors, cb.tensors, cb.path)
+    rep.failures += shape_differences(ca, cb)
+    if rep.failures:  # tensors of another shape: the two models cannot run side by side
+        rep.likely_causes = likely_causes(ca, cb, rep.vocab_differences)
+        return rep
+    prompts = default_prompts(ca, n_tokens)
+    extra = text_prompts(ca, text) if text is not None else []
+    if resident is None:  # keeping casts pays only when the prompts need several passes (and fit, twice)
+        resident = (len(prompt_groups(prompts + extra, ca.config, dtype)) > 1
+                    and fits_resident(2 * 4 * sum(t.numel for t in ca.tensors.values())))
+    models = reference_model(ca, dtype, resident), reference_model(cb, dtype, resident)
+    with progress.phase("verifying layer by layer: tensors and both forwards", None, "layers"):
+        run = Lockstep(*models, compare=check_tensors, on_step=progress.update).run(prompts + extra)
+    if check_tensors:
+        rep.tensors_total, rep.tensors_equal = len(ca.tensors), run.tensors_equal
+        rep.worst_tensors = worst_diffs(run.diffs)
         if tol.tensors_equal and rep.tensors_equal != rep.tensors_total:
             rep.failures.append(f"{rep.tensors_total - rep.tensors_equal} tensor(s) differ, worst "
                                 f"{rep.worst_tensors[0].name} (max |Δ| {rep.worst_tensors[0].max_abs:.3g})")
-    if resident is None:  # what each resident model would hold, twice
-        resident = fits_resident(2 * 4 * sum(t.numel for t in ca.tensors.values()))
-    prompts, models = default_prompts(ca, n_tokens), (reference_model(ca, dtype, resident),
-                                                     reference_model(cb, dtype, resident))
-    with progress.phase("reference forward", None, "layers"):
-        track_layers(models, len(prompts), progress.update)
-        m = compare_logits(*models, prompts)
-    for k, v in m.items():
+    for k, v in logit_figures(run.rows[:len(prompts)]).items():
         setattr(rep, k, v)
-    if text is not None:
-        extra = text_prompts(ca, text)
-        with progress.phase("reference forward on the text", None, "layers"):
-            track_layers(models, len(extra), progress.update)
-            rep.text = compare_logits(*models, extra)
+    if extra:
+        rep.text = logit_figures(run.rows[len(prompts):])
     judge(rep, tol)
+    if not rep.passed:
+        rep.likely_causes = likely_causes(ca, cb, rep.vocab_differences,
+                                          [(d.name, d.sqnr_db) for d in rep.worst_tensors])
     return rep
 
 
@@ -264,8 +234,9 @@ def proof_lines(rep: VerifyReport, tol: Tolerance) -> list[str]:
         if rep.tensors_equal == rep.tensors_total:
             how = "all equal (torch.equal after the expected cast)"
         else:
+            floor = f" ≥ the floor {tol.min_sqnr_db:g} dB" if math.isfinite(tol.min_sqnr_db) else ""
             how = (f"{rep.tensors_equal} equal, the others within the tolerance "
-                   f"(worst SQNR {rep.worst_tensors[0].sqnr_db:.1f} dB)")
+                   f"(worst SQNR {rep.worst_tensors[0].sqnr_db:.1f} dB{floor})")
         lines.append(f"tensors: {rep.tensors_total} compared under the mapping, {how}")
     lines.append("config: every field the forward pass reads is equal" if not rep.config_differences
                  else f"config: {len(rep.config_differences)} forward field(s) differ: {'; '.join(rep.config_differences)}")
@@ -275,19 +246,31 @@ def proof_lines(rep: VerifyReport, tol: Tolerance) -> list[str]:
                     f"max |Δ| {rep.max_abs_logits:.3g}, mean KL {rep.mean_kl:.3g}, top-1 {rep.top1:.2%}"))
     if tol.tensors_equal and exact and not rep.config_differences:
         lines.append("so: equal weights and an equivalent config compute the same function; the logits confirm it")
+    elif not tol.tensors_equal:
+        lines.append(f"so: the same model up to its quantization noise: mean KL ≤ {tol.max_kl:g} and top-1 ≥ "
+                     f"{tol.min_top1:.0%}" + (f" ({tol.basis})" if tol.basis else ""))
     return lines
 
 
 def judge(rep: VerifyReport, tol: Tolerance) -> None:
-    """Fill ``rep.failures`` and ``rep.passed`` from its figures (and those on ``--text``) and ``tol``."""
+    """Fill ``rep.failures`` and ``rep.passed`` from its figures (and those on ``--text``) and ``tol``: the logits
+    within the bounds, every tensor above the SQNR floor of a lossy tolerance, the configs and vocabularies
+    equal (a quantized file too computes with the original's config and tokens)."""
     figures = {"max_abs_logits": rep.max_abs_logits, "mean_kl": rep.mean_kl, "top1": rep.top1,
                "ppl_a": rep.ppl_a, "ppl_b": rep.ppl_b}
     rep.failures += logit_failures(figures, tol)
     if rep.text is not None:
         rep.failures += [f"on the text: {f}" for f in logit_failures(rep.text, tol)]
-    if tol.tensors_equal and rep.config_differences:  # a lossless conversion keeps the model's function
+    worst = rep.worst_tensors[0] if rep.worst_tensors else None
+    if not tol.tensors_equal and worst is not None and not worst.sqnr_db >= tol.min_sqnr_db:
+        rep.failures.append(f"{worst.name}: SQNR {worst.sqnr_db:.1f} dB against the original < {tol.min_sqnr_db:g} "
+                            "dB, the least its stored type gives: more than quantization noise")
+    if rep.config_differences:  # lossless or quantized, a conversion keeps the model's function
         rep.failures.append("the configs differ in what the forward pass reads: " + "; ".join(rep.config_differences))
+    if rep.vocab_differences:
+        rep.failures.append("the vocabularies differ: " + "; ".join(rep.vocab_differences))
     rep.passed = not rep.failures
+    rep.bounds = tol.basis
     rep.proof = proof_lines(rep, tol) if rep.passed else []
 
 
@@ -317,29 +300,30 @@ TOLERANCES = ("auto", "exact", "cast", "lossy")
 def verify_paths(
     a: str | Path, b: str | Path, *, tolerance: str = "auto", max_kl: float = 0.05, min_top1: float = 0.9,
     n_tokens: int = 64, shape: ShapeOptions | None = None, progress: Progress = SILENT, text: str | None = None,
+    compute: str = "exact",
 ) -> VerifyReport:
-    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match."""
-    ca, cb = open_checkpoint(a, options=shape), open_checkpoint(b, options=shape)
+    """Compare any two checkpoints the reference reads; ``tolerance`` auto = exact when dtypes match;
+    ``compute``: a key of ``COMPUTE`` (the forward passes' dtype)."""
+    ca, cb = open_spec(a, shape, progress), open_spec(b, shape, progress)  # BASE+ADAPTER: unmerged
     tols = {"exact": Tolerance(), "cast": Tolerance.cast(), "lossy": Tolerance.lossy(max_kl, min_top1)}
     if tolerance != "auto" and tolerance not in tols:
         raise ConfigError(f"unknown tolerance {tolerance!r}; choose {', '.join(TOLERANCES)}")
     tol = auto_tolerance(ca, cb) if tolerance == "auto" else tols[tolerance]
-    return verify(ca, cb, tolerance=tol, n_tokens=n_tokens, progress=progress, text=text)
-
-
-PACKED_BOUND = (0.25, 0.7)
-"""(max mean KL, min top-1) for packed (compressed-tensors) weights: int4's quality limit, the looser one."""
+    if tolerance == "auto" and (ca.adapters or cb.adapters):
+        tol = adapter_tolerance(tol)
+    if compute not in COMPUTE:
+        raise ConfigError(f"unknown compute mode {compute!r}; choose {', '.join(COMPUTE)}")
+    if compute == "fast":
+        tol = fast_tolerance(tol)
+    return verify(ca, cb, tolerance=tol, n_tokens=n_tokens, progress=progress, text=text, dtype=COMPUTE[compute])
 
 
 def auto_tolerance(a: Checkpoint, b: Checkpoint) -> Tolerance:
-    """What ``--tolerance auto`` demands: quantized weights (a GGUF's block types, packed compressed-tensors)
-    are judged by their type's bounds; otherwise exact when the dtypes match, else equal after the cast."""
-    for ck in (b, a):
-        if ck.format == "gguf":
-            bound = quantized_tolerance(t for t in ck.metadata.get("tensor_types", "").split(", ") if t)
-            if bound is not None:
-                return bound
-        if any(t.packed for t in ck.tensors.values()):
-            return Tolerance.lossy(*PACKED_BOUND)
+    """What ``--tolerance auto`` demands: quantized weights (a GGUF's stored types, packed compressed-tensors)
+    and GGUFs of other tools are judged by their types' bounds (``pipeline.diagnose.file_tolerance``);
+    otherwise exact when the dtypes match, else equal after the cast."""
+    tol = file_tolerance(a, b)
+    if tol is not None:
+        return tol
     same = all(b.tensors[n].dtype == t.dtype for n, t in a.tensors.items() if n in b.tensors)
     return Tolerance() if same else Tolerance.cast()

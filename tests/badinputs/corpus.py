@@ -21,14 +21,14 @@ CFG = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hid
 """512 rows: the tiny tokenizer's vocabulary, so every writer finds a matching tokenizer."""
 
 ORIG_COMMANDS = ("orig-to-hf", "orig-to-safetensors", "orig-to-gguf")
-COMMANDS = ORIG_COMMANDS + ("to-gguf", "gguf-to-hf", "verify", "inspect", "gemma2-quantize")
+COMMANDS = ORIG_COMMANDS + ("to-gguf", "gguf-to-hf", "verify", "inspect", "gemma2-quantize", "imatrix")
 READS = {
     "orig": frozenset(COMMANDS) - {"gguf-to-hf"},
     "orbax": frozenset(COMMANDS) - {"gguf-to-hf"},  # a directory: gguf-to-hf refuses it before reading
     # a gemma_pytorch model of unpublished shape: only the commands that take --config reach the weights
     "orig-config": frozenset(ORIG_COMMANDS + ("verify", "inspect")),
-    "hf": frozenset({"to-gguf", "verify", "inspect", "gemma2-quantize"}),
-    "gguf": frozenset({"to-gguf", "gguf-to-hf", "verify", "inspect", "gemma2-quantize"}),
+    "hf": frozenset({"to-gguf", "verify", "inspect", "gemma2-quantize", "imatrix"}),
+    "gguf": frozenset({"to-gguf", "gguf-to-hf", "verify", "inspect", "gemma2-quantize", "imatrix"}),
     "any": frozenset(COMMANDS),
 }
 TB = 1 << 40

@@ -18,6 +18,7 @@ MAX_RSS_GROWTH_MB = 256
 MAX_LYING_RSS_GROWTH_MB = 32
 MAX_LYING_SECONDS = 15
 TAKES_CONFIG = ORIG_COMMANDS + ("verify", "inspect")
+CALIBRATION = Path(__file__).resolve().parents[1] / "fixtures" / "calibration.txt"
 
 
 def argv(cmd: str, case: Case, good: Good, out: Path) -> list[object]:
@@ -31,6 +32,8 @@ def argv(cmd: str, case: Case, good: Good, out: Path) -> list[object]:
         "verify": ["gemma2-convert", "verify", good.hf, case.path],
         "inspect": ["gemma2-convert", "inspect", case.path, "--scan"],
         "gemma2-quantize": ["gemma2-quantize", case.path, out / "quantized", "--group-size", "32"],
+        "imatrix": ["gemma2-convert", "imatrix", case.path, "--calibration", CALIBRATION, "-o", out / "im.gguf",
+                    "--chunk-size", "16", "--chunks", "1"],
     }[cmd] + cfg
 
 

@@ -10,7 +10,8 @@
   ``llama-quantize --pure`` writes. Every mix stores the tied ``token_embd`` as the output head: Q6_K, or Q8_0
   if its rows are not whole 256-blocks; rules on ``attn_v``, ``attn_output`` and ``ffn_down`` follow by layer.
   llama.cpp counts those tensors in file order, which it sorts by layer, so its counters are the layer index.
-  The writer quantizes without an importance matrix, which is what the IQ4_XS ``ffn_down`` rule assumes.
+  With an importance matrix (``--imatrix``) the rules a mix keeps only without one (:attr:`Mix.without_imatrix`:
+  IQ4_XS's Q5_K ``ffn_down``) are dropped, as llama.cpp's ``qs.has_imatrix`` drops them.
 * Always: 1-D tensors and norms F32. A row length that is not a multiple of the block size falls
   back as llama.cpp's ``tensor_type_fallback`` does, and the choice records why.
 """
@@ -53,6 +54,8 @@ class Mix:
     """What the rules do, for the help line."""
     file_type: str = ""
     """The ``general.file_type`` name; ``MOSTLY_`` + the key upper-cased when empty."""
+    without_imatrix: dict[str, Rule] = field(default_factory=dict)
+    """Rules that hold only when no importance matrix is given (llama-quant.cpp's ``!qs.has_imatrix``)."""
 
 
 MIXES: dict[str, Mix] = {
@@ -77,10 +80,9 @@ MIXES: dict[str, Mix] = {
     "q5_k_m": Mix("Q5_K", {role: lambda i, n, gqa: "Q6_K" if use_more_bits(i, n) else None
                            for role in ("attn_v", "ffn_down")},
                   "Q6_K for attn_v and ffn_down on the layers llama.cpp's use_more_bits picks (about half)"),
-    "iq4_xs_mix": Mix("IQ4_XS", {"attn_v": lambda i, n, gqa: "Q5_K" if gqa >= 4 else None,
-                                 "ffn_down": lambda i, n, gqa: "Q5_K" if i < n // 8 else None},
+    "iq4_xs_mix": Mix("IQ4_XS", {"attn_v": lambda i, n, gqa: "Q5_K" if gqa >= 4 else None},
                       "Q5_K for ffn_down on the first n/8 layers (llama-quantize without an imatrix)",
-                      "MOSTLY_IQ4_XS"),
+                      "MOSTLY_IQ4_XS", {"ffn_down": lambda i, n, gqa: "Q5_K" if i < n // 8 else None}),
 }
 """llama-quantize's mixes for Gemma 2 (no Falcon, expert or 70B branches), keyed by ``--type``."""
 
@@ -135,23 +137,26 @@ def type_help() -> dict[str, str]:
     return lines
 
 
-def _mix_type(mix: Mix, name: str, cols: int, n_layers: int, n_gqa: int) -> tuple[str, str]:
-    if name == "token_embd.weight":  # tied with the output head: quantized like output.weight
+def _mix_type(mix: Mix, name: str, cols: int, n_layers: int, n_gqa: int, imatrix: bool) -> tuple[str, str]:
+    if name in ("token_embd.weight", "output.weight"):  # tied with the output head: quantized like output.weight
         block = ggml_type(mix.default).block_size  # llama.cpp checks the default type's block (256 in every mix)
         if cols % block:
             return MORE_BITS_UNALIGNED, f"tied embedding, rows not a multiple of {block}"
         return MORE_BITS, "tied embedding"
     m = _LAYER.match(name)
-    rule = mix.rules.get(m.group(2)) if m else None
+    rules = mix.rules if imatrix else {**mix.rules, **mix.without_imatrix}
+    rule = rules.get(m.group(2)) if m else None
     qtype = rule(int(m.group(1)), n_layers, n_gqa) if rule else None
     return (mix.default, "") if qtype in (None, mix.default) else (qtype, f"mix: {m.group(2)}")
 
 
-def choose_type(name: str, shape: tuple[int, ...], type_name: str, n_layers: int, n_gqa: int = 2) -> TypeChoice:
+def choose_type(name: str, shape: tuple[int, ...], type_name: str, n_layers: int, n_gqa: int = 2,
+                imatrix: bool = False) -> TypeChoice:
     """The ggml type of GGUF tensor ``name`` with PyTorch ``shape`` under ``--type type_name``.
 
     ``n_gqa``: query heads per KV head (``num_attention_heads // num_key_value_heads``), which the Q2_K and IQ4_XS
-    mixes look at (≥ 4 gives attn_v more bits); 2 for every Gemma 2 size.
+    mixes look at (≥ 4 gives attn_v more bits); 2 for every Gemma 2 size. ``imatrix``: an importance matrix is
+    given (drops the mix's ``without_imatrix`` rules).
     """
     key = check_type(type_name)
     default = GGUF_TYPES[key][0]
@@ -159,7 +164,7 @@ def choose_type(name: str, shape: tuple[int, ...], type_name: str, n_layers: int
         return TypeChoice(name, "F32", "norm" if name.endswith("norm.weight") else "1-D")
     cols = shape[-1]
     mix = MIXES.get(key)
-    qtype, reason = _mix_type(mix, name, cols, n_layers, n_gqa) if mix else (default, "")
+    qtype, reason = _mix_type(mix, name, cols, n_layers, n_gqa, imatrix) if mix else (default, "")
     final = fallback_type(qtype, cols)
     if final != qtype:
         reason = f"fallback: row of {cols} is not a multiple of {qtype}'s block"

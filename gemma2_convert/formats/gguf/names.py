@@ -42,6 +42,7 @@ HF_TO_GGUF: dict[str, str] = {
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
     "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+    "lm_head.weight": "output.weight",  # an untied head only (a merged adapter that changed one side)
 }
 GGUF_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_GGUF.items()}
 

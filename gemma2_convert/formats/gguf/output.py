@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,12 @@ from gemma2_convert.core.errors import ConfigError, UnsupportedError, name_list
 from gemma2_convert.core.progress import Progress
 from gemma2_convert.formats.gguf import metadata as gm
 from gemma2_convert.formats.gguf.file import GGUFFile
+from gemma2_convert.formats.gguf.importance import (
+    imatrix_metadata,
+    load_imatrix,
+    missing_warning,
+    weigh_plans,
+)
 from gemma2_convert.formats.gguf.mix import (
     TypeChoice,
     check_type,
@@ -46,6 +53,11 @@ from gemma2_convert.formats.gguf.split import (
     plan_parts,
     seal_parts,
     split_prefix,
+)
+from gemma2_convert.formats.gguf.transcode import (
+    gguf_transcode,
+    transcode_planner,
+    with_transcode,
 )
 from gemma2_convert.formats.gguf.values import Value, ValueType, array, string
 from gemma2_convert.formats.gguf.writer import (
@@ -83,15 +95,17 @@ def tensor_order(ckpt: Checkpoint) -> list[str]:
     return [n for n in expected_shapes(ckpt.config) if n != "model.norm.weight"] + ["model.norm.weight"]
 
 
-def plan_tensors(ckpt: Checkpoint, type_name: str) -> tuple[list[TensorPlan], list[TypeChoice]]:
-    """One TensorPlan per tensor (with the +1 / fold transforms), and every tensor's type choice."""
+def plan_tensors(ckpt: Checkpoint, type_name: str,
+                 imatrix: bool = False) -> tuple[list[TensorPlan], list[TypeChoice]]:
+    """One TensorPlan per tensor (with the +1 / fold transforms), and every tensor's type choice (``imatrix``:
+    the mix as llama-quantize chooses it when given an importance matrix)."""
     cfg = ckpt.config
     ratio = query_fold_ratio(cfg)
     plans, choices = [], []
     for hf in tensor_order(ckpt):
         src, name = ckpt.tensors[hf], gguf_name(hf)
         choice = choose_type(name, src.shape, type_name, cfg.num_hidden_layers,
-                             cfg.num_attention_heads // cfg.num_key_value_heads)
+                             cfg.num_attention_heads // cfg.num_key_value_heads, imatrix)
         transform = add_one if is_norm(hf) else (lambda w: fold_query(w, ratio)) if is_query(hf) and ratio != 1 else None
         plans.append(TensorPlan(name, src, choice.qtype, transform))
         choices.append(choice)
@@ -219,8 +233,17 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
     key = check_type(opts.gguf_type)
     ckpt = causal_lm_view(ckpt, opts.drop_head, progress.warn)
     ratio = query_fold_ratio(ckpt.config)
-    plans, choices = (planner or plan_tensors)(ckpt, key)
+    im = load_imatrix(opts.imatrix)
+    transcode = gguf_transcode(ckpt, opts, progress) if planner is None else None  # a quantized source
+    if transcode is not None:
+        planner = transcode_planner(transcode, plan_tensors, tensor_order)
+    plans, choices = (planner or partial(plan_tensors, imatrix=im is not None))(ckpt, key)
     _warn_plan(ckpt, ratio, choices, progress)
+    if im is not None:
+        plans, missing = weigh_plans(plans, im, opts.imatrix)
+        if warning := missing_warning(missing, opts.imatrix):
+            progress.warn(warning)
+        extra_metadata = (*extra_metadata, *imatrix_metadata(opts.imatrix, im))
     check = WeightCheck(opts.allow_nonfinite, progress.warn, ckpt.path, fix="use --type bf16 or f32")
     meta = (gm.model_metadata(ckpt.config, file_type(key), ckpt.path.stem) + provenance(ckpt, ratio)
             + vocabulary(ckpt, opts.tokenizer) + norm_residuals(ckpt) + list(extra_metadata))
@@ -229,8 +252,9 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
     if opts.split:
         parts = plan_parts(meta, plans, opts.split_bytes, opts.split_max_tensors)
         details["parts"] = len(parts)
-        return WriteJob(ckpt.config, sum(p.nbytes for p in parts), sum(p.source.nbytes for p in plans),
-                        tolerance(choices, ckpt, ratio), split_writer(parts, opts, check), details, source=ckpt)
+        job = WriteJob(ckpt.config, sum(p.nbytes for p in parts), sum(p.source.nbytes for p in plans),
+                       tolerance(choices, ckpt, ratio), split_writer(parts, opts, check), details, source=ckpt)
+        return with_transcode(job, transcode)
     head = header_bytes(meta, plans)
 
     def write(tmp: Path, progress: Progress) -> list[str]:
@@ -240,8 +264,9 @@ def prepare_gguf(ckpt: Checkpoint, opts: ConvertOptions, progress: Progress, pla
         patch_string(tmp, gm.K_SOURCE_FINGERPRINT, HASH_PLACEHOLDER, h.hexdigest())
         return []
 
-    return WriteJob(ckpt.config, len(head) + sum(p.nbytes + 32 for p in plans), sum(p.source.nbytes for p in plans),
-                    tolerance(choices, ckpt, ratio), write, details, source=ckpt)
+    return with_transcode(WriteJob(ckpt.config, len(head) + sum(p.nbytes + 32 for p in plans),
+                                   sum(p.source.nbytes for p in plans), tolerance(choices, ckpt, ratio), write,
+                                   details, source=ckpt), transcode)
 
 
 def split_writer(parts: list[Part], opts: ConvertOptions, check: WeightCheck) -> Callable[[Path, Progress], list[str]]:

@@ -10,6 +10,7 @@ gain comes from better scales, not a new format (../shared/spec/QUANT_FORMATS.md
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,10 +72,12 @@ def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str,
     return pack_q4_1(d, m, u.to(torch.uint8))
 
 
-def make_planner(specs: dict[str, QuantSpec | None], mq,
-                 embedding: str = "keep") -> Callable[[Checkpoint, str], tuple[list, list]]:
+def make_planner(specs: dict[str, QuantSpec | None], mq, embedding: str = "keep",
+                 types: dict[str, str] | None = None) -> Callable[[Checkpoint, str], tuple[list, list]]:
     """A ``gguf_convert.plan_tensors`` replacement whose quantized tensors carry our block encoders;
-    ``embedding='q6_k'``: the tied embedding as Q6_K by llama.cpp's reference quantizer."""
+    ``embedding='q6_k'``: the tied embedding as Q6_K by llama.cpp's reference quantizer; ``types``: HF name →
+    the GGUF type a measured allocation chose (``pipeline/allocate.py``), encoded by llama.cpp's quantizer
+    with the activation importance."""
 
     def planner(ckpt: Checkpoint, key: str) -> tuple[list[TensorPlan], list[TypeChoice]]:
         base, _ = plan_tensors(ckpt, "f32")
@@ -84,6 +87,11 @@ def make_planner(specs: dict[str, QuantSpec | None], mq,
         for p in base:
             hf = hf_names[p.name]
             spec = specs.get(hf)
+            if types and hf in types:
+                encoder = _typed_encoder(hf, types[hf], mq)
+                plans.append(TensorPlan(p.name, p.source, types[hf], p.transform, encoder))
+                choices.append(TypeChoice(p.name, types[hf], "measured allocation"))
+                continue
             if spec is None and embedding == "q6_k" and hf in EMBEDDING_NAMES:
                 plans.append(TensorPlan(p.name, p.source, "Q6_K", p.transform))
                 choices.append(TypeChoice(p.name, "Q6_K", "output head"))
@@ -111,13 +119,22 @@ def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[
     def encode(w: torch.Tensor) -> torch.Tensor:  # w: float32 [rows, cols], query fold applied
         if qtype == "Q4_K" or spec.method in ("rtn", "mse"):
             qw = mq.importance.get(hf)
-            if spec.method == "mse" and qw is None:
-                qw = torch.ones(w.shape[1])
+            if spec.method == "mse" and qw is None and getattr(mq, "imatrix", None) is None:
+                qw = torch.ones(w.shape[1])  # with an imatrix file, a weight it lacks gets the reference path
             data = quantize_tensor(w, qtype, quant_weights=qw if spec.method != "rtn" else None)
         else:
             q, s, z = mq.codes(hf, w, torch.float16, gptq_scale=fold, record=False)
-            data = blocks(q, s, z, qtype, w, keep_codes=spec.method == "gptq")
+            data = blocks(q, s, z, qtype, w, keep_codes=spec.method in ("gptq", "autoround"))
         mq.record_error(hf, f"{spec.label()}→{qtype}", block_error(w, data, qtype))
+        return data
+
+    return encode
+
+
+def _typed_encoder(hf: str, qtype: str, mq) -> Callable[[torch.Tensor], torch.Tensor]:
+    def encode(w: torch.Tensor) -> torch.Tensor:
+        data = quantize_tensor(w, qtype, quant_weights=mq.importance.get(hf))
+        mq.record_error(hf, f"measured→{qtype}", block_error(w, data, qtype))
         return data
 
     return encode
@@ -148,12 +165,21 @@ def main_type(specs: dict[str, QuantSpec | None]) -> str:
 
 
 def prepare_gguf_quantized(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: Any, embedding: str,
-                           allow_nonfinite: bool, progress: Progress) -> WriteJob:
-    """Plan ``ckpt`` as a GGUF whose quantized tensors come from ``mq`` (a ``quantize.ModuleQuantizer``)."""
+                           allow_nonfinite: bool, progress: Progress, split_max_size: str | int | None = None,
+                           split_max_tensors: int | None = None, imatrix: Path | None = None,
+                           types: dict[str, str] | None = None) -> WriteJob:
+    """Plan ``ckpt`` as a GGUF whose quantized tensors come from ``mq`` (a ``quantize.ModuleQuantizer``); with a
+    split limit, as a split set; ``imatrix``: the file ``mq``'s importance came from, recorded in the metadata;
+    ``types``: a measured per-tensor allocation (HF name → GGUF type), listed in the metadata."""
     if ckpt.config.head != "causal_lm":
         raise UnsupportedError(f"llama.cpp's gemma2 has no {ckpt.config.head} head; use --format hf", ckpt.path)
     label = next(s for s in specs.values() if s is not None).label()
-    opts = ConvertOptions(to="gguf", command="gemma2-quantize", gguf_type=main_type(specs),
-                          allow_nonfinite=allow_nonfinite, verify=False)
-    return prepare_gguf(ckpt, opts, progress, planner=make_planner(specs, mq, embedding),
+    file_type = main_type(specs)
+    if types:
+        label = "measured allocation: " + ", ".join(f"{n}={t}" for n, t in sorted(types.items()))
+        file_type = max(set(types.values()), key=list(types.values()).count).lower()
+    opts = ConvertOptions(to="gguf", command="gemma2-quantize", gguf_type=file_type,
+                          allow_nonfinite=allow_nonfinite, verify=False, split_max_size=split_max_size,
+                          split_max_tensors=split_max_tensors, imatrix=imatrix)
+    return prepare_gguf(ckpt, opts, progress, planner=make_planner(specs, mq, embedding, types),
                         extra_metadata=((K_QUANTIZATION, string(label)),))

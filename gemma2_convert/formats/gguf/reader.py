@@ -45,8 +45,10 @@ from gemma2_convert.formats.gguf.values import GGUF_MAGIC
 from gemma2_convert.formats.registry import Checkpoint, register_reader
 from gemma2_convert.formats.stored import PartRow, Stored, TensorRow, json_text, summary
 from gemma2_convert.formats.tokenizer.from_gguf import spm_from_gguf
+from quant.gguf_blocks import BLOCK_TYPES, codes_from_blocks
 from quant.gguf_codec import dequantize_tensor
 from quant.gguf_types import GGML_TYPES
+from quant.qtensor import quant_tensor
 
 _FLOAT_VIEWS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -97,6 +99,11 @@ def _canonical(f: GGUFSet, info: TensorInfo, hf: str, fold: float, source_dtype:
             return q if exact_dtype is None else q.to(exact_dtype).float()  # back onto the source grid
 
         return LazyTensor(shape, torch.float32, query)
+    if info.type_name in BLOCK_TYPES and len(shape) == 2:  # its codes stay readable (quantized → quantized)
+        return quant_tensor(shape, torch.float32, lambda: codes_from_blocks(torch.from_numpy(f.raw(info.name)),
+                                                                            info.type_name, shape),
+                            kind=BLOCK_TYPES[info.type_name][0], bits=BLOCK_TYPES[info.type_name][1], group_size=32,
+                            layout=f"gguf:{info.type_name}", stored_nbytes=None)
     return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info))
 
 
@@ -172,6 +179,8 @@ def open_gguf(path: Path, **_: object) -> Checkpoint:
     if arch != ARCH:
         raise UnsupportedError(f"GGUF architecture is {arch!r}; only {ARCH!r} (Gemma 2) is supported", path)
     cfg = config_from_metadata(f.kv, _check_vocab(f), str(path))
+    if "output.weight" in f.tensors and cfg.tie_word_embeddings:  # a separate head (a merged adapter's)
+        cfg = cfg.replace(tie_word_embeddings=False)
     fold = float(f.kv.get(K_QUERY_FOLD, 1.0))
     if not math.isfinite(fold) or fold <= 0:
         raise FormatError(f"{K_QUERY_FOLD} is {fold}, expected a positive factor", path)

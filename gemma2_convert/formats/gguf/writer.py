@@ -81,6 +81,9 @@ class TensorPlan:
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Encodes the whole (transformed, float32) tensor to ``qtype`` block bytes in place of the stock
     quantizer: how a smarter method (mse, gptq, …) writes blocks that llama.cpp decodes as usual."""
+    quant_weights: torch.Tensor | None = None
+    """float32 ``[cols]``: the per-column importance (an imatrix entry) the stock quantizer weights its search
+    with, as ``llama-quantize --imatrix`` does; None: the reference quantizer."""
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -122,7 +125,7 @@ _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 
 
 def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, quant_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Float rows [r, cols] → the uint8 bytes of those rows in ``qtype``.
 
     The bytes go into ``out`` (a reusable uint8 buffer) when it is large enough: writing into an
@@ -136,7 +139,7 @@ def encode_chunk(chunk: torch.Tensor, qtype: str, transform: Callable | None,
     if target is None or (target == torch.bfloat16 and chunk.dtype != torch.bfloat16):
         nbytes = bytes_for(qtype, chunk.shape)
         dst = out[:nbytes] if out is not None and out.numel() >= nbytes else None
-        return quantize_tensor(chunk, qtype, threads=1, out=dst)  # one chunk per encoder thread
+        return quantize_tensor(chunk, qtype, quant_weights, threads=1, out=dst)  # one chunk per encoder thread
     nbytes = chunk.numel() * target.itemsize
     if out is None or out.numel() < nbytes:
         return chunk.to(target).contiguous().view(torch.uint8)
@@ -245,7 +248,7 @@ class _Stream:
         return chunk
 
     def _encode(self, t: TensorPlan, src: torch.Tensor, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return encode_chunk(self.checked(t, src, chunk), t.qtype, t.transform, out)
+        return encode_chunk(self.checked(t, src, chunk), t.qtype, t.transform, out, t.quant_weights)
 
     def encoded(self, t: TensorPlan, src: torch.Tensor) -> Iterator[torch.Tensor]:
         """The bytes of ``t`` chunk by chunk, in order (in one piece for a custom encoder), each chunk

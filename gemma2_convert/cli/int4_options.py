@@ -1,0 +1,56 @@
+"""gemma2-quantize's int4 options: ``--equalize``, ``--bpw``/``--target-size``, autoround's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from gemma2_convert.core.units import parse_size
+
+from gemma2_convert.pipeline.autoround import FAST, AutoRoundSettings
+
+DEFAULT = AutoRoundSettings()
+
+
+def int4_options(fn: Callable) -> Callable:
+    """``--equalize``, ``--bpw``, ``--target-size`` and ``--autoround-steps / -batch / -tokens / -lr``."""
+    options = [
+        click.option("--equalize", is_flag=True,
+                     help="Fold activation-aware (AWQ) per-channel scales, measured on the calibration "
+                          "text, into the pre-norms, up_proj and v_proj before quantizing: the float model is unchanged "
+                          "(exact fold), the quantized one loses less. Works with every method and format."),
+        click.option("--autoround-steps", type=click.IntRange(1), default=DEFAULT.steps, show_default=True,
+                     help=f"--method autoround: signed-gradient steps per decoder layer ({FAST.steps} with "
+                          f"--autoround-batch {FAST.batch} --autoround-tokens {FAST.tokens}: the faster "
+                          "setting)."),
+        click.option("--autoround-batch", type=click.IntRange(1), default=DEFAULT.batch, show_default=True,
+                     help="--method autoround: calibration sequences per step."),
+        click.option("--autoround-tokens", type=click.IntRange(1), default=DEFAULT.tokens, show_default=True,
+                     help="--method autoround: leading tokens of each sequence a step uses."),
+        click.option("--bpw", type=click.FloatRange(min=2, max=8.5), default=None,
+                     help="--format gguf: bits per weight over the matrices; each tensor's GGUF type is "
+                          "chosen by its measured sensitivity on the calibration text (listed in the report "
+                          "and the file's metadata)."),
+        click.option("--target-size", default=None,
+                     help="--format gguf: like --bpw, for a file of about this size (5GB, 1.2G, bytes)."),
+        click.option("--autoround-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="--method autoround: step size (default 1 / steps, decayed linearly)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def autoround_settings(steps: int, batch: int, tokens: int, lr: float | None) -> AutoRoundSettings:
+    return AutoRoundSettings(steps=steps, lr=lr, batch=batch, tokens=tokens)
+
+
+def target_bytes(value: str | None) -> int | None:
+    """``--target-size``: bytes, or None."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--target-size") from None
