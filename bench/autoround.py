@@ -48,7 +48,7 @@ def cases(src: Path, f32: Path, work: Path, threads: int, tools: Path, quick: bo
 
 def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bool = False,
         tools: Path | None = None, log=harness.say) -> str:
-    from bench.imatrix import llama_tools_dir
+    from gemma2_convert.pipeline.llama_runner import llama_tools_dir
 
     tools = tools or llama_tools_dir()
     full = synth.preset(size)

@@ -15,19 +15,11 @@ from pathlib import Path
 
 from bench import harness, report, synth
 from bench.harness import CONVERT, Case
+from gemma2_convert.pipeline.llama_runner import llama_tools_dir
 
 MARK = "imatrix"
 WORDS = ("the", "model", "reads", "a", "long", "text", "about", "rivers", "and", "stone", "bridges", "that",
          "cross", "them", "in", "old", "towns", "where", "people", "walk", "slowly", "at", "night")
-
-
-def llama_tools_dir() -> Path:
-    """Where tools/build_llama_tools.sh puts llama-imatrix (the rule of that script and tests/llama_tools)."""
-    import llama_cpp
-
-    default = Path.home() / ".cache" / "gemma2-convert" / "llama-tools"
-    root = Path(os.environ.get("GEMMA2_LLAMA_TOOLS", default))
-    return root / llama_cpp.__version__ / "bin"
 
 
 def write_text(path: Path, words: int) -> Path:

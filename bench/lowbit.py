@@ -23,18 +23,12 @@ from bench import harness, report, synth
 from bench.gguf import compare_files
 from bench.harness import CONVERT, PYTHON, Case
 from bench.quant import ggml_quantize_chunk
+from gemma2_convert.pipeline.llama_runner import llama_tools_dir
 
 MARK = "lowbit"
 KERNEL_TYPES = ("IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K")
 FILE_TYPES = (("iq4_xs_mix", "IQ4_XS"), ("q3_k_s", "Q3_K_S"), ("q3_k_m", "Q3_K_M"))
 """(our --type, llama-quantize's type)."""
-
-
-def default_tools() -> Path:
-    """Where tools/build_llama_tools.sh puts llama-quantize for the installed llama-cpp-python."""
-    import llama_cpp
-
-    return Path.home() / ".cache" / "gemma2-convert" / "llama-tools" / llama_cpp.__version__ / "bin"
 
 
 def kernels_main(argv: list[str]) -> int:
@@ -119,7 +113,7 @@ def file_cases(src: Path, imatrix: Path, work: Path, tools: Path, threads: int, 
 
 def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bool = False,
         tools: Path | None = None, log=harness.say) -> str:
-    tools = tools or default_tools()
+    tools = tools or llama_tools_dir()
     if not (tools / "llama-quantize").is_file():
         raise RuntimeError(f"{tools / 'llama-quantize'} is missing: run `bash tools/build_llama_tools.sh` first")
     log("lowbit: quantizer kernels, one thread each")

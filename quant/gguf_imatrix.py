@@ -30,46 +30,44 @@ def _weights(x: Tensor, quant_weights: Tensor) -> Tensor:
     return quant_weights.to(torch.float32)[None, :] * kq.sqrt_f32(sigma2[:, None] + x * x)
 
 
-def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
-    """float ``[rows, cols]`` → Q4_0 bytes ``[rows, cols/32·18]``."""
+def _symmetric(w: Tensor, quant_weights: Tensor, nmax: int, pack) -> Tensor:
+    """``quantize_row_q{4,5}_0_impl``: ``make_qx_quants`` with the error weights, per block of 32."""
     x = w.to(torch.float32)
     rows, cols = x.shape
-    scale, levels = kq.make_qx_quants(_element_major(x), 8, _element_major(_weights(x, quant_weights)))
+    scale, levels = kq.make_qx_quants(_element_major(x), nmax, _element_major(_weights(x, quant_weights)))
     d = scale.to(torch.float16).reshape(rows, cols // QK)
-    return lg.pack_q4_0(d, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+    return pack(d, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def _with_min(w: Tensor, quant_weights: Tensor, nmax: int, pack) -> Tensor:
+    """``quantize_row_q{4,5}_1_impl``: ``make_qkx2_quants`` with the error weights; ``m = -the_min``."""
+    x = w.to(torch.float32)
+    rows, cols = x.shape
+    scale, the_min, levels = kq.make_qkx2_quants(_element_major(x), _element_major(_weights(x, quant_weights)),
+                                                 nmax, -0.9, 0.05, 36)
+    d = scale.to(torch.float16).reshape(rows, cols // QK)
+    m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
+    return pack(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+
+
+def quantize_q4_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
+    """float ``[rows, cols]`` → Q4_0 bytes ``[rows, cols/32·18]``."""
+    return _symmetric(w, quant_weights, 8, lg.pack_q4_0)
 
 
 def quantize_q4_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
-    """float ``[rows, cols]`` → Q4_1 bytes ``[rows, cols/32·20]``; ``m = -the_min``."""
-    x = w.to(torch.float32)
-    rows, cols = x.shape
-    scale, the_min, levels = kq.make_qkx2_quants(_element_major(x), _element_major(_weights(x, quant_weights)),
-                                                 15, -0.9, 0.05, 36)
-    d = scale.to(torch.float16).reshape(rows, cols // QK)
-    m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
-    return lg.pack_q4_1(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+    """float ``[rows, cols]`` → Q4_1 bytes ``[rows, cols/32·20]``."""
+    return _with_min(w, quant_weights, 15, lg.pack_q4_1)
 
 
 def quantize_q5_0_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
-    """float ``[rows, cols]`` → Q5_0 bytes ``[rows, cols/32·22]``: ``quantize_row_q5_0_impl``, Q4_0's search with
-    ``nmax`` 16."""
-    x = w.to(torch.float32)
-    rows, cols = x.shape
-    scale, levels = kq.make_qx_quants(_element_major(x), 16, _element_major(_weights(x, quant_weights)))
-    d = scale.to(torch.float16).reshape(rows, cols // QK)
-    return lg.pack_q5_0(d, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+    """float ``[rows, cols]`` → Q5_0 bytes ``[rows, cols/32·22]``: Q4_0's search with ``nmax`` 16."""
+    return _symmetric(w, quant_weights, 16, lg.pack_q5_0)
 
 
 def quantize_q5_1_imatrix(w: Tensor, quant_weights: Tensor) -> Tensor:
-    """float ``[rows, cols]`` → Q5_1 bytes ``[rows, cols/32·24]``: ``quantize_row_q5_1_impl``, Q4_1's search with
-    ``nmax`` 31; ``m = -the_min``."""
-    x = w.to(torch.float32)
-    rows, cols = x.shape
-    scale, the_min, levels = kq.make_qkx2_quants(_element_major(x), _element_major(_weights(x, quant_weights)),
-                                                 31, -0.9, 0.05, 36)
-    d = scale.to(torch.float16).reshape(rows, cols // QK)
-    m = the_min.neg().to(torch.float16).reshape(rows, cols // QK)
-    return lg.pack_q5_1(d, m, levels.T.to(torch.uint8).reshape(rows, cols // QK, QK))
+    """float ``[rows, cols]`` → Q5_1 bytes ``[rows, cols/32·24]``: Q4_1's search with ``nmax`` 31."""
+    return _with_min(w, quant_weights, 31, lg.pack_q5_1)
 
 
 def with_imatrix(ref, impl):

@@ -1,8 +1,8 @@
 """llama.cpp's ``llama-quantize`` and ``llama-imatrix``, as tools/build_llama_tools.sh builds and caches them.
 
 The script builds them from the sources vendored in the installed llama-cpp-python's sdist into
-``${GEMMA2_LLAMA_TOOLS:-~/.cache/gemma2-convert/llama-tools}/<llama_cpp version>/bin`` (the variable only
-moves the cache, as in the script); .ci/run runs it before the tests. A test that needs a binary which is not
+``~/.cache/gemma2-convert/llama-tools/<llama_cpp version>/bin`` (``llama_runner.llama_tools_dir``); .ci/run runs
+it before the tests. A test that needs a binary which is not
 there fails with the command that builds it — it does not skip, since CI always has them.
 """
 
@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from gemma2_convert.pipeline.llama_runner import llama_tools_dir
+
 TOOLS = ("llama-quantize", "llama-imatrix")
-
-
-def tools_dir() -> Path:
-    """The bin directory the build script writes (the same rule as the script)."""
-    import llama_cpp
-
-    default = Path.home() / ".cache" / "gemma2-convert" / "llama-tools"
-    root = Path(os.environ.get("GEMMA2_LLAMA_TOOLS", default))
-    return root / llama_cpp.__version__ / "bin"
 
 
 def llama_tool(name: str) -> Path:
     """The path of ``name`` (one of ``TOOLS``); fails the calling test when it has not been built."""
     assert name in TOOLS, name
-    path = tools_dir() / name
+    path = llama_tools_dir() / name
     if not os.access(path, os.X_OK):
         pytest.fail(f"{path} is missing: build llama.cpp's tools first with `bash "
                     "tools/build_llama_tools.sh` (about 5 minutes; .ci/run does it)", pytrace=False)

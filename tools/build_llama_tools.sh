@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's llama-quantize and llama-imatrix from the sources vendored in the llama-cpp-python sdist of
 # the installed llama-cpp-python version, with the CMAKE flags of .ci/run (no native/AMX kernels), and caches
-# them under ${GEMMA2_LLAMA_TOOLS:-~/.cache/gemma2-convert/llama-tools}/<version>/bin. Prints the bin directory.
+# them under ~/.cache/gemma2-convert/llama-tools/<version>/bin. Prints the bin directory.
 # A second run with the binaries present does nothing. The tests that compare with these tools find them there
-# (tests/llama_tools.py).
+# (gemma2_convert/pipeline/llama_runner.py: llama_tools_dir).
 set -euo pipefail
 version=$(python -c "import llama_cpp; print(llama_cpp.__version__)")
-root=${GEMMA2_LLAMA_TOOLS:-$HOME/.cache/gemma2-convert/llama-tools}
+root=$HOME/.cache/gemma2-convert/llama-tools
 dest="$root/$version"
 if [[ -x "$dest/bin/llama-quantize" && -x "$dest/bin/llama-imatrix" ]]; then
     echo "$dest/bin"; exit 0

@@ -29,17 +29,13 @@ from gemma2_convert.pipeline.llama_runner import llama_cpp_logits, llama_quantiz
 from gemma2_convert.pipeline.quality import eval_prompts  # noqa: E402
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 from quant.metrics import kl_divergence  # noqa: E402
+from gemma2_convert.pipeline.llama_runner import llama_tools_dir  # noqa: E402
+from quant_quality import replace_section  # noqa: E402  (tools/, the script's own directory)
 
 FIX = ROOT / "tests" / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
 BEGIN, END = "<!-- int4 -->", "<!-- /int4 -->"
 CMD = "gemma2-quantize tests/fixtures/gemma2-tiny-trained OUT --calibration tests/fixtures/calibration.txt"
-
-
-def llama_tools() -> Path:
-    import llama_cpp
-
-    return Path.home() / ".cache" / "gemma2-convert" / "llama-tools" / llama_cpp.__version__ / "bin"
 
 
 def llama_rows(work: Path, f32: Path, tools: Path) -> list[tuple[str, str, Path]]:
@@ -122,13 +118,6 @@ def render(gg: list[tuple], ct: list[tuple], tokens: int) -> str:
     return "\n".join([*lines, "", END])
 
 
-def replace_section(doc: str, section: str) -> str:
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        return head + section + rest.split(END, 1)[1]
-    return doc.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "QUANTIZATION.md")
@@ -138,10 +127,10 @@ def main(argv: list[str]) -> int:
     prompts = [p[0].tolist() for p in eval_prompts(src, EVAL.read_text(), 256, max_seqs=64)]
     with tempfile.TemporaryDirectory(prefix="int4-quality-") as tmp:
         work = Path(tmp)
-        gg = gguf_table(work, args.llama_tools or llama_tools(), prompts)
+        gg = gguf_table(work, args.llama_tools or llama_tools_dir(), prompts)
         ct = ct_table(work)
     section = render(gg, ct, sum(len(p) - 1 for p in prompts))
-    args.out.write_text(replace_section(args.out.read_text(), section))
+    args.out.write_text(replace_section(args.out.read_text(), section, BEGIN, END))
     print(section)
     return 0
 

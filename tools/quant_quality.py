@@ -14,6 +14,7 @@ alone and replaces it in ``--out``.
 from __future__ import annotations
 
 import argparse
+import re
 import platform
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from gemma2_convert.pipeline.llama_runner import llama_cpp_logits, llama_quantiz
 from gemma2_convert.pipeline.quality import eval_prompts  # noqa: E402
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint  # noqa: E402
 from quant.metrics import kl_divergence, perplexity, top1_agreement  # noqa: E402
+from gemma2_convert.pipeline.llama_runner import llama_tools_dir  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
@@ -94,13 +96,6 @@ def gguf_rows(work: Path, n_params: int, prompts: list[list[int]]) -> tuple[list
     return rows, perplexity(torch.cat([x[:-1] for x in llama_cpp_logits(f32, prompts)]), targets)
 
 
-def llama_tools() -> Path:
-    """Where tools/build_llama_tools.sh puts llama-imatrix for the installed llama-cpp-python."""
-    import llama_cpp
-
-    return Path.home() / ".cache" / "gemma2-convert" / "llama-tools" / llama_cpp.__version__ / "bin"
-
-
 def imatrix_rows(work: Path, n_params: int, prompts: list[list[int]], tools: Path) -> list[tuple]:
     """Per type: (label, bpw, then mean KL, top-1 and perplexity with no imatrix, llama-imatrix's and ours)."""
     f32 = work / "im-f32.gguf"
@@ -148,12 +143,19 @@ def render_imatrix(rows: list[tuple], tokens: int) -> str:
     return "\n".join([*lines, "", IMATRIX_END])
 
 
-def replace_imatrix(doc: str, section: str) -> str:
-    """``doc`` with its imatrix section replaced by ``section`` (appended when it has none)."""
-    if IMATRIX_BEGIN in doc and IMATRIX_END in doc:
-        head, rest = doc.split(IMATRIX_BEGIN, 1)
-        return head + section + rest.split(IMATRIX_END, 1)[1]
+def replace_section(doc: str, section: str, begin: str = IMATRIX_BEGIN, end: str = IMATRIX_END) -> str:
+    """``doc`` with its ``begin``…``end`` section replaced by ``section`` (appended when it has none)."""
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
     return doc.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def kept_sections(doc: str) -> list[str]:
+    """The marked sections of ``doc`` other tools write (``<!-- name -->`` … ``<!-- /name -->``), e.g.
+    tools/int4_quality.py's: a full run keeps them."""
+    found = re.findall(r"(<!-- ([a-z0-9]+) -->.*?<!-- /\2 -->)", doc, flags=re.S)
+    return [text for text, name in found if f"<!-- {name} -->" != IMATRIX_BEGIN]
 
 
 def render(hf: list[tuple], gg: list[tuple], ppl_f32: float, src_ppl: float, n_params: int, tokens: int) -> str:
@@ -202,9 +204,10 @@ def main(argv: list[str]) -> int:
     tokens = sum(len(p) - 1 for p in prompts)
     with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
         work = Path(tmp)
-        section = render_imatrix(imatrix_rows(work, n_params, prompts, args.llama_tools or llama_tools()), tokens)
+        rows = imatrix_rows(work, n_params, prompts, args.llama_tools or llama_tools_dir())
+        section = render_imatrix(rows, tokens)
         if args.only == "imatrix":
-            args.out.write_text(replace_imatrix(args.out.read_text(), section))
+            args.out.write_text(replace_section(args.out.read_text(), section))
             print(f"wrote the imatrix section of {args.out}")
             return 0
         hf = hf_rows(work, n_params)
@@ -213,7 +216,11 @@ def main(argv: list[str]) -> int:
 
     src_ppl = quality_report(src, src, EVAL.read_text())["ppl_a"]
     doc = render(hf, gg, ppl_f32, src_ppl, n_params, tokens)
-    args.out.write_text(replace_imatrix(doc, section))
+    old = args.out.read_text() if args.out.exists() else ""
+    doc = replace_section(doc, section)
+    for kept in kept_sections(old):
+        doc = doc.rstrip("\n") + "\n\n" + kept + "\n"
+    args.out.write_text(doc)
     print(f"wrote {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from gemma2_convert import __version__
@@ -39,8 +40,15 @@ def layer_order(name: str) -> tuple[int, str]:
     return (0, name) if "embed" in name else (1 << 30, name)
 
 
-def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], codes: Codes) -> list[tuple[str, LazyTensor]]:
-    """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def packed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
+                 layout: Callable[[str, LazyTensor, QuantSpec], Layout],
+                 pack: Callable[[str, str, QuantSpec], dict[str, Tensor]]) -> list[tuple[str, LazyTensor]]:
+    """The stream of stored tensors in layer order: unquantized ones as they are, each quantized weight as the
+    parts ``layout(prefix, tensor, spec)`` names (``part -> (shape, dtype)``), loaded from
+    ``pack(name, prefix, spec)`` (``part -> tensor``) when written."""
     items: list[tuple[str, LazyTensor]] = []
     for name in sorted(ckpt.tensors, key=layer_order):
         lt, spec = ckpt.tensors[name], specs[name]
@@ -48,12 +56,19 @@ def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], codes
             items.append((name, lt))
             continue
         prefix = name.removesuffix(".weight")
-        layout = packed_layout(prefix, lt.shape, spec, scale_dtype_for(lt.dtype))
-        for part, (shape, dtype) in layout.items():
+        for part, (shape, dtype) in layout(prefix, lt, spec).items():
             def load(part: str = part, name: str = name, prefix: str = prefix, spec: QuantSpec = spec) -> Tensor:
-                return pack_quantized(prefix, *codes(name), spec)[part]
+                return pack(name, prefix, spec)[part]
             items.append((part, LazyTensor(shape, dtype, load)))
     return items
+
+
+def compressed_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], codes: Codes) -> list[tuple[str, LazyTensor]]:
+    """The stream of stored tensors for the compressed-tensors HF layout, in layer order."""
+    def layout(prefix: str, lt: LazyTensor, spec: QuantSpec) -> Layout:
+        return packed_layout(prefix, lt.shape, spec, scale_dtype_for(lt.dtype))
+
+    return packed_items(ckpt, specs, layout, lambda name, prefix, spec: pack_quantized(prefix, *codes(name), spec))
 
 
 def prepare_compressed(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], codes: Codes,

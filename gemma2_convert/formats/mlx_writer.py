@@ -21,7 +21,7 @@ from gemma2_convert import __version__
 from gemma2_convert.core.errors import UnsupportedError
 from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.core.progress import Progress
-from gemma2_convert.formats.compressed_writer import layer_order
+from gemma2_convert.formats.compressed_writer import Codes, Layout, layer_order, packed_items
 from gemma2_convert.formats.dense import (
     checked_cast,
     materialize_tokenizer,
@@ -43,7 +43,6 @@ from quant.mlx_affine import MLX_BITS, MLX_GROUP_SIZES, MODE, pack_affine
 from quant.qparams import scale_dtype_for
 from quant.spec import QuantSpec
 
-Codes = Callable[[str], tuple[Tensor, Tensor, "Tensor | None"]]
 """Weight name → (codes, scale, zero) of its quantization (``quant/qparams.py`` layout)."""
 
 
@@ -88,19 +87,14 @@ def affine_layout(prefix: str, shape: tuple[int, ...], bits: int, group: int,
 def quantized_items(ckpt: Checkpoint, specs: dict[str, QuantSpec | None],
                     codes: Codes) -> list[tuple[str, LazyTensor]]:
     """The stored tensors, in layer order: each quantized weight's ``weight``/``scales``/``biases``."""
-    items: list[tuple[str, LazyTensor]] = []
-    for name in sorted(ckpt.tensors, key=layer_order):
-        lt, spec = ckpt.tensors[name], specs[name]
-        if spec is None:
-            items.append((name, lt))
-            continue
-        prefix = name.removesuffix(".weight")
-        layout = affine_layout(prefix, lt.shape, spec.bits, spec.group_len(lt.shape[1]), scale_dtype_for(lt.dtype))
-        for i, (part, (shape, dtype)) in enumerate(layout.items()):
-            def load(i: int = i, name: str = name, bits: int = spec.bits) -> Tensor:
-                return pack_affine(*codes(name), bits)[i]
-            items.append((part, LazyTensor(shape, dtype, load)))
-    return items
+    def layout(prefix: str, lt: LazyTensor, spec: QuantSpec) -> Layout:
+        return affine_layout(prefix, lt.shape, spec.bits, spec.group_len(lt.shape[1]), scale_dtype_for(lt.dtype))
+
+    def pack(name: str, prefix: str, spec: QuantSpec) -> dict[str, Tensor]:
+        parts = (f"{prefix}.weight", f"{prefix}.scales", f"{prefix}.biases")
+        return dict(zip(parts, pack_affine(*codes(name), spec.bits)))
+
+    return packed_items(ckpt, specs, layout, pack)
 
 
 def write_job(ckpt: Checkpoint, items: list[tuple[str, LazyTensor]], quantization: dict[str, Any] | None,

@@ -15,6 +15,14 @@ import torch
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
 
 
+def llama_tools_dir() -> Path:
+    """Where tools/build_llama_tools.sh puts llama.cpp's ``llama-quantize`` and ``llama-imatrix``, built from
+    the sources of the installed llama-cpp-python (the tests, benchmarks and quality tools run them from there)."""
+    import llama_cpp
+
+    return Path.home() / ".cache" / "gemma2-convert" / "llama-tools" / llama_cpp.__version__ / "bin"
+
+
 def _llama_cpp():
     try:
         import llama_cpp
