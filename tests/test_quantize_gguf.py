@@ -74,6 +74,17 @@ def test_q6_k_embedding_is_gguf_only(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("method", ["hqq", "gptq", "autoround"])
+def test_own_codes_are_refused_for_q4_k(tmp_path, method):
+    """A group other than 32 makes Q4_K, whose scales only llama.cpp's search chooses: a method that writes its
+    own codes is refused before any work, not silently replaced by that search under its own name."""
+    from gemma2_convert.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--method {method} writes its own codes.*a group of 128 makes Q4_K"):
+        quantize_checkpoint(MODEL, tmp_path / "o.gguf", QuantizeOptions(4, 128, True, method, "gguf"))
+    assert not (tmp_path / "o.gguf").exists()
+
+
 @pytest.mark.slow  # the module's `work`: llama.cpp quantizes and runs 8 GGUFs (~3 min)
 def test_mse_and_gptq_beat_llama_cpp_q4_0(work):
     _, kl = work

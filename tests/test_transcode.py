@@ -92,6 +92,23 @@ def test_ct_int4_sym_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(ct_dir, 
     assert d.max() <= 0.75 and (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, f"max |Δ| {d.max():.3g}"
 
 
+def test_bf16_compressed_tensors_to_q4_0_verifies(src_dir, tmp_path):
+    """A compressed-tensors model quantized from bf16 weights has bf16 scales and decodes in bf16, rounding each
+    value; the Q4_0 blocks hold the same scales exactly (bf16 ⊂ fp16 for these magnitudes) but decode in float32.
+    The transcode keeps every code and scale, and verification judges it by BF16's rounding, not as a re-quantization."""
+    bf16 = tmp_path / "bf16"
+    convert(src_dir, bf16, ConvertOptions(to="hf", dtype="bfloat16"))
+    ct = tmp_path / "ct-bf16"
+    quantize_checkpoint(bf16, ct, QuantizeOptions(4, 32, True, "rtn", "hf", verify=False))
+    res = convert(ct, tmp_path / "q4_0.gguf", ConvertOptions(to="gguf", gguf_type="q4_0"))
+    assert res.report is not None and res.report.passed, res.report and res.report.failures
+    assert res.details["transcode"]["inexact_groups"] == 0
+    assert "decodes them in BF16" in res.report.bounds, res.report.bounds
+    ca, cb = open_checkpoint(ct), open_checkpoint(tmp_path / "q4_0.gguf")
+    for n, t in ca.tensors.items():  # the bf16 decode is the float32 one rounded to bf16
+        assert torch.equal(t.load(), cb.tensors[n].load().to(t.dtype)), n
+
+
 @pytest.mark.parametrize("type_name,bits,sym", [
     ("q4_0", 4, True), *(pytest.param(*p, marks=pytest.mark.slow) for p in [("q4_1", 4, False), ("q8_0", 8, True)])])
 def test_gguf_blocks_to_compressed_tensors_load_in_transformers(src_dir, tmp_path, type_name, bits, sym):

@@ -22,6 +22,7 @@ from gemma2_convert.core.progress import Progress
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.formats.tolerance import Tolerance
+from quant.gguf_types import ggml_type
 from quant.compressed_tensors import pack_quantized
 from quant.gguf_blocks import BLOCK_TYPES
 from quant.mlx_affine import MLX_BITS, MLX_GROUP_SIZES
@@ -120,6 +121,13 @@ class TranscodePlan:
                    for n, t in self.targets.items())
         if same:
             return Tolerance().because("a lossless transcode: the same codes and scales")
+        narrow = {self.sources[n].dtype for n, t in self.targets.items()
+                  if self.sources[n].dtype in HALF_TYPES and t.compute_dtype != self.sources[n].dtype}
+        if narrow:  # the source's decoder rounds each value to 16 bits, the target's does not
+            half = ggml_type(HALF_TYPES[min(narrow, key=lambda d: torch.finfo(d).eps)])
+            return Tolerance.lossy(*half.lossy_bound, min_sqnr_db=half.min_sqnr_db).because(
+                f"a lossless transcode: the same numbers, but the source decodes them in {half.name} and the "
+                f"target in float32, so the source's values are the target's rounded to {half.name}")
         return Tolerance.lossy(1e-6, 0.99, 1e-3, 60.0).because("a lossless transcode decoded by another rule")
 
     def params(self) -> dict[str, tuple[int, int]]:
@@ -148,6 +156,9 @@ class TranscodePlan:
         spec = QuantSpec(t.bits, t.group_size, t.kind == "sym")
         return pack_quantized(name.removesuffix(".weight"), q, c.scale.to(t.scale_dtype), zero, spec)
 
+
+HALF_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
+"""16-bit decode dtypes, by the ggml float type whose bounds (``lossy_bound``, ``min_sqnr_db``) rounding to them has."""
 
 def _mlx_words(c: QuantCodes) -> Tensor:
     signed = (c.u.to(torch.int16) - (1 << (c.bits - 1))).to(torch.int8)

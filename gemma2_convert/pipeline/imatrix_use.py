@@ -25,6 +25,10 @@ IMATRIX_METHODS = ("mse", "hqq")
 """The methods that weight their search with a per-column importance (rtn has none; gptq its own Hessian)."""
 
 
+CODE_METHODS = ("hqq", "gptq", "autoround")
+"""The methods whose own scales and codes go into the GGUF blocks (Q4_0 / Q4_1 / Q8_0; not Q4_K)."""
+
+
 class GGUFQuantizeOptions(Protocol):
     """The fields of ``pipeline.quantize.QuantizeOptions`` read here."""
 
@@ -33,6 +37,9 @@ class GGUFQuantizeOptions(Protocol):
     imatrix: Path | None
     split_max_size: str | int | None
     split_max_tensors: int | None
+    bits: int
+
+    def group(self) -> int | None: ...
 
 
 def is_split(opts: GGUFQuantizeOptions) -> bool:
@@ -49,6 +56,12 @@ def check_gguf_options(opts: GGUFQuantizeOptions) -> None:
     if opts.imatrix is not None and opts.method not in IMATRIX_METHODS:
         raise ConfigError(f"--imatrix weights the scale search of --method {' or '.join(IMATRIX_METHODS)}; "
                           f"--method {opts.method} does not use one (use --method mse: llama-quantize's search)")
+    group = opts.group()
+    if (opts.format == "gguf" and opts.bits == 4 and group != 32 and opts.method in CODE_METHODS
+            and getattr(opts, "bpw", None) is None and getattr(opts, "target_size", None) is None):
+        raise ConfigError(f"--method {opts.method} writes its own codes into Q4_0 / Q4_1 blocks (--group-size 32); "
+                          f"a group of {group} makes Q4_K, whose scales only llama.cpp's search chooses: use "
+                          "--group-size 32, or --method mse for Q4_K")
     if opts.imatrix is not None and getattr(opts, "equalize", False):
         raise ConfigError("--imatrix holds the activations of the model as given, but --equalize rescales them; "
                           "leave out one of the two")
