@@ -71,14 +71,22 @@ def db_from_rel_rmse(e: float) -> float:
     return math.inf if e == 0.0 else -20.0 * math.log10(e)
 
 
+METRIC_ROWS = 16
+"""Positions per step of the KL and perplexity sums (float64 rows of a 256k vocabulary: 32 MB a step)."""
+
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
     """Mean over positions of ``KL(P‖Q) = Σ_v p·(log p - log q)``; logits ``[..., V]``, P = reference."""
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logit shapes differ: {list(logits_p.shape)} vs {list(logits_q.shape)}")
-    lp = torch.log_softmax(logits_p.double(), dim=-1)                     # [..., V]
-    lq = torch.log_softmax(logits_q.double(), dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(dim=-1)                                # [...]
-    return float(kl.mean())
+    p2, q2 = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])  # [N, V]
+    if p2.shape[0] == 0:
+        return math.nan
+    total = 0.0
+    for i in range(0, p2.shape[0], METRIC_ROWS):  # float64 temporaries of a few rows, not of [N, 256k]
+        lp = torch.log_softmax(p2[i:i + METRIC_ROWS].double(), dim=-1)   # [n, V]
+        lq = torch.log_softmax(q2[i:i + METRIC_ROWS].double(), dim=-1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total / p2.shape[0]
 
 
 def top1_agreement(logits_p: Tensor, logits_q: Tensor) -> float:
@@ -98,6 +106,9 @@ def perplexity(logits: Tensor, targets: Tensor) -> float:
         raise ValueError(
             f"logits {list(logits.shape)} and targets {list(targets.shape)}: need [..., P, V] and [..., P], P ≥ 1"
         )
-    logp = torch.log_softmax(logits.double(), dim=-1)                      # [..., P, V]
-    nll = -logp.gather(-1, targets[..., None].long()).squeeze(-1)         # [..., P]
-    return math.exp(float(nll.mean()))
+    flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [N, V], [N]
+    total = 0.0
+    for i in range(0, flat.shape[0], METRIC_ROWS):
+        logp = torch.log_softmax(flat[i:i + METRIC_ROWS].double(), dim=-1)  # [n, V]
+        total -= float(logp.gather(-1, tgt[i:i + METRIC_ROWS, None].long()).sum())
+    return math.exp(total / flat.shape[0])
