@@ -30,7 +30,7 @@ from tests.adapter_helpers import (
 )
 from tests.conftest import with_slow
 
-pytest.importorskip("peft")
+import peft  # noqa: F401  (a real client of the test extra: missing is a failure, not a skip)
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 

@@ -16,7 +16,7 @@ from gemma2_convert.pipeline.adapters import lora_to_gguf
 from gemma2_convert.pipeline.convert import convert
 from tests.adapter_helpers import CFG, make_adapter, tiny_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 

@@ -25,8 +25,8 @@ from reference.config import Gemma2Config
 from tests.conftest import make_hf_model
 from tests.test_quant_primitives import assert_equal
 
-ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is the reference for this layout")
-transformers = pytest.importorskip("transformers")
+import compressed_tensors as ct
+import transformers
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 

@@ -166,7 +166,7 @@ def test_imatrix_and_split_options_are_checked(small, tmp_path):
 
 @pytest.mark.slow  # gemma2-quantize twice with verification, llama.cpp runs both (~20 s)
 def test_gemma2_quantize_imatrix_split_set_loads_in_llama_cpp(trained, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra")
+    import llama_cpp
     d = trained
     want = llama_quantize(d / "imatrix.gguf", d / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0")
     r = CliRunner().invoke(quantize_cli, [str(MODEL), str(tmp_path / "ours.gguf"), "--format", "gguf", "--imatrix",

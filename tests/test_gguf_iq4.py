@@ -213,7 +213,7 @@ def test_xs_scales_layout():
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_compiled_equals_torch_port(qtype: str):
     """Including what the codec refuses before or after (NaN / inf input, squares overflowing)."""
-    jit = pytest.importorskip("quant.gguf_iq4_jit", reason="numba is not installed")
+    import quant.gguf_iq4_jit as jit
     name = "quantize_" + qtype.lower()
     fast, port = getattr(jit, name), getattr(iq, name)
     rng = np.random.default_rng(5)
@@ -268,7 +268,7 @@ def test_registry_entries_and_fallbacks():
 
 
 def test_bad_shapes():
-    jit = pytest.importorskip("quant.gguf_iq4_jit", reason="numba is not installed")
+    import quant.gguf_iq4_jit as jit
     with pytest.raises(ValueError, match="multiple of the IQ4_XS block size 256"):
         iq.quantize_iq4_xs(torch.zeros(2, 288))
     with pytest.raises(ValueError, match="multiple of the IQ4_NL block size 32"):

@@ -8,7 +8,7 @@ import torch
 
 from quant import gguf_kquants as ref
 
-jit = pytest.importorskip("quant.gguf_kquants_jit")
+import quant.gguf_kquants_jit as jit
 pytest.importorskip("numba")
 
 TYPES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}

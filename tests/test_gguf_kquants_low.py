@@ -207,7 +207,7 @@ def _cases() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_compiled_equals_torch_port(qtype: str):
-    jit = pytest.importorskip("quant.gguf_kquants_low_jit", reason="numba is not installed")
+    import quant.gguf_kquants_low_jit as jit
     name = "quantize_" + qtype.lower()
     fast, port = getattr(jit, name), getattr(lo, name)
     for kind, x in _cases().items():
@@ -290,7 +290,7 @@ def test_registry_entries_and_fallbacks():
 
 
 def test_bad_shapes():
-    jit = pytest.importorskip("quant.gguf_kquants_low_jit", reason="numba is not installed")
+    import quant.gguf_kquants_low_jit as jit
     with pytest.raises(ValueError, match="multiple of the K-quant block size 256"):
         lo.quantize_q3_k(torch.zeros(2, 288))
     with pytest.raises(ValueError, match="multiple of the K-quant block size 256"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-grimp = pytest.importorskip("grimp", reason="grimp is in the test extra: pip install -e .[test]")
+import grimp
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gemma2_convert", "quant", "reference")

@@ -21,8 +21,8 @@ from reference import Gemma2ForCausalLM
 from reference.config import Gemma2Config
 from tests.conftest import make_hf_model
 
-mx = pytest.importorskip("mlx.core")
-mlx_lm = pytest.importorskip("mlx_lm")
+import mlx.core as mx
+import mlx_lm
 
 CFG = Gemma2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,

@@ -22,7 +22,7 @@ from quant.qparams import dequantize, grouped, qrange
 from quant.spec import QuantSpec
 
 pytest.importorskip("numba")
-J = pytest.importorskip("quant.methods.mse_jit")
+import quant.methods.mse_jit as J
 
 ROWS, COLS, BAND = 120, 512, 24
 KINDS = ("gauss", "heavy", "zero", "constant", "tiny")

@@ -117,7 +117,7 @@ def test_rounding_is_half_to_even() -> None:
 
 @pytest.mark.parametrize("bits,group_size,symmetric", SPECS)
 def test_qparams_and_codes_match_compressed_tensors(bits: int, group_size: int | None, symmetric: bool) -> None:
-    ct_args = pytest.importorskip("compressed_tensors.quantization")
+    import compressed_tensors.quantization as ct_args
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
     from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
@@ -169,7 +169,7 @@ def test_pack_int32_golden_word() -> None:
 @pytest.mark.parametrize("shape", [(5, 64), (13, 37), (20, 9), (3, 8)])
 @pytest.mark.parametrize("packed_dim", [0, 1])
 def test_pack_int32_matches_compressed_tensors(bits: int, shape: tuple[int, int], packed_dim: int) -> None:
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    import compressed_tensors.compressors.pack_quantized.helpers as helpers
     g = torch.Generator().manual_seed(bits * 100 + shape[0])
     qmin, qmax = qrange(bits)
     q = torch.randint(qmin, qmax + 1, shape, generator=g).to(torch.int8)

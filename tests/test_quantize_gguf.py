@@ -25,7 +25,7 @@ MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra: pip install -e '.[test]'")
+    import llama_cpp  # noqa: F401  (a real client of the test extra: missing is a failure, not a skip)
     d = tmp_path_factory.mktemp("q4")
     to_gguf(MODEL, d / "f32.gguf", type_name="f32")
     llama_quantize(d / "f32.gguf", d / "llama_q4_0.gguf", "Q4_0")

@@ -78,7 +78,7 @@ def fast(hf_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def auto(hf_dir: Path):
-    transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
 
 
@@ -281,7 +281,7 @@ def test_gguf_vocab_rejects_larger_tokenizer(spm_path: Path, sp) -> None:
 
 def _write_vocab_only_gguf(path: Path, vocab) -> None:
     """A GGUF holding only the vocabulary and the gemma2 hyper-parameters llama.cpp reads first."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     writer = gguf.GGUFWriter(str(path), "gemma2")
     writer.add_context_length(64)
     writer.add_embedding_length(64)
@@ -311,7 +311,7 @@ def _write_vocab_only_gguf(path: Path, vocab) -> None:
 
 
 def test_gguf_vocab_tokenizes_like_sentencepiece_in_llama_cpp(spm_path: Path, sp, tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     path = tmp_path / "vocab.gguf"
     _write_vocab_only_gguf(path, gguf_vocab(spm_path, sp.vocab_size()))
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)

@@ -29,7 +29,7 @@ MEASURED_PPL = 75.84
 
 def _eval_windows() -> torch.Tensor:
     """eval.txt as consecutive [<bos> + 255 tokens] rows, the last padded with <pad> (0)."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(MODEL / "tokenizer.model"))
     ids = torch.tensor(sp.encode((FIXTURES / "eval.txt").read_text(encoding="utf-8")))
     n = CONTEXT - 1
@@ -69,8 +69,8 @@ def test_fixture_layout():
 
 
 def test_tokenizer_json_matches_tokenizer_model():
-    tokenizers = pytest.importorskip("tokenizers")
-    spm = pytest.importorskip("sentencepiece")
+    import tokenizers
+    import sentencepiece as spm
     text = (FIXTURES / "eval.txt").read_text(encoding="utf-8")
     sp = spm.SentencePieceProcessor(model_file=str(MODEL / "tokenizer.model"))
     fast = tokenizers.Tokenizer.from_file(str(MODEL / "tokenizer.json"))
@@ -78,7 +78,7 @@ def test_tokenizer_json_matches_tokenizer_model():
 
 
 def test_logits_match_transformers():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     rows = _eval_windows()[:2]  # [2, 256]: four sliding windows per row
     hf = transformers.Gemma2ForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
