@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -183,13 +183,6 @@ def tolerance(choices: list[TypeChoice], ckpt: Checkpoint, ratio: float) -> Tole
         return Tolerance.lossy(max_kl=1e-6, min_top1=1.0, max_abs=1e-3)
     worst = max((ggml_type(t).lossy_bound or EXACT_BOUND for t in stored), key=lambda b: b[0])
     return Tolerance.lossy(*worst)
-
-
-def quantized_tolerance(types: Iterable[str]) -> Tolerance | None:
-    """Verification bounds for tensors stored in ``types`` (ggml type names): the loosest registered bound among
-    the block-quantized ones; None when none is block-quantized."""
-    bounds = [ggml_type(t).lossy_bound or EXACT_BOUND for t in types if ggml_type(t).is_quantized]
-    return Tolerance.lossy(*max(bounds, key=lambda b: b[0])) if bounds else None
 
 
 def causal_lm_view(ckpt: Checkpoint, drop_head: bool, warn: Callable[[str], None]) -> Checkpoint:
