@@ -91,7 +91,7 @@ def run_benchmark(name: str, a: argparse.Namespace, work: Path, m: dict) -> str:
     if name == "split":
         return split.run(a.size, a.split_max_size, work, m)
     if name == "verify":
-        return verify.run(a.sizes.split(","), a.tokens, work, m)
+        return verify.run(a.sizes.split(","), a.tokens, work, m, a.runs, a.quick)
     return scale.run(a.sizes.split(","), work, m)
 
 

@@ -22,7 +22,8 @@ CALIBRATION = harness.REPO / "tests" / "fixtures" / "calibration.txt"
 
 
 def _flags(s: AutoRoundSettings) -> list[str]:
-    return ["--autoround-steps", str(s.steps), "--autoround-batch", str(s.batch), "--autoround-tokens", str(s.tokens)]
+    return ["--autoround-steps", str(s.steps), "--autoround-batch", str(s.batch), "--autoround-tokens", str(s.tokens),
+            "--autoround-init", s.init]
 
 
 def cases(src: Path, f32: Path, work: Path, threads: int, tools: Path, quick: bool) -> dict[str, Case]:

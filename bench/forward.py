@@ -1,7 +1,7 @@
 """Forward pass: the reference model against transformers' eager ``Gemma2ForCausalLM``, tokens/s.
 
-Same synthetic HF directory, same dtype, same random prompt, one child process per (tool, dtype). Each
-child loads the model, warms up (one prefill and two decode steps; the reference casts its weights on
+Same synthetic HF directory, same dtype, same random prompt; ``--runs`` child processes per (tool, dtype),
+the two tools' children alternating so that both see the same load. Each child loads the model, warms up (one prefill and two decode steps; the reference casts its weights on
 first use when the dtype differs from the file's), then times ``--reps`` prefills of ``--prompt`` tokens
 and ``--reps`` decodes of ``--decode`` tokens, one token per forward with the KV cache, greedy. Both
 compute logits for every position, as each library does by default.
@@ -83,6 +83,12 @@ def fits(params: int, dtype: str) -> bool:
 
 
 def run(size: str, runs: int, shared: Path, machine: dict, quick: bool = False, log=harness.say) -> str:
+    return render({**measure(size, runs, shared, quick, log), "machine": machine})
+
+
+def measure(size: str, runs: int, shared: Path, quick: bool = False, log=harness.say) -> dict:
+    """The reference and transformers eager, bf16 and fp32: prefill and decode tok/s of each (``render``'s data
+    without the machine; bench verify includes the ratios in its section)."""
     prompt, decode = (8, 2) if quick else (16, 8)
     log(f"forward: a synthetic {size} HF directory in {shared}")
     src, params = synth.shared_hf_source(shared, size)
@@ -92,14 +98,25 @@ def run(size: str, runs: int, shared: Path, machine: dict, quick: bool = False, 
         if not fits(params, dt):
             skipped.append(dt)
             continue
-        for tool in TOOLS:
+        for tool, res in _alternating(src, dt, prompt, decode, runs).items():
+            results[f"{tool}/{dt}"] = res
+            log(f"  {TOOLS[tool]} {dt}: {res}")
+    return {"size": size, "params": params, "runs": runs, "prompt": prompt, "decode": decode, "results": results,
+            "skipped": skipped}
+
+
+def _alternating(src: Path, dt: str, prompt: int, decode: int, runs: int) -> dict[str, dict]:
+    """Each tool's medians over ``runs`` child processes of one repetition each, run in the order ref, hf, hf,
+    ref, … so that a change in the machine's load falls on both alike; peak memory is the highest."""
+    got: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+    for r in range(runs):
+        for tool in list(TOOLS)[::1 if r % 2 == 0 else -1]:
             s = harness.measure(Case([PYTHON, "-m", "bench", "forward-child", tool, str(src), "--dtype", dt,
-                                      "--prompt", str(prompt), "--decode", str(decode), "--reps", str(runs)]))
-            results[f"{tool}/{dt}"] = {**s.json(), "peak_anon_gb": s.peak_anon / 1e9}
-            log(f"  {TOOLS[tool]} {dt}: {results[f'{tool}/{dt}']}")
-    data = {"size": size, "params": params, "runs": runs, "prompt": prompt, "decode": decode, "machine": machine,
-            "results": results, "skipped": skipped}
-    return render(data)
+                                      "--prompt", str(prompt), "--decode", str(decode), "--reps", "1"]))
+            got[tool].append({**s.json(), "peak_anon_gb": s.peak_anon / 1e9})
+    return {tool: {**{k: statistics.median(x[k] for x in xs) for k in ("load_s", "prefill_tok_s", "decode_tok_s")},
+                   "threads": xs[0]["threads"], "peak_anon_gb": max(x["peak_anon_gb"] for x in xs)}
+            for tool, xs in got.items()}
 
 
 def render(data: dict) -> str:
@@ -117,10 +134,11 @@ def render(data: dict) -> str:
              report.run_line(f"python -m bench forward --size {data['size']} --runs {data['runs']}", data["machine"]),
              "", *report.table(["model", "dtype", "prefill tok/s", "decode tok/s", "prefill × transformers",
                                 "decode × transformers", "load, s", "peak RssAnon"], rows), "",
-             f"Batch 1, a random prompt of {data['prompt']} tokens, {data['decode']} decoded tokens; median of "
-             f"{data['runs']} repetitions inside one process per row, after a warm-up. The reference keeps bf16 "
-             "weights as zero-copy views of the mapped file and casts them once for fp32 (`resident=True`); "
-             "transformers loads them into memory."]
+             (f"Batch 1, a random prompt of {data['prompt']} tokens, {data['decode']} decoded tokens; median of "
+              f"{data['runs']} processes per row, each timing one prefill and one decode after a warm-up, run "
+              "alternately with the other tool's (ref, hf, hf, ref, …). Both keep bf16 weights as views of the "
+              "mapped file and cast them once for fp32 (the reference on first use, `resident=True`; "
+              "transformers when loading).")]
     if data["skipped"]:
         lines.append(f"Skipped (would not fit in half of the available memory): {', '.join(data['skipped'])}.")
     return report.section(MARK, lines, data)

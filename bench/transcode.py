@@ -5,6 +5,8 @@ The quantized source is synthetic and written directly (no quantizer run): rando
 values, so every block moves exactly), the embedding and norms in bf16, in the pack-quantized layout our
 ``gemma2-quantize --format hf`` writes. The anchor's source is a bf16 HF directory of the same shapes. Both
 commands run with ``--no-verify`` (the conversion itself is timed); a third case runs the transcode verified.
+The other directions, timed alike: GGUF Q4_0 → compressed-tensors (``--quantized keep``) and MLX int4 g32 →
+GGUF Q4_1, their sources made once from the compressed-tensors one (untimed).
 """
 
 from __future__ import annotations
@@ -59,7 +61,17 @@ def _part(part: str, shape: tuple[int, int], stored: tuple[int, ...]) -> torch.T
     return pack_int32(codes, 4, packed_dim=1)
 
 
-def cases(ct: Path, hf: Path, work: Path, threads: int, fold: bool) -> dict[str, Case]:
+def derived_sources(ct: Path, work: Path, threads: int, fold: bool) -> tuple[Path, Path]:
+    """A Q4_0 GGUF and an MLX int4 g32 directory holding ``ct``'s codes (for the other directions' cases)."""
+    q4, mlx, re = work / "source-q4_0.gguf", work / "source-mlx-int4-g32", ["--requantize"] if fold else []
+    for out, to in ((q4, ["--to", "gguf", "--type", "q4_0", *re]), (mlx, ["--to", "mlx"])):
+        harness.measure(Case([*CONVERT, "convert", str(ct), str(out), *to, "--no-verify", "--threads", str(threads)],
+                             out))
+    return q4, mlx
+
+
+def cases(ct: Path, hf: Path, work: Path, threads: int, fold: bool,
+          others: tuple[Path, Path] | None = None) -> dict[str, Case]:
     """``fold``: the preset's query scale is folded into attn_q (tiny, 27B), whose groups then need
     ``--requantize`` (a folded scale is no longer an fp16 value)."""
     q4, re = work / "transcoded-q4_0.gguf", ["--requantize"] if fold else []
@@ -73,6 +85,18 @@ def cases(ct: Path, hf: Path, work: Path, threads: int, fold: bool) -> dict[str,
         "convert CT int4 g32 → GGUF Q4_0 (transcode, verified)": Case(
             [*CONVERT, "convert", str(ct), str(q4), "--to", "gguf", "--type", "q4_0", "--json",
              "--threads", str(threads), *re], q4),
+    } | (_other_directions(*others, work, threads, re) if others else {})
+
+
+def _other_directions(q4: Path, mlx: Path, work: Path, threads: int, re: list[str]) -> dict[str, Case]:
+    ct, q41 = work / "transcoded-ct", work / "transcoded-q4_1.gguf"
+    return {
+        "convert GGUF Q4_0 → compressed-tensors (transcode, --no-verify)": Case(
+            [*CONVERT, "convert", str(q4), str(ct), "--to", "hf", "--quantized", "keep", "--no-verify", "--json",
+             "--threads", str(threads)], ct),
+        "convert MLX int4 g32 → GGUF Q4_1 (transcode, --no-verify)": Case(
+            [*CONVERT, "convert", str(mlx), str(q41), "--to", "gguf", "--type", "q4_1", "--no-verify", "--json",
+             "--threads", str(threads), *re], q41),
     }
 
 
@@ -82,7 +106,8 @@ def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bo
     hf, _ = synth.shared_hf_source(shared, size)
     from gemma2_convert.formats.gguf.names import query_fold_ratio
 
-    chosen = cases(ct, hf, work, threads, query_fold_ratio(synth.preset(size)) != 1.0)
+    fold = query_fold_ratio(synth.preset(size)) != 1.0
+    chosen = cases(ct, hf, work, threads, fold, derived_sources(ct, work, threads, fold))
     if quick:
         chosen.pop(next(k for k in chosen if "verified" in k))
     res = harness.interleaved(chosen, runs)
@@ -93,7 +118,7 @@ def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bo
 
 
 def render(data: dict) -> str:
-    lines = [f"## Quantized → quantized: {data['size'].upper()}-shaped compressed-tensors int4 → GGUF Q4_0", "",
+    lines = [f"## Quantized → quantized: {data['size'].upper()}-shaped int4 codes moved between layouts", "",
              report.run_line(f"python -m bench transcode --size {data['size']}", data["machine"]), ""]
     anchor = next((v["exit_s"] for k, v in data["cases"].items() if "Q8_0" in k), None)
     rows = [[k, f"{v['exit_s']:.1f}", report.ratio(v["exit_s"], anchor), report.gb(v["peak_anon_gb"]),
@@ -101,6 +126,7 @@ def render(data: dict) -> str:
     lines += [f"{data['params'] / 1e9:.2f} B params; quantized source {data['source_bytes'] / 1e9:.2f} GB.", "",
               *report.table(["command", "wall, s", "vs to-gguf Q8_0", "peak RssAnon", f"≤ {MEMORY_GOAL_GB:g} GB"],
                             rows), "",
-              ("Median of the runs (interleaved). The transcode re-quantizes nothing: each Q4_0 block is the "
-               "source group's codes and its (fp16-exact) scale.")]
+              ("Median of the runs (interleaved). The transcodes re-quantize nothing: each block is the source "
+               "group's codes and its (fp16-exact) scale; the Q4_0 and MLX sources hold the compressed-tensors "
+               "one's codes.")]
     return report.section(MARK, lines, data)

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from bench import harness, report, synth
+from bench import forward, harness, report, synth
 from bench.harness import CONVERT, PYTHON, Case
 
 MARK = "verify"
@@ -109,10 +109,16 @@ def run_size(size: str, tokens: int, work: Path, log=harness.say) -> dict:
     return row
 
 
-def run(sizes: list[str], tokens: int, work: Path, machine: dict, log=harness.say) -> str:
+def run(sizes: list[str], tokens: int, work: Path, machine: dict, runs: int = 3, quick: bool = False,
+        log=harness.say) -> str:
+    """The whole section from one run: verify and orig-to-hf ± verification at each size, then the forward
+    pass against transformers eager (``bench.forward``) at the smallest size."""
+    load = os.getloadavg()[0]
     rows = [run_size(s, tokens, work, log) for s in sizes]
-    return render({"sizes": sizes, "tokens": tokens, "machine": machine, "rows": rows,
-                   "load": os.getloadavg()[0]})
+    fwd = forward.measure(sizes[0], 1 if quick else runs, work, quick, log)
+    harness.remove(work / f"gemma-2-{sizes[0]}-shaped-bf16")
+    return render({"sizes": sizes, "tokens": tokens, "machine": machine, "rows": rows, "load": load,
+                   "forward": fwd})
 
 
 def render(data: dict) -> str:
@@ -130,6 +136,7 @@ def render(data: dict) -> str:
         conv.append([r["size"].upper(), f"{without['durable_s']:.0f}", f"{with_['durable_s']:.0f}",
                      f"{with_['durable_s'] / without['durable_s']:.2f}×", report.gb(with_["peak_anon_gb"])])
     command = f"python -m bench verify --sizes {','.join(data['sizes'])} --tokens {data['tokens']}"
+    fwd = forward_lines(data["forward"]) if "forward" in data else []
     lines = ["## Verify against its floor", "",
              report.run_line(command, data["machine"]), "",
              *report.table(["size", "compute", "read both once, s", "forward FLOPs (both models)", "floor, s",
@@ -139,5 +146,23 @@ def render(data: dict) -> str:
              (f"`verify SRC OUT --tokens {data['tokens']}` on a gemma_pytorch source and its orig-to-hf output. "
               "The floor is what any verification must spend: reading both checkpoints once (measured here, same "
               "page-cache state) plus both models' linear-layer FLOPs at the rate `torch.nn.functional.linear` "
-              "reaches on the same shapes and dtype. One run per cell, wall time to exit.")]
+              "reaches on the same shapes and dtype. One run per cell, wall time to exit."), *fwd]
     return report.section(MARK, lines, data)
+
+
+def forward_lines(f: dict) -> list[str]:
+    """The forward pass against transformers eager (goal ≥ 1.0× in all four cells), from ``bench.forward``."""
+    r, rows = f["results"], []
+    for dt in ("bf16", "fp32"):
+        ref, hf = r.get(f"ref/{dt}"), r.get(f"hf/{dt}")
+        if ref and hf:
+            rows.append([dt, f"{ref['prefill_tok_s']:.1f} / {hf['prefill_tok_s']:.1f}",
+                         report.ratio(ref["prefill_tok_s"], hf["prefill_tok_s"]),
+                         f"{ref['decode_tok_s']:.2f} / {hf['decode_tok_s']:.2f}",
+                         report.ratio(ref["decode_tok_s"], hf["decode_tok_s"])])
+    return ["", *report.table(["dtype", "prefill tok/s, reference / transformers", "prefill ×",
+                               "decode tok/s, reference / transformers", "decode ×"], rows), "",
+            f"The reference forward against transformers eager at the {f['size'].upper()} shape, batch 1, "
+            f"a {f['prompt']}-token prompt and {f['decode']} decoded tokens, median of {f['runs']} (as `python -m "
+            "bench forward`, whose own section has load times and memory)."
+            + (f" Skipped (does not fit half of RAM): {', '.join(f['skipped'])}." if f["skipped"] else "")]

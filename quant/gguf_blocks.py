@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quant import jit
 from quant.gguf_legacy import (
     f16_from_bytes,
     pack_q4_0,
@@ -44,6 +45,11 @@ def codes_from_blocks(raw: Tensor, qtype: str, shape: tuple[int, int]) -> QuantC
     """uint8 block bytes of a ``[rows, cols]`` tensor → its ``QuantCodes`` (scales float32)."""
     kind, bits = BLOCK_TYPES[qtype]
     rows, cols = shape
+    if bits == 4 and jit.available():
+        from quant.codes_jit import unpack_blocks4  # deferred: imports numba
+
+        u, d, m = unpack_blocks4(raw, rows, cols, kind == "affine")
+        return QuantCodes(u, d, m, kind, bits)
     fields = split_bytes(raw.reshape(rows, -1), sum(_FIELDS[qtype]), _FIELDS[qtype])  # each [rows, nb, k]
     d = f16_from_bytes(fields[0])                                                     # [rows, nb] float32
     if qtype == "Q8_0":
@@ -63,6 +69,10 @@ def blocks_from_codes(c: QuantCodes, qtype: str) -> Tensor:
         raise ValueError(f"{qtype} needs {kind} {bits}-bit groups of {QK}, got {c.kind} {c.bits}-bit "
                          f"groups of {c.group_size}")
     rows, cols = c.u.shape
+    if bits == 4 and jit.available():
+        from quant.codes_jit import pack_blocks4  # deferred: imports numba
+
+        return pack_blocks4(c.u, c.scale, c.offset if kind == "affine" else None)
     u = c.u.reshape(rows, cols // QK, QK)                                               # [rows, nb, 32]
     d = c.scale.to(torch.float16)
     if qtype == "Q8_0":

@@ -78,15 +78,19 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> float:
     """Mean over positions of ``KL(P‖Q) = Σ_v p·(log p - log q)``; logits ``[..., V]``, P = reference."""
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logit shapes differ: {list(logits_p.shape)} vs {list(logits_q.shape)}")
+    n = math.prod(logits_p.shape[:-1])  # positions
+    return kl_sum(logits_p, logits_q) / n if n else math.nan
+
+
+def kl_sum(logits_p: Tensor, logits_q: Tensor) -> float:
+    """``Σ`` over positions of ``KL(P‖Q)`` (``kl_divergence`` times the positions): batches' sums add up."""
     p2, q2 = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])  # [N, V]
-    if p2.shape[0] == 0:
-        return math.nan
     total = 0.0
     for i in range(0, p2.shape[0], METRIC_ROWS):  # float64 temporaries of a few rows, not of [N, 256k]
         lp = torch.log_softmax(p2[i:i + METRIC_ROWS].double(), dim=-1)   # [n, V]
         lq = torch.log_softmax(q2[i:i + METRIC_ROWS].double(), dim=-1)
         total += float((lp.exp() * (lp - lq)).sum())
-    return total / p2.shape[0]
+    return total
 
 
 def top1_agreement(logits_p: Tensor, logits_q: Tensor) -> float:
@@ -106,9 +110,14 @@ def perplexity(logits: Tensor, targets: Tensor) -> float:
         raise ValueError(
             f"logits {list(logits.shape)} and targets {list(targets.shape)}: need [..., P, V] and [..., P], P ≥ 1"
         )
+    return math.exp(nll_sum(logits, targets) / targets.numel())
+
+
+def nll_sum(logits: Tensor, targets: Tensor) -> float:
+    """``Σ -log p(target)`` over the positions (``perplexity`` is ``exp`` of its mean)."""
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [N, V], [N]
     total = 0.0
     for i in range(0, flat.shape[0], METRIC_ROWS):
         logp = torch.log_softmax(flat[i:i + METRIC_ROWS].double(), dim=-1)  # [n, V]
         total -= float(logp.gather(-1, tgt[i:i + METRIC_ROWS, None].long()).sum())
-    return math.exp(total / flat.shape[0])
+    return total

@@ -21,6 +21,8 @@ import sys
 import torch
 from torch import Tensor
 
+from quant import jit
+
 NIBBLE_ORDERS = ("low_first", "high_first")
 
 
@@ -62,6 +64,8 @@ def _words_per_dim(n: int, bits: int) -> int:
 def pack_int32(q: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
     """2-D signed int8 codes → int32 words along ``packed_dim`` (1: ``[r, ceil(c·b/32)]``), a block of rows
     at a time (the int64 temporaries stay at ``PACK_ELEMENTS`` codes, not 8 bytes per code of the tensor)."""
+    if bits in (4, 8) and packed_dim == 1 and q.dtype == torch.int8 and sys.byteorder == "little":
+        return pack_unsigned(q.contiguous().view(torch.uint8) + (1 << (bits - 1)), bits)  # wraps to u in uint8
     x = q.T if packed_dim == 0 else q                               # [rows, n]
     rows, n = x.shape
     per, words = 32 // bits, _words_per_dim(n, bits)
@@ -76,6 +80,25 @@ def pack_int32(q: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
     return (out.T if packed_dim == 0 else out).contiguous()
 
 
+def pack_unsigned(u: Tensor, bits: int) -> Tensor:
+    """Unsigned codes ``[rows, n]`` uint8 (4 bits: only the low nibble is read) → int32 words ``[rows, words]``,
+    the inverse of :func:`unpack_unsigned` (4 and 8 bits, little-endian): byte ``j`` of a row holds elements ``2j``
+    and ``2j + 1`` (4 bits) or ``j``; a short last word is padded with zero bits, as ``pack_int32`` does."""
+    rows, n = u.shape
+    words = _words_per_dim(n, bits)
+    pad = words * (32 // bits) - n
+    u = torch.nn.functional.pad(u, (0, pad)) if pad else u.contiguous()
+    if bits == 4 and jit.available():
+        from quant.codes_jit import pack_nibbles_pairs  # deferred: imports numba
+
+        return pack_nibbles_pairs(u).view(torch.int32)
+    if bits == 4:
+        u = u & 0xF
+        pairs = u.reshape(rows, -1, 2)                              # [rows, 4·words, 2]
+        u = pairs[..., 0] | (pairs[..., 1] << 4)
+    return u.contiguous().view(torch.int32)
+
+
 def unpack_unsigned(w: Tensor, bits: int, n: int) -> Tensor | None:
     """The unsigned codes ``[rows, n]`` uint8 of int32 words ``[rows, words]`` packed along rows, for 4 and 8 bits,
     through the words' little-endian bytes (no int64 temporaries): byte ``j`` of a row holds elements ``2j`` (low
@@ -83,6 +106,10 @@ def unpack_unsigned(w: Tensor, bits: int, n: int) -> Tensor | None:
     if bits not in (4, 8) or sys.byteorder != "little" or w.shape[1] != _words_per_dim(n, bits):
         return None
     b = w.contiguous().view(torch.uint8)                            # [rows, 4·words]
+    if bits == 4 and jit.available():
+        from quant.codes_jit import unpack_nibbles_pairs  # deferred: imports numba
+
+        return unpack_nibbles_pairs(b, n)
     if bits == 4:
         b = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(w.shape[0], -1)
     return b[:, :n]

@@ -109,8 +109,9 @@ class QuantTensor(LazyTensor):
 
 def quant_tensor(shape: tuple[int, ...], dtype: torch.dtype, codes: Callable[[], QuantCodes], *, kind: str,
                  bits: int, group_size: int, layout: str, stored_nbytes: int | None,
-                 prefetch: Callable[[], None] | None = None) -> QuantTensor:
+                 prefetch: Callable[[], None] | None = None,
+                 rows: Callable[[int, int], torch.Tensor] | None = None) -> QuantTensor:
     """A ``QuantTensor`` whose ``load()`` decodes ``codes()`` into ``dtype``; ``stored_nbytes`` None: the
     consumers treat it as a plain tensor (the reference may keep it decoded), as GGUF's always were."""
     return QuantTensor(tuple(shape), dtype, lambda: codes().dequantize().to(dtype), stored_nbytes, prefetch,
-                       codes, kind, bits, group_size, layout)
+                       rows, codes=codes, kind=kind, bits=bits, group_size=group_size, layout=layout)

@@ -86,6 +86,9 @@ def recode(src: QuantCodes, t: Target, name: str) -> Recoded:
         raise UnsupportedError(f"{name}: {src.bits}-bit codes cannot be {t.name} ({t.bits}-bit) blocks without "
                                "re-quantizing; pick a target type of the same width")
     c = regroup(src, t.group_size, name, t.name)
+    fast = _fast_exact(c, t)
+    if fast is not None:
+        return Recoded(fast, 0, c.scale.numel(), 0.0)
     scale, offset = _params(c, t)
     out = QuantCodes(c.u, scale, offset, t.kind, t.bits)
     (a0, b0), (a1, b1) = c.line(), out.line()                                               # [out, G] each
@@ -93,6 +96,32 @@ def recode(src: QuantCodes, t: Target, name: str) -> Recoded:
     diff = torch.maximum((b1 - b0).abs(), ((a1 - a0) * top + (b1 - b0)).abs())  # max |Δ| over u ∈ [0, top]
     bad = diff.ne(0) | ~torch.isfinite(diff)
     return Recoded(out, int(bad.sum()), bad.numel(), float(diff.max()) if diff.numel() else 0.0)
+
+
+def _survives(x: Tensor, t: Target) -> Tensor | None:
+    """``x`` stored in ``t``'s dtype and widened to its compute dtype, when that changes no value (and all are
+    finite); compared in a dtype holding both sides exactly (float32 holds fp16/bf16; float64 everything)."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(t.scale_dtype).to(t.compute_dtype)
+    return y if torch.equal(y.to(wide), x.to(wide)) and bool(torch.isfinite(x).all()) else None
+
+
+def _fast_exact(c: QuantCodes, t: Target) -> QuantCodes | None:
+    """``c`` in ``t`` when every group is exact, for a same-kind move or sym → affine; else None (the caller then
+    runs the line check for the count and the error). The codes are kept, so the lines are equal exactly when the
+    scale and the offset survive the target's storage: an asym zero-point is an integer either side; sym → affine
+    takes the bias ``-2^(b-1)·scale`` (exact in float32/64 for fp16/bf16/fp32 scales: a power-of-two multiple)."""
+    if not (c.kind == t.kind or (c.kind, t.kind) == ("sym", "affine")):
+        return None
+    s = _survives(c.scale, t)
+    off: Tensor | None = c.offset
+    if s is not None and t.kind == "affine":
+        wide = torch.float64 if c.scale.dtype == torch.float64 else torch.float32
+        bias = c.offset if c.kind == "affine" else -float(1 << (c.bits - 1)) * c.scale.to(wide)
+        off = _survives(bias, t)  # type: ignore[arg-type]
+        if off is None:
+            return None
+    return None if s is None else QuantCodes(c.u, s, off, t.kind, t.bits)
 
 
 def requantize_bad(r: Recoded, src: QuantCodes, t: Target) -> Recoded:

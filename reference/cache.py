@@ -1,8 +1,10 @@
-"""Hybrid KV cache: a ring buffer of W slots for sliding layers, a growing cache for global layers.
+"""Hybrid KV cache: the last W - 1 keys for sliding layers, a growing cache for global layers.
 
-Each layer cache stores keys/values *after* RoPE together with the absolute cache index of every
-slot, so the attention mask is computed from indices (spec §4.7 item 7: key j is visible from
-query i iff 0 <= i - j <= W - 1 on sliding layers, j <= i on global ones) and slot order is irrelevant.
+Each layer cache stores keys/values *after* RoPE, in the order they arrived, together with the absolute
+cache index of every slot, so the attention mask is computed from indices (spec §4.7 item 7: key j is
+visible from query i iff 0 <= i - j <= W - 1 on sliding layers, j <= i on global ones). Keys are kept
+in arrival order, as transformers' ``DynamicSlidingWindowLayer`` keeps them, so attention sums run over
+the same keys in the same order (equal results, not merely close, also past the window).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ class FullLayerCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> KV:
         """Append the new keys/values [B, K, T, D] at cache indices idx [T]; return all of them."""
-        if self.k is None:
-            self.k, self.v, self.idx = k, v, idx
+        if self.k is None:  # contiguous, as transformers' cat onto its empty cache makes them: same GEMMs
+            self.k, self.v, self.idx = k.contiguous(), v.contiguous(), idx
         else:
             self.k = torch.cat([self.k, k], dim=2)  # [B, K, S + T, D]
             self.v = torch.cat([self.v, v], dim=2)
@@ -34,34 +36,28 @@ class FullLayerCache:
 
 
 class SlidingLayerCache:
-    """A ring buffer of W slots (sliding-window layers); memory stays O(W) however long the text."""
+    """The keys of the last W - 1 positions (sliding-window layers); memory stays O(W) however long the
+    text."""
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.k: torch.Tensor | None = None  # [B, K, W, D]
+        self.k: torch.Tensor | None = None  # [B, K, ≤ W - 1, D]
         self.v: torch.Tensor | None = None
-        self.idx: torch.Tensor | None = None  # [W], -1 = empty slot
+        self.idx: torch.Tensor | None = None  # [≤ W - 1]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> KV:
-        """Return old valid slots + all new keys (a prefill longer than W still sees its whole
-        window), then store the newest min(T, W) keys in slots ``idx % W``."""
-        B, K, T, D = k.shape
+        """Return the kept keys followed by the new ones [B, K, kept + T, D] (a prefill longer than W still
+        sees its whole window), then keep the last W - 1: all a later query can see."""
         if self.k is None:
-            self.k = k.new_zeros(B, K, self.window, D)
-            self.v = v.new_zeros(B, K, self.window, D)
-            self.idx = torch.full((self.window,), -1, dtype=torch.long)
-        valid = self.idx >= 0  # [W]
-        out = (
-            torch.cat([self.k[:, :, valid], k], dim=2),  # [B, K, S_valid + T, D]
-            torch.cat([self.v[:, :, valid], v], dim=2),
-            torch.cat([self.idx[valid], idx]),
-        )
-        keep = slice(max(T - self.window, 0), T)
-        slots = idx[keep] % self.window
-        self.k[:, :, slots] = k[:, :, keep]
-        self.v[:, :, slots] = v[:, :, keep]
-        self.idx[slots] = idx[keep]
-        return out
+            full = k.contiguous(), v.contiguous(), idx  # as FullLayerCache
+        else:
+            full = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.idx, idx])
+        keep = slice(-self.window + 1, None) if self.window > 1 else slice(0, 0)
+        kept = full[0][:, :, keep], full[1][:, :, keep], full[2][keep]  # views of the newest W - 1
+        if full[2].shape[0] > self.window:  # a long prefill: copy, so its whole K/V is not held
+            kept = tuple(t.clone() for t in kept)
+        self.k, self.v, self.idx = kept
+        return full
 
 
 class HybridCache:

@@ -17,9 +17,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * (1.0 + w.float())).type_as(x)
 
 
-def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """``cap * tanh(x / cap)`` in x's dtype; identity when cap is None."""
-    return x if cap is None else torch.tanh(x / cap) * cap
+def softcap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` in x's dtype, in place on a temporary x (transformers' three operations, without
+    their two new tensors); identity when cap is None. Returns x. Out of place when x needs a gradient
+    (autoround trains through the layer; an in-place op on tanh's saved output breaks its backward)."""
+    if cap is not None and x.requires_grad:
+        return torch.tanh(x / cap) * cap
+    return x if cap is None else x.div_(cap).tanh_().mul_(cap)
 
 
 def rope_cos_sin(positions: torch.Tensor, c: Gemma2Config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from reference.layers import (
     repeat_kv,
     rms_norm,
     rope_cos_sin,
-    softcap,
+    softcap_,
 )
 from reference.lora import LowRank, merge_all
 from reference.outputs import BaseModelOutput, CausalLMOutput, finish
@@ -221,9 +221,9 @@ class Gemma2Model:
         if s.caches is not None:
             k, v, k_idx = s.caches[i].update(k, v, s.q_idx)  # [B, K, S, D], [S]
         window = c.sliding_window if c.is_sliding(i) else None
-        scores = torch.matmul(q, repeat_kv(k, N // K).transpose(2, 3)) * c.query_pre_attn_scalar ** -0.5
-        scores = softcap(scores, c.attn_logit_softcapping)  # [B, N, T, S]
-        scores = scores + s.mask(k_idx, window, scores.dtype)
+        scores = torch.matmul(q, repeat_kv(k, N // K).transpose(2, 3))  # [B, N, T, S]
+        scores = softcap_(scores.mul_(c.query_pre_attn_scalar ** -0.5), c.attn_logit_softcapping)
+        scores = scores.add_(s.mask(k_idx, window, scores.dtype))  # in place, the ops of ``scores + mask``
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if s.attns is not None:
             s.attns.append(probs)
@@ -284,7 +284,7 @@ class Gemma2ForCausalLM(Gemma2Model):
         if updates:
             head = w.get(w.output_head())
             whole = [adapted_linear(h, head, x, updates) for h, x in zip(hs, whole)]
-        return [softcap(x, self.config.final_logit_softcapping).float() for x in whole]
+        return [softcap_(x, self.config.final_logit_softcapping).float() for x in whole]  # x: ours to overwrite
 
     def verify_outputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self(ids)[0, :-1], ids[0, 1:]  # next-token predictions and their targets

@@ -10,7 +10,7 @@ this is how a model larger than RAM is verified.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -97,11 +97,23 @@ class WeightStore:
     def output_head(self) -> str:
         return "model.embed_tokens.weight" if "lm_head.weight" not in self.tensors else "lm_head.weight"
 
+    def _row_reader(self, name: str) -> Callable[[int, int], torch.Tensor] | None:
+        """``LazyTensor.rows`` of ``name`` when streaming it pays (a packed tensor not held): rows decoded
+        on demand instead of the whole tensor."""
+        if name in self._held:
+            return None
+        return self.tensors[name].rows
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows for ids [B, T] → [B, T, H], reading only those rows when streaming."""
         name = "model.embed_tokens.weight"
         if self.resident or name in self._cache:
             return torch.nn.functional.embedding(ids, self.get(name))
+        rows = self._row_reader(name)
+        if rows is not None:  # decode only the prompt's distinct rows: [U, H], then gather
+            uniq, where = torch.unique(ids, return_inverse=True)
+            table = torch.cat([rows(int(i), int(i) + 1) for i in uniq])  # [U, H]
+            return torch.nn.functional.embedding(where, table).to(self.dtype)
         raw = self._load(name)
         return torch.nn.functional.embedding(ids, raw).to(self.dtype)
 
@@ -110,6 +122,8 @@ class WeightStore:
         if self.resident or name in self._cache:
             yield 0, self.get(name)
             return
-        raw = self._load(name)
-        for start in range(0, raw.shape[0], rows):
-            yield start, raw[start:start + rows].to(self.dtype).contiguous()
+        reader = self._row_reader(name)
+        raw = self._load(name) if reader is None else None
+        for start in range(0, self.tensors[name].shape[0], rows):
+            part = raw[start:start + rows] if raw is not None else reader(start, start + rows)  # type: ignore
+            yield start, part.to(self.dtype).contiguous()

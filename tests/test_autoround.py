@@ -15,13 +15,13 @@ import torch
 from gemma2_convert.pipeline.autoround import AutoRoundSettings
 from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 from quant.methods import QUANTIZERS, quantize_weight
-from quant.methods.autoround import export, fake_quant, optimize, start
+from quant.methods.autoround import export, fake_quant, optimize, signed_step, start, start_from
 from quant.qparams import dequantize
 from quant.spec import METHODS, QuantSpec
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
-QUICK = AutoRoundSettings()  # the defaults: 100 steps, all 8 calibration sequences a step
+QUICK = AutoRoundSettings()  # the defaults: from gptq, 100 steps, 8 of the calibration sequences a step
 
 
 def test_registered_and_listed() -> None:
@@ -39,6 +39,26 @@ def test_export_decodes_to_the_optimized_weight(symmetric: bool) -> None:
     q, s, z = export(r, torch.float32)
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
     assert torch.equal(dequantize(q, s, z).float(), fake_quant(r).detach())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_start_from_gptq_reproduces_its_codes(symmetric: bool) -> None:
+    """Started from GPTQ's codes (which can lie more than half a step from W/s), the untrained export gives back
+    exactly those codes and scales, and the offsets never leave centre ± 0.5."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(32, 256, generator=g) / 8, torch.randn(1024, 256, generator=g)
+    spec = QuantSpec(4, 128, symmetric, "gptq")
+    q, s, z = quantize_weight(w, spec, hessian=x.T @ x / 512, scale_dtype=torch.bfloat16, act_order=True)
+    r = start_from(w, q, s, z, 4)
+    assert float(r.centre.abs().max()) > 0.5  # GPTQ moved some codes by more than rounding would
+    got = export(r, torch.bfloat16)
+    assert torch.equal(got[0], q) and torch.equal(got[1], s)
+    assert (z is None and got[2] is None) or torch.equal(got[2], z)
+    with torch.no_grad():
+        r.v.add_(3.0)
+    (fake_quant(r) - w).square().sum().backward()
+    signed_step([r], 0.01)
+    assert float((r.v - r.centre).abs().max()) <= 0.5 + 1e-6
 
 
 def test_layer_loss_falls_on_correlated_inputs() -> None:

@@ -58,9 +58,12 @@ def test_bench_imatrix_tiny(tmp_path):
 
 def test_bench_verify_tiny(tmp_path):
     """verify against its floor: both compute modes pass, with a read time, a matmul rate and a ratio each."""
-    p = _bench("verify", "--sizes", "tiny", "--tokens", "8", tmp=tmp_path)
+    p = _bench("verify", "--sizes", "tiny", "--tokens", "8", "--runs", "1", "--quick", tmp=tmp_path)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    row = report.read_data(tmp_path / "BENCH.md")["verify"]["rows"][0]
+    data = report.read_data(tmp_path / "BENCH.md")["verify"]
+    row = data["rows"][0]
+    fwd = data["forward"]["results"]  # the forward cells against transformers, from the same run
+    assert fwd["ref/bf16"]["prefill_tok_s"] > 0 and fwd["hf/bf16"]["decode_tok_s"] > 0
     for mode in ("exact", "fast"):
         v = row[mode]
         assert v["passed"] and v["read_s"] > 0 and v["gflop_s"] > 0 and v["ratio"] == v["wall_s"] / v["floor_s"]

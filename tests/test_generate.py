@@ -33,12 +33,31 @@ def test_cached_steps_equal_recomputation(name, prefill):
     assert d <= 1e-4, f"max |Δ| {d:.3e} between cached and recomputed logits"
 
 
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_cached_steps_equal_transformers_bitwise(name):
+    """Prefill then one token at a time past the window twice: every step's fp32 logits equal transformers'
+    with its cache, bit for bit (the sliding cache keeps keys in arrival order, as transformers does)."""
+    cfg, hf, model = _model(name, seed=3)
+    T = 8 + 2 * cfg.sliding_window
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(4))
+    theirs, ours, hf_cache, cache = [], [], None, HybridCache(cfg)
+    with torch.no_grad():
+        for a, b in [(0, 5), *((t, t + 1) for t in range(5, T))]:
+            out = hf(ids[:, a:b], past_key_values=hf_cache, use_cache=True)
+            theirs.append(out.logits)
+            hf_cache = out.past_key_values
+            ours.append(model(ids[:, a:b], cache=cache))
+    bad = [i for i, (x, y) in enumerate(zip(ours, theirs)) if not torch.equal(x, y)]
+    first = (ours[bad[0]] - theirs[bad[0]]).abs().max().item() if bad else 0.0
+    assert not bad, f"steps {bad} differ; the first by max |Δ| {first:.3e}"
+
+
 def test_sliding_cache_memory_is_bounded():
     cfg, _, model = _model("gqa2")
     cache = HybridCache(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 5 * cfg.sliding_window))
     model(ids, cache=cache)
-    assert cache.layers[0].k.shape[2] == cfg.sliding_window  # sliding: a ring of W slots
+    assert cache.layers[0].k.shape[2] == cfg.sliding_window - 1  # sliding: all a later query can see
     assert cache.layers[1].k.shape[2] == ids.shape[1]  # global: everything
 
 

@@ -247,3 +247,52 @@ def test_gguf_blocks_are_codes_and_back_byte_for_byte(qtype):
     c = codes_from_blocks(raw, qtype, (6, 128))
     assert torch.equal(c.dequantize(), dequantize_tensor(raw, qtype, (6, 128)))
     assert torch.equal(blocks_from_codes(c, qtype).reshape(-1), raw.reshape(-1))
+
+
+@pytest.mark.slow
+def test_llm_compressor_int4_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(tmp_path):
+    """A model quantized by llm-compressor itself (``oneshot`` + ``QuantizationModifier``, int4 sym groups of 32,
+    data-free: weight-only min/max needs no calibration set), from bf16 weights as Gemma 2 ships: every code and
+    scale moves into Q4_0 unchanged (the float64 values the codes stand for are equal) and llama.cpp runs it.
+
+    Not in the test extra: llmcompressor 0.14.0.1 pins transformers<=5.17 and compressed-tensors==0.19.0, which
+    would replace the 5.25 / 0.20.1 the other tests use. It runs where llmcompressor imports (installed with
+    --no-deps beside datasets, e.g. ``pip install --no-deps --target DIR llmcompressor datasets pyarrow pandas dill
+    multiprocess`` and ``PYTHONPATH=DIR``)."""
+    pytest.importorskip("llmcompressor", reason="llmcompressor pins older transformers/compressed-tensors: not in "
+                                                "the test extra (see the docstring)")
+    import llama_cpp
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    src, lib = tmp_path / "bf16", tmp_path / "llmc"
+    make_hf_model(CFG, seed=7).to(torch.bfloat16).save_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    recipe = QuantizationModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)},
+                                  ignore=["lm_head"])
+    oneshot(model=model, recipe=recipe)
+    model.save_pretrained(lib, save_compressed=True)
+    make_tiny_spm(lib / "tokenizer.model", CFG.vocab_size)
+    out = tmp_path / "q4_0.gguf"
+    res = convert(lib, out, ConvertOptions(to="gguf", gguf_type="q4_0"))
+    assert res.details["transcode"]["transcoded"] == 2 * 7 and res.details["transcode"]["inexact_groups"] == 0
+    assert res.report is not None and res.report.passed, res.report and res.report.failures
+    ca, cb = open_checkpoint(lib), open_checkpoint(out)
+    kept = [n for n, t in ca.tensors.items() if isinstance(t, QuantTensor)]
+    assert len(kept) == 14
+    for n in kept:
+        a, b = ca.tensors[n].codes().exact(), cb.tensors[n].codes().exact()  # type: ignore[union-attr]
+        assert torch.equal(a, b), f"{n}: max |Δ| {(a - b).abs().max():.3g}"
+    llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=len(IDS), n_batch=len(IDS), n_ubatch=len(IDS),
+                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
+    try:
+        llm.eval(IDS)
+        got = torch.from_numpy(np.array(llm.scores[:len(IDS)], dtype=np.float32))
+    finally:
+        llm.close()
+    want = reference_logits(lib)
+    d = (got - want).abs()  # the Q8_0 activation bound of the test above
+    assert d.max() <= 0.75 and (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, f"max |Δ| {d.max():.3g}"

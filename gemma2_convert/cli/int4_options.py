@@ -8,13 +8,13 @@ import click
 
 from gemma2_convert.core.units import parse_size
 
-from gemma2_convert.pipeline.autoround import FAST, AutoRoundSettings
+from gemma2_convert.pipeline.autoround import FAST, INITS, AutoRoundSettings
 
 DEFAULT = AutoRoundSettings()
 
 
 def int4_options(fn: Callable) -> Callable:
-    """``--equalize``, ``--bpw``, ``--target-size`` and ``--autoround-steps / -batch / -tokens / -lr``."""
+    """``--equalize``, ``--bpw``, ``--target-size``, ``--autoround-steps/-batch/-tokens/-lr/-init``."""
     options = [
         click.option("--equalize", is_flag=True,
                      help="Fold activation-aware (AWQ) per-channel scales, measured on the calibration "
@@ -33,17 +33,22 @@ def int4_options(fn: Callable) -> Callable:
                           "chosen by its measured sensitivity on the calibration text (listed in the report "
                           "and the file's metadata)."),
         click.option("--target-size", default=None,
-                     help="--format gguf: like --bpw, for a file of about this size (5GB, 1.2G, bytes)."),
+                     help="--format gguf: like --bpw, for a file of at most this size (5GB, 1.2G, bytes; "
+                          "the header, tokenizer and norms as planned are subtracted, the rest is filled)."),
         click.option("--autoround-lr", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="--method autoround: step size (default 1 / steps, decayed linearly)."),
+        click.option("--autoround-init", type=click.Choice(INITS), default=DEFAULT.init, show_default=True,
+                     help="--method autoround: start from GPTQ's codes and scales (then refined), or "
+                          "from round-to-nearest on mse's scales (SignRound's start)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def autoround_settings(steps: int, batch: int, tokens: int, lr: float | None) -> AutoRoundSettings:
-    return AutoRoundSettings(steps=steps, lr=lr, batch=batch, tokens=tokens)
+def autoround_settings(steps: int, batch: int, tokens: int, lr: float | None,
+                       init: str = DEFAULT.init) -> AutoRoundSettings:
+    return AutoRoundSettings(steps=steps, lr=lr, batch=batch, tokens=tokens, init=init)
 
 
 def target_bytes(value: str | None) -> int | None:

@@ -76,7 +76,7 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
         split_max_size: str | None, split_max_tensors: int | None, adapters: tuple[Path, ...], equalize: bool,
         bpw: float | None, target_size: str | None,
         autoround_steps: int, autoround_batch: int, autoround_tokens: int, autoround_lr: float | None,
-        verify_output: bool,
+        autoround_init: str, verify_output: bool,
         as_json: bool,
         force: bool, quiet: bool, allow_nonfinite: bool, debug: bool) -> None:
     """Quantize the Gemma 2 checkpoint SRC (HF dir, original checkpoint, safetensors, GGUF F32/F16/BF16)
@@ -98,7 +98,7 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
                            adapters=adapters, equalize=equalize, bpw=bpw,
                            target_size=target_bytes(target_size),
                            autoround=autoround_settings(autoround_steps, autoround_batch, autoround_tokens,
-                                                        autoround_lr))
+                                                        autoround_lr, autoround_init))
     with RichProgress(quiet or as_json) as progress:
         res = quantize_checkpoint(src, out, opts, progress)
     print_quantization(res, as_json)

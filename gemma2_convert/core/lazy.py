@@ -37,6 +37,10 @@ class LazyTensor:
     """Asks the OS to start reading the bytes ``load`` will need, without waiting (a hint; None when
     the reader has nothing to ask). Writers call it ahead of ``load`` so reading a source that is not
     in the page cache overlaps with the work on the tensors before it."""
+    rows: Callable[[int, int], torch.Tensor] | None = None
+    """``rows(start, stop)``: rows ``start:stop`` of what ``load`` returns, reading and decoding only those (None:
+    slice ``load()``). Packed readers give it so a 256k-row embedding is looked up and streamed, never decoded
+    whole."""
 
     @property
     def numel(self) -> int:

@@ -59,8 +59,9 @@ def _dequantizing(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, path
         raise UnsupportedError(str(e), path) from None
     if spec is None or shape[1] % (spec.group_size or shape[1]):
         return LazyTensor(shape, scale_t.dtype, load, stored_nbytes=sum(t.nbytes for t in parts.values()))
-    return QuantTensor(shape, scale_t.dtype, load, sum(t.nbytes for t in parts.values()), None, codes,
-                       "sym" if spec.symmetric else "asym", spec.bits, spec.group_len(shape[1]), "compressed-tensors")
+    return QuantTensor(shape, scale_t.dtype, load, sum(t.nbytes for t in parts.values()), None, codes=codes,
+                       kind="sym" if spec.symmetric else "asym", bits=spec.bits, group_size=spec.group_len(shape[1]),
+                       layout="compressed-tensors")
 
 
 def dequantizing_tensors(tensors: dict[str, LazyTensor], qconfig: dict, path: Path) -> dict[str, LazyTensor]:

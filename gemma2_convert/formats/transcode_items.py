@@ -10,6 +10,8 @@ unless ``requantize`` (those groups re-quantized by min/max RTN from the source'
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +24,11 @@ from gemma2_convert.core.progress import Progress
 from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.formats.tolerance import Tolerance
-from quant.gguf_types import ggml_type
 from quant.compressed_tensors import pack_quantized
 from quant.gguf_blocks import BLOCK_TYPES
+from quant.gguf_types import ggml_type
 from quant.mlx_affine import MLX_BITS, MLX_GROUP_SIZES
-from quant.pack import pack_int32
+from quant.pack import pack_int32, pack_unsigned
 from quant.qtensor import QuantCodes, QuantTensor
 from quant.spec import GROUP_SIZES, QuantSpec
 from quant.transcode import Recoded, Target, recode, requantize_bad
@@ -59,6 +61,8 @@ class TranscodePlan:
     details: dict[str, Any] = field(default_factory=dict)
     _last: tuple[str, QuantCodes] | None = None
     _read: tuple[str, QuantCodes] | None = None
+    _packed: tuple[str, dict[str, Tensor]] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def source_codes(self, name: str) -> QuantCodes:
         """The source's codes of ``name``, read once for both the decoded source a writer checks and the recode."""
@@ -76,7 +80,14 @@ class TranscodePlan:
         """Tensor ``name`` in its target layout (the latest one is kept for its sibling tensors)."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
-        src, t = self.source_codes(name), self.targets[name]
+        codes = self.recode(name, self.source_codes(name))
+        self._last = (name, codes)
+        return codes
+
+    def recode(self, name: str, src: QuantCodes) -> QuantCodes:
+        """``src`` (tensor ``name``'s source codes) in its target layout, its exactness recorded; no cache, so
+        several tensors may be recoded at once on different threads."""
+        t = self.targets[name]
         fold = self.scale.get(name, 1.0)
         if fold != 1.0:
             # kept in float64: the exactness check then sees the folded values themselves, not a rounding of them
@@ -85,13 +96,14 @@ class TranscodePlan:
         r: Recoded = recode(src, t, name)
         if r.bad_groups and self.requantize:
             r = requantize_bad(r, src, t)
-        self.reports.append(TensorReport(name, self.sources[name].label, t.name, r.groups, r.bad_groups, r.max_error))
-        self._summarize()
-        self._last = (name, r.codes)
+        with self._lock:
+            self.reports.append(TensorReport(name, self.sources[name].label, t.name, r.groups, r.bad_groups,
+                                             r.max_error))
+            self._summarize()
         return r.codes
 
     def _summarize(self) -> None:
-        bad = [r for r in self.reports if r.bad_groups]
+        bad = sorted((r for r in self.reports if r.bad_groups), key=lambda r: r.name)  # tensors finish in any order
         self.details["transcoded"] = len(self.reports)
         self.details["groups"] = sum(r.groups for r in self.reports)
         self.details["inexact_groups"] = sum(r.bad_groups for r in self.reports)
@@ -100,7 +112,7 @@ class TranscodePlan:
 
     def finish(self) -> None:
         """Raise when groups were inexact and ``requantize`` is off (after all were counted)."""
-        bad = [r for r in self.reports if r.bad_groups]
+        bad = sorted((r for r in self.reports if r.bad_groups), key=lambda r: r.name)
         if bad and not self.requantize:
             n, total = sum(r.bad_groups for r in bad), sum(r.groups for r in self.reports)
             worst = max(bad, key=lambda r: r.max_error)
@@ -148,10 +160,16 @@ class TranscodePlan:
         return out
 
     def compressed(self, name: str) -> dict[str, Tensor]:
-        """compressed-tensors: the pack-quantized tensors of one kept tensor."""
+        """compressed-tensors: the pack-quantized tensors of one kept tensor (the latest one kept: the writer asks
+        for each of its parts in turn)."""
+        if self._packed is None or self._packed[0] != name:
+            self._packed = (name, self._pack(name))
+        return self._packed[1]
+
+    def _pack(self, name: str) -> dict[str, Tensor]:
         c, t = self.recoded(name), self.targets[name]
         half = 1 << (t.bits - 1)
-        q = (c.u.to(torch.int16) - half).to(torch.int8)
+        q = (c.u ^ half).view(torch.int8) if t.bits == 8 else c.u.view(torch.int8) - half  # u - 2^(b-1), in int8
         zero = None if c.offset is None else (c.offset.to(torch.int16) - half).to(torch.int8)
         spec = QuantSpec(t.bits, t.group_size, t.kind == "sym")
         return pack_quantized(name.removesuffix(".weight"), q, c.scale.to(t.scale_dtype), zero, spec)
@@ -161,6 +179,8 @@ HALF_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
 """16-bit decode dtypes, by the ggml float type whose bounds (``lossy_bound``, ``min_sqnr_db``) rounding to them has."""
 
 def _mlx_words(c: QuantCodes) -> Tensor:
+    if c.bits in (4, 8) and sys.byteorder == "little":
+        return pack_unsigned(c.u, c.bits).view(torch.uint32)
     signed = (c.u.to(torch.int16) - (1 << (c.bits - 1))).to(torch.int8)
     return pack_int32(signed, c.bits, packed_dim=1).view(torch.uint32)
 

@@ -18,10 +18,12 @@ import torch
 
 from gemma2_convert.core.errors import UnsupportedError
 from gemma2_convert.core.progress import SILENT, Progress
+from gemma2_convert.formats.gguf.quantized import prepare_gguf_quantized
 from gemma2_convert.formats.registry import Checkpoint
 from quant.allocate import Candidate, allocate
 from quant.gguf_codec import bytes_for, dequantize_tensor, fallback_type, quantize_tensor
 from quant.metrics import kl_divergence
+from quant.spec import QuantSpec
 from reference.model import Gemma2ForCausalLM
 from reference.weights import WeightStore
 
@@ -69,19 +71,27 @@ def measure_candidates(ckpt: Checkpoint, names: list[str], importance: dict[str,
     return out
 
 
-def budget_bytes(ckpt: Checkpoint, names: list[str], bpw: float | None, target_size: int | None) -> int:
-    """Bytes the allocated tensors may take: ``bpw`` bits per weight over them, or ``target_size`` less
-    what the other tensors (norms, F32) and the tokenizer take."""
+def budget_bytes(ckpt: Checkpoint, names: list[str], bpw: float | None, target_size: int | None,
+                 overhead: int = 0) -> int:
+    """Bytes the allocated tensors may take: ``bpw`` bits per weight over them, or ``target_size`` less the
+    ``overhead`` (:func:`gguf_overhead`: header, tokenizer, norms, alignment)."""
     if bpw is not None:
         return int(bpw * sum(ckpt.tensors[n].numel for n in names) / 8)
     assert target_size is not None
-    others = sum(t.numel * 4 for n, t in ckpt.tensors.items() if n not in names)
-    vocab = 64 * ckpt.config.vocab_size  # the tokenizer's strings, scores and types in the metadata, about
-    left = target_size - others - vocab - (1 << 16)
+    left = target_size - overhead
     if left <= 0:
-        raise UnsupportedError(f"--target-size {target_size:,} bytes leaves nothing for the weights "
-                               f"(norms and tokenizer take about {others + vocab:,}); ask for a larger size")
+        raise UnsupportedError(f"--target-size {target_size:,} bytes leaves nothing for the weights (the "
+                               f"header, tokenizer and norms take {overhead:,}); ask for a larger size")
     return left
+
+
+def gguf_overhead(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], names: list[str]) -> int:
+    """The GGUF file's bytes beyond the allocated tensors' data, from the writer's own plan of the file
+    (metadata with the tokenizer and the allocation's label, tensor infos, norms, alignment: at most 32
+    bytes a tensor too many, which also covers the label's longer type names)."""
+    probe = dict.fromkeys(names, "Q8_0")
+    job = prepare_gguf_quantized(ckpt, specs, None, "keep", True, SILENT, types=probe)
+    return job.need_bytes - sum(bytes_for("Q8_0", tuple(ckpt.tensors[n].shape)) for n in names)
 
 
 def allocated_names(ckpt: Checkpoint, quantized: list[str]) -> list[str]:
@@ -90,9 +100,14 @@ def allocated_names(ckpt: Checkpoint, quantized: list[str]) -> list[str]:
     return names + ([EMBEDDING] if EMBEDDING not in names else [])
 
 
-def choose_types(ckpt: Checkpoint, names: list[str], importance: dict[str, torch.Tensor], ids: torch.Tensor,
-                 bpw: float | None, target_size: int | None, progress: Progress = SILENT) -> dict[str, str]:
-    """HF name → GGUF type, minimizing the measured error within the budget."""
+def choose_types(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], importance: dict[str, torch.Tensor],
+                 ids: torch.Tensor, bpw: float | None, target_size: int | None,
+                 progress: Progress = SILENT) -> dict[str, str]:
+    """HF name → GGUF type for the tensors :func:`allocated_names` picks, minimizing the measured error within
+    the budget."""
+    names = allocated_names(ckpt, [n for n, s in specs.items() if s is not None])
+    overhead = gguf_overhead(ckpt, specs, names) if target_size is not None else 0
+    budget = budget_bytes(ckpt, names, bpw, target_size, overhead)
     cands = measure_candidates(ckpt, names, importance, ids, progress)
-    chosen = allocate(cands, budget_bytes(ckpt, names, bpw, target_size))
+    chosen = allocate(cands, budget)
     return {n: c.qtype for n, c in chosen.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,14 +27,22 @@ from reference.weights import WeightStore
 
 QResult = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # codes [out, in], scale, zero
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+CALIBRATION_TOKENS = 16384
+"""Token budget of the calibration sequences (at least 8 of them): 8 × 2048 on the 2B/9B/27B, up to
+128 × 128 on a model with a 64-token window. On the trained fixture (128-token sequences) gptq's
+held-out KL at int4 g128 went 1.61e-4 → 1.39e-4 from 8 to 111 sequences, 1.56e-4 → 0.84e-4 with
+act-order (docs/QUANTIZATION.md, int4)."""
 
 
-def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8,
+def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int | None = None,
                     shorter_ok: bool = False) -> torch.Tensor:
-    """Tokenized calibration text [S, seq_len] (each row starts with <bos>), via the checkpoint's tokenizer.
+    """Tokenized calibration text [S, seq_len] (each row starts with <bos>), via the checkpoint's tokenizer;
+    ``max_seqs`` None = as many as ``CALIBRATION_TOKENS`` allows, at least 8.
 
     A text shorter than one sequence is an error, unless ``shorter_ok``: then it is one shorter sequence
     (the built-in text, used for mse/hqq's activation importance when no ``--calibration`` is given)."""
+    if max_seqs is None:
+        max_seqs = max(8, CALIBRATION_TOKENS // seq_len)
     if ckpt.tokenizer is None:
         raise ConversionError("calibration needs the model's tokenizer.model (none found next to the checkpoint)",
                               ckpt.path)
@@ -53,12 +62,16 @@ def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int = 8
 
 
 class SequentialGPTQ:
-    """``result(name)`` → GPTQ (codes, scale, zero) of a decoder weight, calibrating layers in order."""
+    """``result(name)`` → GPTQ (codes, scale, zero) of a decoder weight, calibrating layers in order.
+
+    ``act_order`` (default): columns by decreasing Hessian diagonal with static groups
+    (``quant/methods/gptq.py``), so the output keeps the plain group layout (no ``g_idx``)."""
 
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec], ids: torch.Tensor,
-                 on_layer: Callable[[int], None] | None = None, scale_dtype: torch.dtype | None = None) -> None:
+                 on_layer: Callable[[int], None] | None = None, scale_dtype: torch.dtype | None = None,
+                 act_order: bool = True) -> None:
         cfg = ckpt.config
-        self.scale_dtype = scale_dtype
+        self.scale_dtype, self.act_order = scale_dtype, act_order
         self.model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, torch.float32, resident=False))
         self.specs, self.on_layer = specs, on_layer
         self.q_idx = torch.arange(ids.shape[1])
@@ -80,6 +93,12 @@ class SequentialGPTQ:
             raise RuntimeError(f"{name} requested after its layer was released; request layers in order")
         return self.results[name]
 
+    def quantize(self, name: str, w: torch.Tensor, hessian: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """(the result ``result(name)`` hands out, what the weight decodes to) of one weight given its Hessian."""
+        q, s, z = quantize_weight(w, self.specs[name], name=name, hessian=hessian, scale_dtype=self.scale_dtype,
+                                  act_order=self.act_order)
+        return (q, s, z), dequantize(q, s, z)
+
     @torch.inference_mode()
     def _run_layer(self, i: int) -> None:
         self.results.clear()
@@ -94,11 +113,8 @@ class SequentialGPTQ:
         self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
         self.model.observer = None
         for name, (h, _) in hessians.items():
-            spec = self.specs[name]
-            w = self.model.weights.tensors[name].load()
-            q, s, z = quantize_weight(w, spec, name=name, hessian=h, scale_dtype=self.scale_dtype)
-            self.results[name] = (q, s, z)
-            store.replace(name, dequantize(q, s, z))  # the next layers see this layer quantized
+            self.results[name], approx = self.quantize(name, self.model.weights.tensors[name].load(), h)
+            store.replace(name, approx)  # the next layers see this layer quantized
         self.h = self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
         for name in hessians:
             store.replace(name, None)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma2_convert.core.lazy import LazyTensor
 from quant.metrics import sqnr_db
 
 COMPARE_ELEMENTS = 1 << 24  # compared per step: casts and differences of at most 16 M elements at a time
@@ -43,6 +44,29 @@ def tensor_diff(name: str, x: torch.Tensor, y: torch.Tensor) -> TensorDiff:
         dd = xd - yb.double()
         signal, noise = signal + float(xd.pow(2).sum()), noise + float(dd.pow(2).sum())
         max_abs = max(max_abs, float(dd.abs().max()) if dd.numel() else 0.0)
+    return _from_sums(name, signal, noise, max_abs)
+
+
+def streamed_diff(name: str, a: LazyTensor, b: LazyTensor) -> TensorDiff:
+    """``tensor_diff`` of two lazy tensors of the same 2-D shape, read in the same row blocks: a side with
+    ``rows`` decodes one block at a time (a quantized 256k-row embedding is never decoded whole); one pass."""
+    step = max(1, COMPARE_ELEMENTS // max(1, math.prod(a.shape[1:])))
+    whole = [lt.load() if lt.rows is None else None for lt in (a, b)]
+    equal, signal, noise, max_abs = True, 0.0, 0.0, 0.0
+    for i in range(0, a.shape[0], step):
+        xb, yb = (t[i:i + step] if t is not None else lt.rows(i, i + step)  # type: ignore[misc]
+                  for t, lt in zip(whole, (a, b)))
+        equal = equal and torch.equal(xb.to(yb.dtype), yb)
+        xd = xb.double()
+        dd = xd - yb.double()
+        signal, noise = signal + float(xd.pow(2).sum()), noise + float(dd.pow(2).sum())
+        max_abs = max(max_abs, float(dd.abs().max()) if dd.numel() else 0.0)
+    if equal:
+        return TensorDiff(name, True, float("inf"), 0.0)
+    return _from_sums(name, signal, noise, max_abs)
+
+
+def _from_sums(name: str, signal: float, noise: float, max_abs: float) -> TensorDiff:
     if noise == 0.0:
         return TensorDiff(name, False, float("inf"), max_abs)
     rel = math.sqrt(noise / signal) if signal > 0 else math.inf

@@ -30,11 +30,12 @@ from gemma2_convert.pipeline.calibrate import (
     calibration_ids,
     read_text,
 )
-from gemma2_convert.pipeline.allocate import allocated_names, choose_types
+from gemma2_convert.pipeline.allocate import choose_types
 from gemma2_convert.pipeline.autoround import AutoRoundSettings, autoround_engine
 from gemma2_convert.pipeline.convert import run_job
 from gemma2_convert.pipeline.imatrix_use import check_gguf_options, file_importance, is_split
 from gemma2_convert.pipeline.equalize import fold_checkpoint, measure_scales
+from gemma2_convert.pipeline.typed_gptq import TypedGPTQ
 from gemma2_convert.pipeline.quality import (
     DEFAULT_EVAL_TEXT,
     check_quality,
@@ -134,6 +135,8 @@ class ModuleQuantizer:
         self.imatrix: Path | None = None
         """The importance matrix file ``importance`` comes from (then a weight without an entry gets llama.cpp's
         reference quantizer, as llama-quantize gives it)."""
+        self.typed: TypedGPTQ | None = None
+        """``--method gptq`` with an allocation: the engine writing each allocated decoder weight's blocks."""
         self._last: tuple[str, tuple] | None = None
 
     def codes(self, name: str, w: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
@@ -214,10 +217,12 @@ def quantize_checkpoint(src: str | Path | Checkpoint, out: str | Path, opts: Qua
     types = None
     if opts.bpw is not None or opts.target_size is not None:
         importance = importance or _importance(ckpt, specs, opts) or {}
-        types = choose_types(ckpt, allocated_names(ckpt, [n for n, s in specs.items() if s is not None]),
-                             importance, _calibration(ckpt, opts), opts.bpw, opts.target_size, progress)
+        types = choose_types(ckpt, specs, importance, _calibration(ckpt, opts), opts.bpw, opts.target_size,
+                             progress)
     mq = ModuleQuantizer(ckpt, specs, res.stats, gptq, importance)
     mq.imatrix = opts.imatrix
+    if types is not None and opts.method == "gptq":
+        mq.typed = TypedGPTQ(ckpt, types, importance or {}, _calibration(ckpt, opts))
     need = estimate_bytes(ckpt, specs)
     if opts.format == "hf":
         job = prepare_compressed(ckpt, specs, mq.codes, need)

@@ -32,10 +32,10 @@ from gemma2_convert.pipeline.diagnose import (
     shape_differences,
     vocab_differences,
 )
-from gemma2_convert.pipeline.lockstep import Lockstep, logit_figures, prompt_groups
+from gemma2_convert.pipeline.lockstep import LogitSums, Lockstep, logit_figures, prompt_groups
 from reference.config import Gemma2Config
 from reference.heads import CLASSES
-from reference.model import Gemma2Model
+from reference.model import Gemma2Model, Rows
 from reference.weights import WeightStore
 
 DEFAULT_TEXT = (
@@ -45,6 +45,10 @@ DEFAULT_TEXT = (
     "    return a\n\nКогда-то давно жил-был кот. 東京は日本の首都です。 Emojis: 🙂🚀 — numbers 3.14159, 2718."
 )
 
+
+RESIDENT_BUDGET = 512 << 20
+"""Bytes of compute-dtype casts of both models that verify keeps between passes over the layers (small models
+only: verification stays within 2 GB of anonymous memory at every size; larger ones re-read each pass)."""
 
 @dataclass
 class VerifyReport:
@@ -75,6 +79,10 @@ class VerifyReport:
     """Where the bounds of a lossy judgement come from (the stored type, its KL / top-1 / SQNR floor)."""
     likely_causes: list[str] = field(default_factory=list)
     """When it fails: the known conversion bugs the evidence points to (``pipeline.diagnose``), with the evidence."""
+    reused_layers: int = 0
+    """Decoder layers (and the head, counted last) whose output B took from A instead of recomputing it: B's
+    tensors there are bit-identical to A's, its inputs too, and both compute the same function
+    (``pipeline.lockstep``), so the result is A's by construction."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -184,22 +192,32 @@ def verify(
         return rep
     prompts = default_prompts(ca, n_tokens)
     extra = text_prompts(ca, text) if text is not None else []
-    if resident is None:  # keeping casts pays only when the prompts need several passes (and fit, twice)
-        resident = (len(prompt_groups(prompts + extra, ca.config, dtype)) > 1
-                    and fits_resident(2 * 4 * sum(t.numel for t in ca.tensors.values())))
+    if resident is None:  # keeping casts pays only when the prompts need several passes (and fit, twice,
+        casts = 2 * 4 * sum(t.numel for t in ca.tensors.values())  # within verify's memory goal)
+        resident = (len(prompt_groups(prompts + extra, ca.config, dtype)) > 1 and casts <= RESIDENT_BUDGET
+                    and fits_resident(casts))
     models = reference_model(ca, dtype, resident), reference_model(cb, dtype, resident)
+    sums = LogitSums(), LogitSums()  # the fixed prompts, the user's text: reduced window by window
+
+    def sink(k: int, rows: tuple[Rows, Rows]) -> None:
+        sums[k >= len(prompts)].add(rows)
+
+    share = (check_tensors and type(models[0]) is type(models[1]) and not (ca.adapters or cb.adapters)
+             and same_function(ca.config, cb.config))
     with progress.phase("verifying layer by layer: tensors and both forwards", None, "layers"):
-        run = Lockstep(*models, compare=check_tensors, on_step=progress.update).run(prompts + extra)
+        lockstep = Lockstep(*models, compare=check_tensors, on_step=progress.update, share=share)
+        run = lockstep.run(prompts + extra, sink)
+    rep.reused_layers = run.shared
     if check_tensors:
         rep.tensors_total, rep.tensors_equal = len(ca.tensors), run.tensors_equal
         rep.worst_tensors = worst_diffs(run.diffs)
         if tol.tensors_equal and rep.tensors_equal != rep.tensors_total:
             rep.failures.append(f"{rep.tensors_total - rep.tensors_equal} tensor(s) differ, worst "
                                 f"{rep.worst_tensors[0].name} (max |Δ| {rep.worst_tensors[0].max_abs:.3g})")
-    for k, v in logit_figures(run.rows[:len(prompts)]).items():
+    for k, v in sums[0].figures().items():
         setattr(rep, k, v)
     if extra:
-        rep.text = logit_figures(run.rows[len(prompts):])
+        rep.text = sums[1].figures()
     judge(rep, tol)
     if not rep.passed:
         rep.likely_causes = likely_causes(ca, cb, rep.vocab_differences,
@@ -213,6 +231,13 @@ FORWARD_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "hidden_activation", "tie_word_embeddings")
 """The config fields the forward pass reads (spec §4.7): equal in both, a model computes the same function
 of its weights."""
+
+
+def same_function(a: Gemma2Config, b: Gemma2Config) -> bool:
+    """Whether the reference computes exactly the same function of the weights for both configs: every forward
+    field equal (floats too, bit for bit) and the same head."""
+    fields = (*FORWARD_FIELDS, "head", "num_labels", "pad_token_id")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
 def config_differences(a: Gemma2Config, b: Gemma2Config) -> list[str]:
@@ -244,6 +269,9 @@ def proof_lines(rep: VerifyReport, tol: Tolerance) -> list[str]:
     lines.append(f"logits: {rep.tokens} positions of the reference forward on both, "
                  + ("identical" if exact and rep.max_abs_logits == 0 else
                     f"max |Δ| {rep.max_abs_logits:.3g}, mean KL {rep.mean_kl:.3g}, top-1 {rep.top1:.2%}"))
+    if rep.reused_layers:
+        lines.append(f"forward: B reused A's output at {rep.reused_layers} step(s) (decoder layers, the head "
+                     "last) where its tensors and inputs were bit-identical to A's: the same computation")
     if tol.tensors_equal and exact and not rep.config_differences:
         lines.append("so: equal weights and an equivalent config compute the same function; the logits confirm it")
     elif not tol.tensors_equal:

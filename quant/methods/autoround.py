@@ -6,11 +6,14 @@ For a weight ``W [out, in]`` in the layout of ``quant/qparams.py`` (groups of ``
 
     q = clamp(round(W / (s0 · m) + v) + z, qmin, qmax),     Ŵ = (q − z) · s0 · m
 
-with ``v ∈ [−0.5, 0.5] [out, in]`` (rounding offsets, start 0: round-to-nearest) and ``m ∈ [M_LO, M_HI]
-[out, G]`` (scale multipliers, start 1) learned by ``p ← p − lr · sign(∂L/∂p)`` (``round`` passes
-gradients straight through), keeping the best ``(v, m)`` seen. ``L`` is the output error of whatever
+with ``v ∈ [c − 0.5, c + 0.5] [out, in]`` (rounding offsets around a centre ``c``, start ``c``) and
+``m ∈ [M_LO, M_HI] [out, G]`` (scale multipliers, start 1) learned by ``p ← p − lr · sign(∂L/∂p)``
+(``round`` passes gradients straight through), keeping the best ``(v, m)`` seen. ``L`` is the output error of whatever
 the weights feed: a whole decoder layer on calibration activations (``pipeline/autoround.py``), or, for
-one weight alone, ``tr(ΔW · H · ΔWᵀ)`` with the GPTQ Hessian ``H ∝ XᵀX``.
+one weight alone, ``tr(ΔW · H · ΔWᵀ)`` with the GPTQ Hessian ``H ∝ XᵀX``. Two starting points:
+``start`` (``c = 0``: round-to-nearest on ``mse``'s scales, SignRound's) and ``start_from``
+(``c = q − z − W/s``: the codes and scales of another method, e.g. GPTQ's, which the search then
+refines; their codes can lie more than half a step from ``W/s``, hence the centre).
 
 ``export`` turns the result into the stored layout: the scale is rounded to its stored dtype first and
 the codes are recomputed against that stored scale, so what the file decodes is what was optimized
@@ -47,6 +50,7 @@ class Rounding:
     bits: int
     v: Tensor        # [out, G, g] float32, requires grad
     m: Tensor        # [out, G, 1] float32, requires grad
+    centre: Tensor | None = None  # [out, G, g] float32: v stays within centre ± 0.5 (None: 0)
 
     def params(self) -> list[Tensor]:
         return [self.v, self.m]
@@ -61,6 +65,22 @@ def start(w: Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None = None) ->
     m = torch.ones(out_f, n_groups, 1, requires_grad=True)
     zero = None if z is None else z.float()[..., None]
     return Rounding(wf, s.float()[..., None], zero, spec.bits, v, m)
+
+
+def start_from(w: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Rounding:
+    """Start at given codes ``q [out, in]`` and qparams ``scale``/``zero [out, G]`` (e.g. GPTQ's): ``v``
+    is the offset that reproduces ``q`` exactly (``round(W/s + v) = q − z``); the search moves it by
+    ± 0.5 at most."""
+    out_f, n_groups = scale.shape
+    wf = w.float().reshape(out_f, n_groups, -1)                              # [out, G, g]
+    s0 = scale.float()[..., None]                                            # [out, G, 1]
+    z = None if zero is None else zero.float()[..., None]
+    step = q.float().reshape(out_f, n_groups, -1) - (0.0 if z is None else z)  # [out, G, g], integers
+    centre = torch.where(s0 > 0, step - wf / s0.clamp_min(1e-30), torch.zeros_like(wf))
+    s0 = torch.where(s0 > 0, s0, torch.ones_like(s0))  # an all-zero group: codes 0 at any scale
+    v = centre.clone().requires_grad_(True)
+    m = torch.ones(out_f, n_groups, 1, requires_grad=True)
+    return Rounding(wf, s0, z, bits, v, m, centre)
 
 
 def fake_quant(r: Rounding) -> Tensor:
@@ -82,7 +102,10 @@ def signed_step(params: Sequence[Rounding], lr: float) -> None:
             if p.grad is not None:
                 p.sub_(lr * torch.sign(p.grad))
                 p.grad = None
-        r.v.clamp_(-0.5, 0.5)
+        if r.centre is None:
+            r.v.clamp_(-0.5, 0.5)
+        else:
+            r.v.copy_(torch.minimum(torch.maximum(r.v, r.centre - 0.5), r.centre + 0.5))
         r.m.clamp_(M_LO, M_HI)
 
 

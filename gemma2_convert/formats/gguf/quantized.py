@@ -88,7 +88,7 @@ def make_planner(specs: dict[str, QuantSpec | None], mq, embedding: str = "keep"
             hf = hf_names[p.name]
             spec = specs.get(hf)
             if types and hf in types:
-                encoder = _typed_encoder(hf, types[hf], mq)
+                encoder = _typed_encoder(hf, types[hf], mq, ratio if is_query(hf) else 1.0)
                 plans.append(TensorPlan(p.name, p.source, types[hf], p.transform, encoder))
                 choices.append(TypeChoice(p.name, types[hf], "measured allocation"))
                 continue
@@ -131,9 +131,16 @@ def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[
     return encode
 
 
-def _typed_encoder(hf: str, qtype: str, mq) -> Callable[[torch.Tensor], torch.Tensor]:
+def _typed_encoder(hf: str, qtype: str, mq, fold: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An allocated type's blocks: from ``mq.typed`` (``pipeline/typed_gptq.py``, ``--method gptq``) for a
+    decoder weight the writer does not rescale, else llama.cpp's quantizer with the activation importance."""
+
     def encode(w: torch.Tensor) -> torch.Tensor:
-        data = quantize_tensor(w, qtype, quant_weights=mq.importance.get(hf))
+        typed = getattr(mq, "typed", None)
+        if typed is not None and hf in typed.specs and fold == 1.0:
+            data = typed.result(hf)
+        else:
+            data = quantize_tensor(w, qtype, quant_weights=mq.importance.get(hf))
         mq.record_error(hf, f"measured→{qtype}", block_error(w, data, qtype))
         return data
 

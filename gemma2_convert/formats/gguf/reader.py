@@ -62,15 +62,28 @@ def _is_gguf(p: Path) -> bool:
 
 def dequantize(f: GGUFFile | GGUFSet, info: TensorInfo) -> torch.Tensor:
     """The stored tensor in PyTorch layout: a zero-copy view for F32/F16/BF16, else float32."""
+    return _decode(f.raw(info.name), info, info.shape)
+
+
+def dequantize_rows(f: GGUFFile | GGUFSet, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``dequantize(f, info)`` (a 2-D tensor), decoding only their bytes: every GGML
+    type stores a row as whole blocks, ``nbytes / rows`` bytes each."""
     raw = f.raw(info.name)
+    n_rows = info.shape[0]
+    stop = min(stop, n_rows)
+    per = raw.size // n_rows  # [rows, per] bytes
+    return _decode(raw[start * per:stop * per], info, (stop - start, *info.shape[1:]))
+
+
+def _decode(raw: np.ndarray, info: TensorInfo, shape: tuple[int, ...]) -> torch.Tensor:
     if info.type_name in _FLOAT_VIEWS:
-        return torch.from_numpy(raw).view(_FLOAT_VIEWS[info.type_name]).reshape(info.shape)
+        return torch.from_numpy(raw).view(_FLOAT_VIEWS[info.type_name]).reshape(shape)
     if info.type_name in GGML_TYPES:
-        return dequantize_tensor(torch.from_numpy(raw), info.type_name, info.shape)
+        return dequantize_tensor(torch.from_numpy(raw), info.type_name, shape)
     import gguf  # types we do not write (Q2_K, Q3_K, IQ*): gguf-py's numpy dequantizers
 
     qtype = gguf.GGMLQuantizationType(info.type_id)
-    return torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32)).reshape(info.shape)
+    return torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32)).reshape(shape)
 
 
 def stored_dtype(info: TensorInfo) -> torch.dtype:
@@ -99,12 +112,18 @@ def _canonical(f: GGUFSet, info: TensorInfo, hf: str, fold: float, source_dtype:
             return q if exact_dtype is None else q.to(exact_dtype).float()  # back onto the source grid
 
         return LazyTensor(shape, torch.float32, query)
+    by_rows = len(shape) == 2 and info.type_name not in _FLOAT_VIEWS  # a float view costs nothing to slice
+    rows = (lambda a, b: dequantize_rows(f, info, a, b)) if by_rows else None
     if info.type_name in BLOCK_TYPES and len(shape) == 2:  # its codes stay readable (quantized → quantized)
+        def block_rows(a: int, b: int) -> torch.Tensor:  # decoded as ``load`` decodes, op for op
+            raw = torch.from_numpy(f.raw(info.name)).reshape(shape[0], -1)[a:b]
+            return codes_from_blocks(raw.reshape(-1), info.type_name, (raw.shape[0], shape[1])).dequantize()
+
         return quant_tensor(shape, torch.float32, lambda: codes_from_blocks(torch.from_numpy(f.raw(info.name)),
                                                                             info.type_name, shape),
                             kind=BLOCK_TYPES[info.type_name][0], bits=BLOCK_TYPES[info.type_name][1], group_size=32,
-                            layout=f"gguf:{info.type_name}", stored_nbytes=None)
-    return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info))
+                            layout=f"gguf:{info.type_name}", stored_nbytes=None, rows=block_rows)
+    return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info), rows=rows)
 
 
 def _source_dtype(f: GGUFSet) -> torch.dtype | None:

@@ -6,6 +6,7 @@ its float type (norms F32), so the file holds exactly the source's numbers and v
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,10 +42,8 @@ def transcode_planner(plan: TranscodePlan, base: Planner, order: Callable[[Check
             if hf in plan.targets:
                 qtype = plan.targets[hf].name.removeprefix("gguf:")
 
-                def encode(_w: torch.Tensor, hf: str = hf, qtype: str = qtype) -> torch.Tensor:
-                    return blocks_from_codes(plan.recoded(hf), qtype)
-
-                plans.append(TensorPlan(p.name, plan.decoded(hf), qtype, p.transform, encode))
+                plans.append(TensorPlan(p.name, plan.decoded(hf), qtype, p.transform,
+                                        from_codes=partial(_moved, plan, hf, qtype)))
                 choices.append(TypeChoice(p.name, qtype, f"from {plan.sources[hf].label}"))
                 continue
             qtype = "F32" if p.transform is not None or len(p.source.shape) == 1 \
@@ -54,6 +53,13 @@ def transcode_planner(plan: TranscodePlan, base: Planner, order: Callable[[Check
         return plans, choices
 
     return planner
+
+
+def _moved(plan: TranscodePlan, hf: str, qtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``TensorPlan.from_codes`` of ``hf``: the source's codes (the parts that fingerprint it) and their blocks."""
+    src = plan.sources[hf].codes()  # type: ignore[misc]
+    parts = {".codes": src.u, ".scale": src.scale} | ({} if src.offset is None else {".offset": src.offset})
+    return parts, blocks_from_codes(plan.recode(hf, src), qtype)
 
 
 def with_transcode(job: WriteJob, plan: TranscodePlan | None) -> WriteJob:

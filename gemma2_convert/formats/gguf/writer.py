@@ -84,6 +84,10 @@ class TensorPlan:
     quant_weights: torch.Tensor | None = None
     """float32 ``[cols]``: the per-column importance (an imatrix entry) the stock quantizer weights its search
     with, as ``llama-quantize --imatrix`` does; None: the reference quantizer."""
+    from_codes: Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
+    """A tensor moved from quantized codes (``formats/gguf/transcode.py``): returns the source's stored parts
+    (``{suffix: tensor}``: codes, scales, offsets — fingerprinted, and the float ones weight-checked, in place of
+    the decoded source) and the block bytes made from them. ``source`` is then never loaded or decoded."""
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -197,6 +201,7 @@ class _Stream:
         # (allocated on first use, the size of a Q8_0 chunk: the widest block type per element)
         self.block_buffers: list[torch.Tensor] = []
         self.block_turn = 0
+        self.moving: dict[int, Future] = {}  # tensors made from codes, by index (``moved``)
 
     def prefetch(self, tensors: Sequence[TensorPlan], i: int) -> None:
         """Called as tensor ``i`` starts: ask for the sources of the next tensors, ``PREFETCH_AHEAD``
@@ -246,6 +251,18 @@ class _Stream:
             if first:
                 self.check(t.name, src, to_fp16=to_fp16, transform=t.transform)
         return chunk
+
+    def moved(self, tensors: Sequence[TensorPlan], i: int) -> Iterator[torch.Tensor]:
+        """The bytes of ``tensors[i]`` from its codes (``TensorPlan.from_codes``), made on an encoder thread;
+        the next such tensor is started first, so it is made while this one is written."""
+        for j in (i, i + 1):
+            if j < len(tensors) and tensors[j].from_codes is not None and j not in self.moving:
+                self.moving[j] = self.encoders.submit(tensors[j].from_codes)  # type: ignore[arg-type]
+        parts, data = self.moving.pop(i).result()
+        for suffix, part in parts.items():
+            self.check(tensors[i].name + suffix, part)  # scales and offsets: NaN/Inf (integer codes pass)
+            self.hash(tensors[i].name + suffix, part)
+        yield data
 
     def _encode(self, t: TensorPlan, src: torch.Tensor, chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return encode_chunk(self.checked(t, src, chunk), t.qtype, t.transform, out, t.quant_weights)
@@ -302,7 +319,8 @@ def write_gguf(
     """Write a GGUF file, streaming tensor data; return its size in bytes.
 
     ``source_hash``, if given, is updated with every source tensor (name, dtype, shape, bytes) in
-    write order, before any transform — a fingerprint of the canonical weights. ``threads``
+    write order, before any transform — a fingerprint of the canonical weights (a tensor moved from codes:
+    its stored parts, ``TensorPlan.from_codes``). ``threads``
     (default: all CPUs) encode block-quantized chunks in parallel. ``check`` covers every source
     tensor (NaN/Inf, and the float16 range of F16 tensors after the transform; default: both are
     errors): each chunk is scanned as it is encoded, and a tensor with a failing chunk gets the full
@@ -319,11 +337,12 @@ def write_gguf(
         try:
             for i, t in enumerate(tensors):
                 stream.prefetch(tensors, i)
-                src = t.source.load()
-                stream.hash(t.name, src)
+                src = None if t.from_codes is not None else t.source.load()
+                if src is not None:
+                    stream.hash(t.name, src)
                 written = 0
                 try:
-                    for data in stream.encoded(t, src):
+                    for data in stream.moved(tensors, i) if src is None else stream.encoded(t, src):
                         stream.write(data)
                         written += data.numel()
                 except (Interrupted, NonFiniteError):

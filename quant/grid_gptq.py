@@ -1,0 +1,142 @@
+"""GPTQ into K-quant and IQ4 blocks: llama.cpp's scales kept, the codes chosen by GPTQ's error feedback.
+
+Q4_K / Q5_K / Q6_K / IQ4_XS store per super-block fp16 scales and per sub-block 6-/8-bit scale (and min)
+codes, IQ4_NL an fp16 scale per 32: the element codes lie on a grid ``x = a·level(q) + b`` per sub-block
+(``level(q) = q``, or IQ4's 16-value codebook). llama.cpp's search (with the activation
+importance, as ``llama-quantize --imatrix``) fixes the grid; GPTQ (../shared/spec/QUANT_FORMATS.md §3.1) then
+rounds each column onto its own grid, pushing the rounding error onto the columns not yet done; the blocks are
+packed with the same scales and the new codes, so they decode exactly to the grid values GPTQ chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quant.gguf_codec import quantize_tensor
+from quant.gguf_iq4 import KVALUES, pack_iq4_nl, pack_iq4_xs
+from quant.gguf_kquants import pack_q4_k, pack_q5_k, pack_q6_k, unpack_k_scales
+from quant.gguf_legacy import f16_from_bytes, split_bytes, unpack_nibbles
+from quant.methods.gptq import inverse_cholesky_upper
+
+GRID_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL")
+"""The GGUF types :func:`gptq_blocks` writes."""
+_AFFINE = {"Q4_K": (15, pack_q4_k, 144), "Q5_K": (31, pack_q5_k, 176)}  # nmax, packer, block bytes
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Per-element grid ``x = step·level(q) + offset``, ``q ∈ [lo, hi]``; ``step``, ``offset``: float32
+    ``[out, in]``; ``levels``: float32 ``[hi − lo + 1]`` for a codebook (IQ4's), None: ``level(q) = q``."""
+    step: Tensor
+    offset: Tensor
+    lo: int
+    hi: int
+    levels: Tensor | None = None
+
+    def level(self, q: Tensor) -> Tensor:
+        return q if self.levels is None else self.levels[(q - self.lo).long()]
+
+    def nearest(self, t: Tensor) -> Tensor:
+        """The code whose level is nearest to ``t`` (float32, in units of ``step``)."""
+        if self.levels is None:
+            return torch.round(t).clamp(self.lo, self.hi)
+        mids = (self.levels[1:] + self.levels[:-1]) / 2
+        return (torch.bucketize(t, mids) + self.lo).to(t.dtype)
+
+    def value(self, q: Tensor) -> Tensor:
+        """What codes ``q [out, in]`` decode to (bit for bit as the block's dequantization)."""
+        return self.step * self.level(q) + self.offset
+
+
+def _kvalues() -> Tensor:
+    return torch.tensor(KVALUES, dtype=torch.float32)
+
+
+def _expand(v: Tensor, rows: int, n: int) -> Tensor:
+    """Per-sub-block values ``[rows, nsb, k]`` → per-element ``[rows, nsb·k·n]`` (sub-blocks of ``n``)."""
+    return v.float().unsqueeze(-1).expand(*v.shape, n).reshape(rows, -1)
+
+
+def gptq_on_grid(w: Tensor, hessian: Tensor, grid: Grid, damp: float = 0.01, block: int = 128,
+                 act_order: bool = True) -> Tensor:
+    """GPTQ codes ``[out, in]`` (int64 in ``[lo, hi]``) of ``w [out, in]`` on a fixed grid, Hessian
+    ``[in, in]``; ``act_order``: columns by decreasing ``diag(H)`` (the grid is per element, so any order
+    keeps the layout)."""
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w = torch.where(dead[None, :], torch.zeros((), dtype=torch.float32), w.float())
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
+    permuted = Grid(grid.step[:, perm], grid.offset[:, perm], grid.lo, grid.hi, grid.levels)
+    q = _gptq_loop(w[:, perm].contiguous(), h[perm][:, perm], permuted, damp, block)
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out
+
+
+def _gptq_loop(w: Tensor, h: Tensor, grid: Grid, damp: float, block: int) -> Tensor:
+    """The column loop of GPTQ with lazy block updates, on columns already in their visiting order."""
+    u = inverse_cholesky_upper(h, damp)                                     # [in, in]
+    cols = w.shape[1]
+    q = torch.zeros_like(w, dtype=torch.int64)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        err = torch.zeros(w.shape[0], b1 - b0)                              # [out, block]
+        for i in range(b0, b1):
+            step = grid.step[:, i]
+            safe = torch.where(step != 0, step, torch.ones_like(step))
+            qi = grid.nearest((w[:, i] - grid.offset[:, i]) / safe)
+            qi = torch.where(step != 0, qi, torch.full_like(qi, max(grid.lo, 0)))
+            q[:, i] = qi.to(torch.int64)
+            e = (w[:, i] - (step * grid.level(qi) + grid.offset[:, i])) / u[i, i]
+            w[:, i:b1] -= e[:, None] * u[i, i:b1][None, :]
+            err[:, i - b0] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q
+
+
+def choose_grid(w: Tensor, qtype: str, importance: Tensor | None) -> tuple[Grid, Callable[[Tensor], Tensor]]:
+    """llama.cpp's ``qtype`` scales for ``w [out, in]`` (its search with ``importance``, our byte-identical
+    kernels) read back from its blocks as a :class:`Grid`, and the packer of codes ``[out, in]`` in the grid's
+    range into block bytes with exactly those scales."""
+    raw, rows = quantize_tensor(w, qtype, quant_weights=importance), w.shape[0]
+    nsb = w.shape[1] // 256
+    if qtype == "IQ4_NL":
+        d = f16_from_bytes(split_bytes(raw, 18, [2, 16])[0])            # [R, nb]; x = d·K[q]
+        step = _expand(d, rows, 32)
+        return Grid(step, torch.zeros_like(step), 0, 15, _kvalues()), \
+            lambda q: pack_iq4_nl(d.half(), q.to(torch.uint8).reshape(rows, -1, 32))
+    if qtype == "IQ4_XS":
+        d, sh, sl, _ = split_bytes(raw, 136, [2, 2, 4, 128])
+        high = sh.to(torch.int32)
+        high = (high[..., :1] | (high[..., 1:] << 8)) >> torch.arange(0, 16, 2, dtype=torch.int32)
+        ls = unpack_nibbles(sl.unsqueeze(-1)).flatten(-2).to(torch.int32) | ((high & 3) << 4)  # [R, nsb, 8]
+        d = f16_from_bytes(d)                                               # x = (d·(ls_j − 32))·K[q]
+        step = _expand(d.unsqueeze(-1) * (ls - 32).to(torch.float32), rows, 32)
+        return Grid(step, torch.zeros_like(step), 0, 15, _kvalues()), \
+            lambda q: pack_iq4_xs(d.half(), ls.to(torch.uint8), q.to(torch.uint8).reshape(rows, nsb, 256))
+    if qtype == "Q6_K":
+        _, _, sc, d = split_bytes(raw, 210, [128, 64, 16, 2])
+        sc, d = sc.contiguous().view(torch.int8), f16_from_bytes(d)       # [R, nsb, 16], [R, nsb]
+        step = _expand(d.unsqueeze(-1) * sc.to(torch.float32), rows, 16)  # x = (d·sc_j)·(q − 32)
+        return Grid(step, torch.zeros_like(step), -32, 31), \
+            lambda q: pack_q6_k(d.half(), sc, (q + 32).to(torch.uint8).reshape(rows, nsb, 256))
+    nmax, pack, size = _AFFINE[qtype]
+    d, dmin, scales = split_bytes(raw, size, [2, 2, 12, size - 16])[:3]
+    sc, m = unpack_k_scales(scales)                                         # [R, nsb, 8] each
+    d, dmin = f16_from_bytes(d), f16_from_bytes(dmin)                       # x = (d·sc_j)·q − dmin·m_j
+    step = _expand(d.unsqueeze(-1) * sc.to(torch.float32), rows, 32)
+    offset = -_expand(dmin.unsqueeze(-1) * m.to(torch.float32), rows, 32)
+    return Grid(step, offset, 0, nmax), \
+        lambda q: pack(d.half(), dmin.half(), sc, m, q.to(torch.uint8).reshape(rows, nsb, 256))
+
+
+def gptq_blocks(w: Tensor, qtype: str, hessian: Tensor, importance: Tensor | None) -> Tensor:
+    """``qtype`` block bytes of ``w [out, in]``: llama.cpp's scales (searched with ``importance``), GPTQ's
+    codes."""
+    grid, pack = choose_grid(w, qtype, importance)
+    return pack(gptq_on_grid(w, hessian, grid))
