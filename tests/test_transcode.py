@@ -255,12 +255,9 @@ def test_llm_compressor_int4_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(
     data-free: weight-only min/max needs no calibration set), from bf16 weights as Gemma 2 ships: every code and
     scale moves into Q4_0 unchanged (the float64 values the codes stand for are equal) and llama.cpp runs it.
 
-    Not in the test extra: llmcompressor 0.14.0.1 pins transformers<=5.17 and compressed-tensors==0.19.0, which
-    would replace the 5.25 / 0.20.1 the other tests use. It runs where llmcompressor imports (installed with
-    --no-deps beside datasets, e.g. ``pip install --no-deps --target DIR llmcompressor datasets pyarrow pandas dill
-    multiprocess`` and ``PYTHONPATH=DIR``)."""
-    pytest.importorskip("llmcompressor", reason="llmcompressor pins older transformers/compressed-tensors: not in "
-                                                "the test extra (see the docstring)")
+    llmcompressor is installed by the README's test command with --no-deps (0.14.0.1 pins transformers<=5.17 and
+    compressed-tensors==0.19.0, which would replace the 5.25 / 0.20.1 the other tests use); a missing install
+    fails here, it is not skipped."""
     import llama_cpp
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
