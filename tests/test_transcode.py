@@ -68,8 +68,20 @@ def reference_logits(path) -> torch.Tensor:
         return from_pretrained(path, Gemma2ForCausalLM)(torch.tensor([IDS]))[0]
 
 
-def test_ct_int4_sym_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(ct_dir, tmp_path):
+def llama_cpp_logits(path) -> torch.Tensor:
+    """llama.cpp's float32 logits of IDS on the GGUF at ``path`` (F32 KV cache, no flash attention)."""
     import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(IDS), n_batch=len(IDS), n_ubatch=len(IDS),
+                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
+    try:
+        llm.eval(IDS)
+        return torch.from_numpy(np.array(llm.scores[:len(IDS)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def test_ct_int4_sym_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(ct_dir, tmp_path):
     out = tmp_path / "q4_0.gguf"
     res = convert(ct_dir, out, ConvertOptions(to="gguf", gguf_type="q4_0"))
     assert res.report is not None and res.report.max_abs_logits == 0.0
@@ -78,13 +90,7 @@ def test_ct_int4_sym_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(ct_dir, 
     all_equal(ct_dir, out)
     assert sum(isinstance(t, QuantTensor) and t.layout == "gguf:Q4_0" for t in open_checkpoint(out).tensors.values()) \
         == 14
-    llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=len(IDS), n_batch=len(IDS), n_ubatch=len(IDS),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(IDS)
-        got = torch.from_numpy(np.array(llm.scores[:len(IDS)], dtype=np.float32))
-    finally:
-        llm.close()
+    got = llama_cpp_logits(out)
     want = reference_logits(ct_dir)
     d = (got - want).abs()
     # Q4_0 weights: llama.cpp's CPU matmul quantizes the activations to Q8_0 (the Q8_0 bound of
@@ -258,7 +264,6 @@ def test_llm_compressor_int4_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(
     llmcompressor is installed by the README's test command with --no-deps (0.14.0.1 pins transformers<=5.17 and
     compressed-tensors==0.19.0, which would replace the 5.25 / 0.20.1 the other tests use); a missing install
     fails here, it is not skipped."""
-    import llama_cpp
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -283,13 +288,7 @@ def test_llm_compressor_int4_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(
     for n in kept:
         a, b = ca.tensors[n].codes().exact(), cb.tensors[n].codes().exact()  # type: ignore[union-attr]
         assert torch.equal(a, b), f"{n}: max |Δ| {(a - b).abs().max():.3g}"
-    llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=len(IDS), n_batch=len(IDS), n_ubatch=len(IDS),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(IDS)
-        got = torch.from_numpy(np.array(llm.scores[:len(IDS)], dtype=np.float32))
-    finally:
-        llm.close()
+    got = llama_cpp_logits(out)
     want = reference_logits(lib)
     d = (got - want).abs()  # the Q8_0 activation bound of the test above
     assert d.max() <= 0.75 and (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95, f"max |Δ| {d.max():.3g}"
