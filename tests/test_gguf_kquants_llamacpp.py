@@ -11,19 +11,13 @@ import ctypes
 from pathlib import Path
 
 import gguf
+import llama_cpp  # a real client: missing in CI is a failure, not a skip
 import numpy as np
 import pytest
 import torch
 
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
 from quant.gguf_types import file_type_id, ggml_type
-
-try:
-    import llama_cpp
-except ImportError as exc:  # only a missing package skips; a broken build fails loudly
-    pytest.skip(
-        f"llama-cpp-python is not installed ({exc}); it provides llama.cpp's quantizer", allow_module_level=True
-    )
 
 H, FF, N_HEAD, N_KV, HEAD_DIM, VOCAB, N_LAYER = 256, 512, 2, 1, 128, 320, 2
 # pure=True: every 2-D weight gets the ftype's default type (Q4_K_M -> Q4_K, Q5_K_M -> Q5_K).

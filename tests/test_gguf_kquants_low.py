@@ -80,14 +80,7 @@ def test_nearest_int_is_the_c_bit_trick():
 
 # ---- bytes vs llama.cpp's quantizer ----------------------------------------------------------
 
-try:
-    import llama_cpp
-except ImportError:  # only a missing package skips (below); a broken build fails loudly
-    llama_cpp = None
-
-needs_llama_cpp = pytest.mark.skipif(
-    llama_cpp is None, reason="llama-cpp-python is not installed; it provides llama.cpp's quantizer"
-)
+import llama_cpp  # a real client: missing in CI is a failure, not a skip
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +102,6 @@ def ggml_quantize_chunk():
     return run
 
 
-@needs_llama_cpp
 @pytest.mark.parametrize("imatrix", ["none", "mean_sq", "zeros", "wide"])
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_bytes_equal_llama_cpp(ggml_quantize_chunk, qtype: str, imatrix: str):
@@ -132,7 +124,6 @@ def test_bytes_equal_llama_cpp(ggml_quantize_chunk, qtype: str, imatrix: str):
         f"{qtype} imatrix={imatrix}: {n_diff}/{n_blocks} blocks differ; first {first}")
 
 
-@needs_llama_cpp
 def test_negative_scales_wrap_as_in_c(ggml_quantize_chunk):
     """All-negative rows, importances over 20 decades: some Q2_K sub-block scales come out negative and C's
     ``make_qp_quants`` keeps their levels modulo 256 (``uint8_t L[]``) and reads them back so; the bytes agree
@@ -220,7 +211,6 @@ def test_compiled_equals_torch_port(qtype: str):
     assert fast(torch.zeros(0, 256)).shape == (0, TYPES[qtype])
 
 
-@needs_llama_cpp
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_extreme_values(ggml_quantize_chunk, qtype: str):
     """NaN / inf input is refused on both paths. Huge finite values are refused where an fp16 scale overflows

@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import ctypes
 
+import llama_cpp  # a real client: missing in CI is a failure, not a skip
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 
 from gemma2_convert.formats import open_checkpoint
+from gemma2_convert.formats.gguf.mix import choose_type
 from gemma2_convert.formats.gguf.names import llama_cpp_query_scalar, query_fold_ratio
 from gemma2_convert.formats.gguf.reader import GGUFFile
 from gemma2_convert.pipeline.gguf import to_gguf
-from gemma2_convert.formats.gguf.mix import choose_type
-from quant.gguf_types import file_type_id
 from gemma2_convert.pipeline.load import from_pretrained
+from quant.gguf_types import file_type_id
 from reference import Gemma2ForCausalLM
 from reference.weights import WeightStore
 from tests.conftest import with_slow
 from tests.gguf_helpers import CONFIGS, write_model
-
-try:
-    import llama_cpp
-except ImportError as exc:  # only a missing package skips; a broken build fails loudly
-    pytest.skip(f"llama-cpp-python is not installed ({exc})", allow_module_level=True)
 
 N_TOKENS = 64
 BOUNDS = {"f32": 5e-3, "f16": 5e-2, "q8_0": 0.75}

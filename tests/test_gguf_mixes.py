@@ -15,6 +15,7 @@ import ctypes
 from pathlib import Path
 
 import gguf
+import llama_cpp  # a real client: missing in CI is a failure, not a skip
 import numpy as np
 import pytest
 import torch
@@ -23,12 +24,6 @@ from gemma2_convert.formats.gguf.mix import MIXES, choose_type, file_type
 from gemma2_convert.formats.gguf.reader import GGUFFile
 from quant.gguf_types import file_type_id, ggml_type
 from tests.conftest import with_slow
-
-try:
-    import llama_cpp
-except ImportError as exc:  # only a missing package skips; a broken build fails loudly
-    pytest.skip(f"llama-cpp-python is not installed ({exc}); it provides llama.cpp's quantizer",
-                allow_module_level=True)
 
 KEYS = [*MIXES, "q6_k"]
 """Every mix, and q6_k: llama-quantize's Q6_K file type is every matrix Q6_K for Gemma 2."""
