@@ -20,7 +20,7 @@ from quant.gguf_codec import quantize_tensor
 from quant.gguf_iq4 import KVALUES, pack_iq4_nl, pack_iq4_xs
 from quant.gguf_kquants import pack_q4_k, pack_q5_k, pack_q6_k, unpack_k_scales
 from quant.gguf_legacy import f16_from_bytes, split_bytes, unpack_nibbles
-from quant.methods.gptq import inverse_cholesky_upper
+from quant.methods.gptq import LazyBlock, error_feedback, inverse_cholesky_upper
 
 GRID_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL")
 """The GGUF types :func:`gptq_blocks` writes."""
@@ -79,24 +79,16 @@ def gptq_on_grid(w: Tensor, hessian: Tensor, grid: Grid, damp: float = 0.01, blo
 
 
 def _gptq_loop(w: Tensor, h: Tensor, grid: Grid, damp: float, block: int) -> Tensor:
-    """The column loop of GPTQ with lazy block updates, on columns already in their visiting order."""
-    u = inverse_cholesky_upper(h, damp)                                     # [in, in]
-    cols = w.shape[1]
-    q = torch.zeros_like(w, dtype=torch.int64)
-    for b0 in range(0, cols, block):
-        b1 = min(b0 + block, cols)
-        err = torch.zeros(w.shape[0], b1 - b0)                              # [out, block]
-        for i in range(b0, b1):
-            step = grid.step[:, i]
-            safe = torch.where(step != 0, step, torch.ones_like(step))
-            qi = grid.nearest((w[:, i] - grid.offset[:, i]) / safe)
-            qi = torch.where(step != 0, qi, torch.full_like(qi, max(grid.lo, 0)))
-            q[:, i] = qi.to(torch.int64)
-            e = (w[:, i] - (step * grid.level(qi) + grid.offset[:, i])) / u[i, i]
-            w[:, i:b1] -= e[:, None] * u[i, i:b1][None, :]
-            err[:, i - b0] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q
+    """GPTQ's column loop (``quant.methods.gptq.error_feedback``) on columns already in their visiting order,
+    each column rounded onto its own grid."""
+    def column(i: int, col: Tensor, _blk: LazyBlock) -> tuple[Tensor, Tensor]:
+        step = grid.step[:, i]
+        safe = torch.where(step != 0, step, torch.ones_like(step))
+        qi = grid.nearest((col - grid.offset[:, i]) / safe)
+        qi = torch.where(step != 0, qi, torch.full_like(qi, max(grid.lo, 0)))
+        return qi, step * grid.level(qi) + grid.offset[:, i]
+
+    return error_feedback(w, inverse_cholesky_upper(h, damp), block, column).to(torch.int64)
 
 
 def choose_grid(w: Tensor, qtype: str, importance: Tensor | None) -> tuple[Grid, Callable[[Tensor], Tensor]]:

@@ -22,6 +22,7 @@ output needs no ``g_idx``: the result is the plain layout every format here writ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,14 +101,50 @@ class _Grid:
         return self.scale[:, j].float(), None if self.zero is None else self.zero[:, j]
 
 
-def _group_cols(w: Tensor, w1: Tensor, err1: Tensor, u: Tensor, i1: int, i: int, i2: int, g: int) -> Tensor:
-    """Current values of columns ``[i1+i, i1+i+g)``: ``w1`` inside the block, ``w`` minus pending updates after it."""
-    c1 = i1 + i + g
-    inside = w1[:, i : min(c1, i2) - i1]                                     # [out, ≤ g]
-    if c1 <= i2:
-        return inside
-    after = w[:, i2:c1] - err1[:, :i] @ u[i1 : i1 + i, i2:c1]                # [out, c1 - i2]
-    return torch.cat([inside, after], dim=1)
+@dataclasses.dataclass
+class LazyBlock:
+    """The block of columns ``[i1, i2)`` GPTQ is working on: ``w1`` (its current columns), ``err1`` (the scaled
+    errors of the columns done so far), ``w`` and ``u`` (the whole weight and inverse-Cholesky factor)."""
+
+    w: Tensor
+    w1: Tensor
+    err1: Tensor
+    u: Tensor
+    i1: int
+    i2: int
+
+    def cols(self, i: int, g: int) -> Tensor:
+        """Current values of columns ``[i1+i, i1+i+g)``: ``w1`` inside the block, ``w`` minus pending updates
+        after it."""
+        c1 = self.i1 + i + g
+        inside = self.w1[:, i : min(c1, self.i2) - self.i1]                   # [out, ≤ g]
+        if c1 <= self.i2:
+            return inside
+        after = self.w[:, self.i2:c1] - self.err1[:, :i] @ self.u[self.i1 : self.i1 + i, self.i2:c1]
+        return torch.cat([inside, after], dim=1)
+
+
+ColumnQuantizer = Callable[[int, Tensor, LazyBlock], tuple[Tensor, Tensor]]
+"""(column index in visiting order, its current values ``[out]``, the block) → (codes, what they decode to)."""
+
+
+def error_feedback(w: Tensor, u: Tensor, block_size: int, column: ColumnQuantizer) -> Tensor:
+    """GPTQ's column loop with lazy block updates over ``w [out, in]`` (columns already in visiting order,
+    updated in place), ``u`` the upper inverse-Cholesky factor of the (permuted, damped) Hessian: each column is
+    quantized by ``column`` and its error pushed onto the columns not yet done. Returns the codes (float)."""
+    out_f, in_f = w.shape
+    q = torch.zeros_like(w)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        blk = LazyBlock(w, w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), u, i1, i2)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q[:, i1 + i], deq = column(i1 + i, blk.w1[:, i], blk)
+            err = (blk.w1[:, i] - deq) / u1[i, i]
+            blk.w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            blk.err1[:, i] = err
+        w[:, i2:] -= blk.err1 @ u[i1:i2, i2:]
+    return q
 
 
 @register_quantizer("gptq")
@@ -117,7 +154,7 @@ def gptq(
     qparams: str = "mse",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ codes and qparams for ``w [out, in]`` given ``hessian [in, in]``; ``importance`` is ignored."""
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     if hessian is None or tuple(hessian.shape) != (in_f, in_f):
         got = None if hessian is None else list(hessian.shape)
         raise ConversionError(f"gptq needs a Hessian of shape [{in_f}, {in_f}], got {got}; run calibration first")
@@ -137,18 +174,10 @@ def gptq(
 
 def _gptq_loop(w: Tensor, u: Tensor, perm: Tensor, grid: _Grid, block_size: int, refit: bool) -> Tensor:
     """Column loop over permuted ``w [out, in]``; returns float codes in permuted order."""
-    out_f, in_f = w.shape
-    q = torch.zeros_like(w)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = int(perm[i1 + i]) // grid.g
-            if refit and (i1 + i) % grid.g == 0:
-                grid.refit(j, _group_cols(w, w1, err1, u, i1, i, i2, grid.g))
-            q[:, i1 + i], deq = _quant_col(w1[:, i], *grid.col(j), grid.spec.bits)
-            err = (w1[:, i] - deq) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return q
+    def column(c: int, col: Tensor, blk: LazyBlock) -> tuple[Tensor, Tensor]:
+        j = int(perm[c]) // grid.g
+        if refit and c % grid.g == 0:
+            grid.refit(j, blk.cols(c - blk.i1, grid.g))
+        return _quant_col(col, *grid.col(j), grid.spec.bits)
+
+    return error_feedback(w, u, block_size, column)
