@@ -262,8 +262,8 @@ def test_llm_compressor_int4_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(
     scale moves into Q4_0 unchanged (the float64 values the codes stand for are equal) and llama.cpp runs it.
 
     llmcompressor is installed by the README's test command with --no-deps (0.14.0.1 pins transformers<=5.17 and
-    compressed-tensors==0.19.0, which would replace the 5.25 / 0.20.1 the other tests use); a missing install
-    fails here, it is not skipped."""
+    compressed-tensors==0.19.0, which would replace the 5.25 / 0.20.1 the other tests use; ``datasets``, which it
+    imports, comes with its own dependencies); a missing install fails here, it is not skipped."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
