@@ -6,7 +6,9 @@ values, so every block moves exactly), the embedding and norms in bf16, in the p
 ``gemma2-quantize --format hf`` writes. The anchor's source is a bf16 HF directory of the same shapes. Both
 commands run with ``--no-verify`` (the conversion itself is timed); a third case runs the transcode verified.
 The other directions, timed alike: GGUF Q4_0 → compressed-tensors (``--quantized keep``) and MLX int4 g32 →
-GGUF Q4_1, their sources made once from the compressed-tensors one (untimed).
+GGUF Q4_1, their sources made once from the compressed-tensors one (untimed); and a K-quant source: the bf16
+model's ``to-gguf --type q4_k_m`` (llama-quantize's bytes; made once, untimed) → MLX (Q4_K → 4-bit g32 with
+float32 scales and biases, the Q6_K tensors as float32).
 """
 
 from __future__ import annotations
@@ -88,6 +90,21 @@ def cases(ct: Path, hf: Path, work: Path, threads: int, fold: bool,
     } | (_other_directions(*others, work, threads, re) if others else {})
 
 
+def kquant_source(hf: Path, work: Path, threads: int) -> Path:
+    """llama-quantize's Q4_K_M of ``hf`` (our ``to-gguf --type q4_k_m``, byte for byte), made once (untimed)."""
+    out = work / "source-q4_k_m.gguf"
+    harness.measure(Case([*CONVERT, "to-gguf", str(hf), str(out), "--type", "q4_k_m", "--no-verify",
+                          "--threads", str(threads)], out))
+    return out
+
+
+def kquant_case(q4km: Path, work: Path, threads: int) -> dict[str, Case]:
+    mlx = work / "transcoded-mlx-from-q4_k_m"
+    return {"convert GGUF Q4_K_M → MLX (K-quant codes, --no-verify)": Case(
+        [*CONVERT, "convert", str(q4km), str(mlx), "--to", "mlx", "--no-verify", "--json", "--threads",
+         str(threads)], mlx)}
+
+
 def _other_directions(q4: Path, mlx: Path, work: Path, threads: int, re: list[str]) -> dict[str, Case]:
     ct, q41 = work / "transcoded-ct", work / "transcoded-q4_1.gguf"
     return {
@@ -108,6 +125,7 @@ def run(size: str, runs: int, work: Path, threads: int, machine: dict, quick: bo
 
     fold = query_fold_ratio(synth.preset(size)) != 1.0
     chosen = cases(ct, hf, work, threads, fold, derived_sources(ct, work, threads, fold))
+    chosen |= kquant_case(kquant_source(hf, work, threads), work, threads)
     if quick:
         chosen.pop(next(k for k in chosen if "verified" in k))
     res = harness.interleaved(chosen, runs)
@@ -128,5 +146,5 @@ def render(data: dict) -> str:
                             rows), "",
               ("Median of the runs (interleaved). The transcodes re-quantize nothing: each block is the source "
                "group's codes and its (fp16-exact) scale; the Q4_0 and MLX sources hold the compressed-tensors "
-               "one's codes.")]
+               "one's codes; the Q4_K_M one is the bf16 model's, its Q4_K sub-blocks moved as MLX groups of 32.")]
     return report.section(MARK, lines, data)

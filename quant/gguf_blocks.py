@@ -11,8 +11,8 @@ type        kind    bits  block (bytes)                          decode (ggml-qu
 ==========  ======  ====  =====================================  =========================================
 
 The scales come out as float32 (the fp16 values widened, as ggml decodes them); going back, they must be
-exactly representable in fp16 (``quant.transcode`` checks that before a block is written). K-quants have
-super-blocks of 256 with 6-bit sub-scales: no ``QuantCodes`` form here; readers decode them to floats.
+exactly representable in fp16 (``quant.transcode`` checks that before a block is written). K-quants (super-
+blocks of 256 with 6-bit sub-scales) are read as ``QuantCodes`` by ``quant.gguf_kcodes``, never written from them.
 """
 
 from __future__ import annotations

@@ -11,14 +11,15 @@ transcoder can move the same numbers into another layout. One vocabulary for eve
   ==========  ==============================  ======================================================
   kind        offset                          decode (op for op as the source's own dequantizer)
   ==========  ==============================  ======================================================
-  ``sym``     None                            ``(u - 2^(b-1)) · scale``  (CT symmetric, GGUF Q4_0/Q5_0/Q8_0)
+  ``sym``     None                            ``(u - 2^(b-1)) · scale``  (CT sym, GGUF Q4_0/Q5_0/Q8_0/Q6_K/Q3_K)
   ``asym``    int16 zero ``[out, G]``          ``(u - zero) · scale``    (CT asymmetric: ``zero = z + 2^(b-1)``)
-  ``affine``  float bias ``[out, G]``          ``scale · u + bias``      (MLX, GGUF Q4_1/Q5_1)
+  ``affine``  float bias ``[out, G]``          ``scale · u + bias``      (MLX, GGUF Q4_1/Q5_1, Q4_K/Q5_K/Q2_K)
   ==========  ==============================  ======================================================
 
 ``layout`` names the source layout (``compressed-tensors``, ``mlx``, ``gguf:Q4_0``…) for reports and errors.
 A dequantized ``sym``/``asym`` value is computed in the scale dtype, as compressed-tensors does; GGUF's are
-float32 (its fp16 scales are widened first): its readers hand out float32 scales.
+float32 (its fp16 scales are widened first): its readers hand out float32 scales (a K-quant's are the
+float32 products of its super-block and sub-block scales, ``quant/gguf_kcodes.py``).
 """
 
 from __future__ import annotations
@@ -48,21 +49,23 @@ class QuantCodes:
     def group_size(self) -> int:
         return self.u.shape[1] // self.scale.shape[1]
 
-    def dequantize(self) -> Tensor:
+    def dequantize(self, out: Tensor | None = None) -> Tensor:
         """The float ``[out, in]`` weight in ``scale.dtype`` (codes and zero-points are integers ≤ 255, exact in
-        every float dtype, so ``u - zero`` in the scale dtype is compressed-tensors' ``q - z``)."""
+        every float dtype, so ``u - zero`` in the scale dtype is compressed-tensors' ``q - z``); ``out``: a
+        contiguous ``[out, in]`` tensor of that dtype to decode into."""
         out_f, in_f = self.u.shape
         g = self.group_size
-        x = self.u.reshape(out_f, in_f // g, g).to(self.scale.dtype)                 # [out, G, g]
-        if self.kind == "affine":
+        u = self.u.reshape(out_f, in_f // g, g)
+        x = u.to(self.scale.dtype) if out is None else out.view(out_f, in_f // g, g).copy_(u)  # [out, G, g]
+        if self.kind == "affine":  # in place: the same two roundings as ``x * scale + bias``
             assert self.offset is not None
-            return (x * self.scale[..., None] + self.offset[..., None]).reshape(out_f, in_f)
+            return x.mul_(self.scale[..., None]).add_(self.offset[..., None]).reshape(out_f, in_f)
         if self.kind == "sym":
             x -= float(1 << (self.bits - 1))
         else:
             assert self.offset is not None
             x -= self.offset.to(self.scale.dtype)[..., None]
-        return (x * self.scale[..., None]).reshape(out_f, in_f)
+        return x.mul_(self.scale[..., None]).reshape(out_f, in_f)
 
     def exact(self) -> Tensor:
         """The values the codes stand for, in float64 (exact: small integers times fp32/fp16/bf16 parameters,
@@ -97,6 +100,8 @@ class QuantTensor(LazyTensor):
     group_size: int = 32
     layout: str = ""
     """The source layout: ``compressed-tensors``, ``mlx``, ``gguf:Q4_0`` …"""
+    blocks: Callable[[], Tensor] | None = None
+    """A GGUF source's stored block bytes (uint8, flat): what a GGUF target of the same type copies."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -110,8 +115,10 @@ class QuantTensor(LazyTensor):
 def quant_tensor(shape: tuple[int, ...], dtype: torch.dtype, codes: Callable[[], QuantCodes], *, kind: str,
                  bits: int, group_size: int, layout: str, stored_nbytes: int | None,
                  prefetch: Callable[[], None] | None = None,
-                 rows: Callable[[int, int], torch.Tensor] | None = None) -> QuantTensor:
+                 rows: Callable[[int, int], torch.Tensor] | None = None,
+                 blocks: Callable[[], Tensor] | None = None) -> QuantTensor:
     """A ``QuantTensor`` whose ``load()`` decodes ``codes()`` into ``dtype``; ``stored_nbytes`` None: the
     consumers treat it as a plain tensor (the reference may keep it decoded), as GGUF's always were."""
     return QuantTensor(tuple(shape), dtype, lambda: codes().dequantize().to(dtype), stored_nbytes, prefetch,
-                       rows, codes=codes, kind=kind, bits=bits, group_size=group_size, layout=layout)
+                       rows, codes=codes, kind=kind, bits=bits, group_size=group_size, layout=layout,
+                       blocks=blocks)

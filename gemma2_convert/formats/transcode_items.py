@@ -4,8 +4,9 @@ block layout, and their stored tensors — recoded from the source's codes, neve
 
 Targets: ``mlx`` (affine, the source's width and group), ``hf`` (compressed-tensors pack-quantized: sym stays
 sym, asym and affine become asym), ``gguf`` (the ``--type`` when it is a 32-block type: Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1). A group the target cannot hold exactly is counted with its error; the write then fails listing them all,
-unless ``requantize`` (those groups re-quantized by min/max RTN from the source's dequantized values).
+Q5_1; a GGUF K-quant tensor whose type the ``--type`` stores it as is copied byte for byte). A group the
+target cannot hold exactly is counted with its error; the write then fails listing them all, unless
+``requantize`` (those groups re-quantized by min/max RTN from the source's dequantized values).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.formats.tolerance import Tolerance
 from quant.compressed_tensors import pack_quantized
 from quant.gguf_blocks import BLOCK_TYPES
+from quant.gguf_kcodes import K_TYPES
 from quant.gguf_types import ggml_type
-from quant.mlx_affine import MLX_BITS, MLX_GROUP_SIZES
+from quant.mlx_affine import MLX_BITS, MLX_GROUP_SIZES, pack_stream
 from quant.pack import pack_int32, pack_unsigned
 from quant.qtensor import QuantCodes, QuantTensor
 from quant.spec import GROUP_SIZES, QuantSpec
@@ -101,6 +103,17 @@ class TranscodePlan:
                                              r.max_error))
             self._summarize()
         return r.codes
+
+    def copied(self, name: str) -> Tensor:
+        """A GGUF K-quant kept in its own type: its block bytes as stored, recorded as exact (the same
+        bytes, so the same codes and scales)."""
+        qt, t = self.sources[name], self.targets[name]
+        raw = qt.blocks()  # type: ignore[misc]
+        report = TensorReport(name, qt.label, t.name, qt.numel // t.group_size, 0, 0.0)
+        with self._lock:
+            self.reports.append(report)
+            self._summarize()
+        return raw
 
     def _summarize(self) -> None:
         bad = sorted((r for r in self.reports if r.bad_groups), key=lambda r: r.name)  # tensors finish in any order
@@ -179,25 +192,33 @@ HALF_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
 """16-bit decode dtypes, by the ggml float type whose bounds (``lossy_bound``, ``min_sqnr_db``) rounding to them has."""
 
 def _mlx_words(c: QuantCodes) -> Tensor:
+    if 32 % c.bits:
+        return pack_stream(c.u, c.bits)
     if c.bits in (4, 8) and sys.byteorder == "little":
         return pack_unsigned(c.u, c.bits).view(torch.uint32)
     signed = (c.u.to(torch.int16) - (1 << (c.bits - 1))).to(torch.int8)
     return pack_int32(signed, c.bits, packed_dim=1).view(torch.uint32)
 
 
-def target_for(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions) -> Target | None:
+def target_for(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions,
+               chosen: str | None = None) -> Target | None:
     """The layout ``fmt`` keeps ``qt`` in, or None to write it dequantized (under ``quantized='keep'`` a source
-    the target has no form for is an error instead)."""
-    t, why = _target(fmt, name, qt, opts)
+    the target has no form for is an error instead); ``chosen``: the ggml type a GGUF ``--type`` stores it
+    as."""
+    t, why = _target(fmt, name, qt, opts, chosen)
     if t is None and why and opts.quantized == "keep":
         raise UnsupportedError(f"{name}: {qt.label} {why}; pass --quantized dequantize to write it as floats")
     return t
 
 
-def _target(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions) -> tuple[Target | None, str]:
+def _target(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions,
+            chosen: str | None) -> tuple[Target | None, str]:
     if fmt == "mlx":
         if qt.bits not in MLX_BITS or qt.group_size % 32:
-            return None, f"has no MLX form (bits {list(MLX_BITS)}, groups {list(MLX_GROUP_SIZES)})"
+            why = (f"has groups of {qt.group_size}, each with its own scale, and mlx quantizes groups of "
+                   f"{', '.join(map(str, MLX_GROUP_SIZES))} only" if qt.group_size % 32 else
+                   f"has no MLX form (bits {list(MLX_BITS)})")
+            return None, why
         group = qt.group_size if qt.group_size in MLX_GROUP_SIZES else 32   # a g256 source splits exactly
         return Target("affine", qt.bits, group, qt.dtype, qt.dtype, "mlx"), ""
     if fmt == "hf":
@@ -208,6 +229,14 @@ def _target(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions) -> tuple
         kind = "sym" if qt.kind == "sym" else "asym"
         return Target(kind, qt.bits, qt.group_size, qt.dtype, qt.dtype, "compressed-tensors"), ""
     qtype = opts.gguf_type.upper()
+    source = qt.layout.removeprefix("gguf:")
+    if fmt == "gguf" and source in K_TYPES:
+        if chosen == source and qt.blocks is not None:  # the same type: the stored bytes, copied
+            return Target(qt.kind, qt.bits, qt.group_size, torch.float32, torch.float32, qt.layout), ""
+        if qtype not in BLOCK_TYPES:
+            return None, (f"is kept only in its own type (a K-quant's scales are not split back into "
+                          f"super-block and sub-block parts), and --type {opts.gguf_type} stores it as "
+                          f"{chosen or qtype}")
     if fmt != "gguf" or qtype not in BLOCK_TYPES:
         return None, f"cannot be kept in GGUF {qtype} (block types: {', '.join(BLOCK_TYPES)})"
     kind, bits = BLOCK_TYPES[qtype]
@@ -217,14 +246,16 @@ def _target(fmt: str, name: str, qt: QuantTensor, opts: ConvertOptions) -> tuple
 
 
 def plan_transcode(ckpt: Checkpoint, fmt: str, opts: ConvertOptions, progress: Progress,
-                   scale: dict[str, float] | None = None) -> TranscodePlan:
+                   scale: dict[str, float] | None = None,
+                   gguf_types: dict[str, str] | None = None) -> TranscodePlan:
     """Which tensors of ``ckpt`` the ``fmt`` writer keeps quantized (``opts.quantized``: auto keeps them for
-    mlx and for a GGUF block ``--type``, keep forces it for hf, dequantize never keeps any)."""
+    mlx and for a GGUF block ``--type``, keep forces it for hf, dequantize never keeps any); ``gguf_types``:
+    the ggml type the ``--type`` stores each tensor as (a K-quant tensor already of that type is copied)."""
     keep = opts.quantized == "keep" or (opts.quantized == "auto" and fmt in ("mlx", "gguf"))
     quant = {n: t for n, t in ckpt.tensors.items() if isinstance(t, QuantTensor) and t.codes is not None}
     targets: dict[str, Target] = {}
     for name, qt in quant.items() if keep else ():
-        t = target_for(fmt, name, qt, opts)
+        t = target_for(fmt, name, qt, opts, (gguf_types or {}).get(name))
         if t is not None:
             targets[name] = t
     dense = sorted(set(quant) - set(targets))

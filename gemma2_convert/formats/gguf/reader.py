@@ -47,10 +47,13 @@ from gemma2_convert.formats.stored import PartRow, Stored, TensorRow, json_text,
 from gemma2_convert.formats.tokenizer.from_gguf import spm_from_gguf
 from quant.gguf_blocks import BLOCK_TYPES, codes_from_blocks
 from quant.gguf_codec import dequantize_tensor
+from quant.gguf_kcodes import K_TYPES, kquant_codes
 from quant.gguf_types import GGML_TYPES
-from quant.qtensor import quant_tensor
+from quant.qtensor import QuantCodes, QuantTensor
 
 _FLOAT_VIEWS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DECODE_ELEMENTS = 16 << 20
+"""Elements a quantized matrix is decoded by at a time (its codes and parameters as temporaries)."""
 
 
 def _is_gguf(p: Path) -> bool:
@@ -114,16 +117,38 @@ def _canonical(f: GGUFSet, info: TensorInfo, hf: str, fold: float, source_dtype:
         return LazyTensor(shape, torch.float32, query)
     by_rows = len(shape) == 2 and info.type_name not in _FLOAT_VIEWS  # a float view costs nothing to slice
     rows = (lambda a, b: dequantize_rows(f, info, a, b)) if by_rows else None
-    if info.type_name in BLOCK_TYPES and len(shape) == 2:  # its codes stay readable (quantized → quantized)
-        def block_rows(a: int, b: int) -> torch.Tensor:  # decoded as ``load`` decodes, op for op
-            raw = torch.from_numpy(f.raw(info.name)).reshape(shape[0], -1)[a:b]
-            return codes_from_blocks(raw.reshape(-1), info.type_name, (raw.shape[0], shape[1])).dequantize()
-
-        return quant_tensor(shape, torch.float32, lambda: codes_from_blocks(torch.from_numpy(f.raw(info.name)),
-                                                                            info.type_name, shape),
-                            kind=BLOCK_TYPES[info.type_name][0], bits=BLOCK_TYPES[info.type_name][1], group_size=32,
-                            layout=f"gguf:{info.type_name}", stored_nbytes=None, rows=block_rows)
+    if (info.type_name in BLOCK_TYPES or info.type_name in K_TYPES) and len(shape) == 2:
+        return _quantized(f, info)  # its codes stay readable (quantized → quantized)
     return LazyTensor(shape, stored_dtype(info), lambda: dequantize(f, info), rows=rows)
+
+
+def _codes(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> QuantCodes:
+    data = torch.from_numpy(raw).reshape(-1)
+    return codes_from_blocks(data, qtype, shape) if qtype in BLOCK_TYPES else kquant_codes(data, qtype, shape)
+
+
+def _quantized(f: GGUFSet, info: TensorInfo) -> QuantTensor:
+    """A block-quantized matrix as a ``QuantTensor``: decoded from its codes (bit for bit what the block
+    type's decoder gives: tests/test_transcode_kquants.py), rows decoded as ``load`` decodes them, op for op;
+    ``blocks``: its stored bytes, what a GGUF of the same type copies."""
+    qtype, (rows, cols) = info.type_name, info.shape
+    kind, bits, group = K_TYPES[qtype] if qtype in K_TYPES else (*BLOCK_TYPES[qtype], 32)
+
+    def block_rows(a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        raw = f.raw(info.name).reshape(rows, -1)[a:b]
+        return _codes(raw, qtype, (raw.shape[0], cols)).dequantize(out)
+
+    def load() -> torch.Tensor:  # by blocks of rows: no whole-tensor codes beside the float32 result
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        step = max(1, DECODE_ELEMENTS // cols)
+        for a in range(0, rows, step):
+            block_rows(a, a + step, out[a:a + step])
+        return out
+
+    return QuantTensor((rows, cols), torch.float32, load, None, None, block_rows,
+                       codes=lambda: _codes(f.raw(info.name), qtype, (rows, cols)), kind=kind, bits=bits,
+                       group_size=group, layout=f"gguf:{qtype}",
+                       blocks=lambda: torch.from_numpy(f.raw(info.name)).reshape(-1))
 
 
 def _source_dtype(f: GGUFSet) -> torch.dtype | None:
