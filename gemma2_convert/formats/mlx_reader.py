@@ -68,11 +68,16 @@ def mlx_tensor(prefix: str, parts: dict[str, LazyTensor], bits: int, group: int,
     out_f, in_f = _check_parts(prefix, parts, bits, group, path)
     w, s, b = (parts[f"{prefix}.{p}"] for p in PARTS)
 
-    def codes() -> QuantCodes:
-        return QuantCodes(unpack_codes(w.load(), bits, in_f), s.load(), b.load().to(s.dtype), "affine", bits)
+    def codes(start: int = 0, stop: int = out_f) -> QuantCodes:
+        """Rows ``start:stop`` (all by default): each row's words, scales and biases are its own."""
+        return QuantCodes(unpack_codes(w.load()[start:stop], bits, in_f), s.load()[start:stop],
+                          b.load()[start:stop].to(s.dtype), "affine", bits)
+
+    def rows(start: int, stop: int) -> torch.Tensor:  # decoded as ``load`` decodes, op for op (elementwise)
+        return codes(start, stop).dequantize().to(s.dtype)
 
     return quant_tensor((out_f, in_f), s.dtype, codes, kind="affine", bits=bits, group_size=group, layout="mlx",
-                        stored_nbytes=w.nbytes + s.nbytes + b.nbytes)
+                        stored_nbytes=w.nbytes + s.nbytes + b.nbytes, rows=rows)
 
 
 def quantized_modules(tensors: dict[str, LazyTensor], qcfg: dict[str, Any], path: Path) -> dict[str, LazyTensor]:

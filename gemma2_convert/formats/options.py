@@ -58,8 +58,9 @@ class ConvertOptions:
     """Write outputs with O_DIRECT where the filesystem allows it (False: through the page cache)."""
     verify: bool = True
     """Reload the output and compare tensors and reference logits with the source."""
-    n_tokens: int = 64
-    """Tokens per verification prompt."""
+    n_tokens: int | None = None
+    """Tokens per verification prompt (None: by the plan, ``pipeline.convert.verify_plan``: 8 for a lossless
+    conversion, whose logits are equal by construction once its tensors and config are, 64 otherwise)."""
     force: bool = False
     """Replace an existing output (kept until the new one is complete)."""
     quantized: str = "auto"

@@ -11,6 +11,7 @@ formats, ``to`` hf, and so on).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from gemma2_convert.formats.output import atomic_output, check_output
 from gemma2_convert.formats.registry import WriteJob, Writer, get_writer
 from gemma2_convert.formats.tolerance import Tolerance
 from gemma2_convert.pipeline.adapters import carry_tokenizer_files, with_adapters
+from gemma2_convert.pipeline.compute import COMPUTE
 from gemma2_convert.pipeline.verify import VerifyReport, require, verify
 from reference.config import Gemma2Config
 
@@ -82,18 +84,68 @@ def source_paths(ckpt: Checkpoint) -> list[Path]:
     return [ckpt.path, *source_files(ckpt), *ckpt.parts]
 
 
+LOSSLESS_TOKENS = 8
+"""Tokens per prompt of a lossless conversion's logits check: enough positions for every part of the forward
+the config controls (attention over several positions, RoPE, both softcaps, the head) to run."""
+LOSSY_TOKENS = 64
+"""Tokens per prompt when the logits are the evidence (a cast that rounds, a quantized output)."""
+
+
+def verify_plan(tolerance: Tolerance, opts: ConvertOptions) -> tuple[int, str]:
+    """(tokens per prompt, compute mode) of a conversion's verification. A lossless plan (every tensor equal
+    to its source after an exact cast, identical logits) passes only when every tensor and every forward field
+    of the config are equal, and then the logits are equal for any input by construction: a confirmation, run
+    on ``LOSSLESS_TOKENS`` in the fast mode (its verdict on equal weights is the exact mode's,
+    ``pipeline.compute``). Otherwise the logits measure the loss: ``LOSSY_TOKENS`` in float32, as
+    ``verify``."""
+    if tolerance.tensors_equal and tolerance.max_abs == 0.0:
+        return opts.n_tokens or LOSSLESS_TOKENS, "fast"
+    return opts.n_tokens or LOSSY_TOKENS, "exact"
+
+
+class SourceCheck:
+    """The source's checksums (its reader's ``integrity``: a gemma_pytorch zip's CRC-32s) computed in a
+    thread while the output is written: the write mostly waits on the disk, the checksums on the CPU, so they
+    overlap. ``result()`` waits for them and raises what they found; after a failed write nobody waits."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        integrity = READERS[ckpt.format].integrity
+        self.error: BaseException | None = None
+        self.thread = None if integrity is None else threading.Thread(
+            target=self._run, args=(integrity, ckpt), name="source-checksums", daemon=True)
+        if self.thread is not None:
+            self.thread.start()
+
+    def _run(self, integrity: Callable[[Checkpoint], None], ckpt: Checkpoint) -> None:
+        try:
+            integrity(ckpt)
+        except BaseException as e:  # noqa: BLE001 -- raised again by result(), in the caller's thread
+            self.error = e
+
+    def result(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def verify_output(src: Checkpoint, written: Path, final: Path, writer: Writer, tolerance: Tolerance,
                   opts: ConvertOptions, progress: Progress,
-                  on_report: Callable[[VerifyReport], None] | None = None) -> VerifyReport:
-    """The source's checksums, then every tensor and the reference logits of ``written`` against ``src``;
-    ``on_report`` sees the report before a failure raises (the CLI prints it)."""
-    integrity = READERS[src.format].integrity
-    if integrity is not None:
-        with progress.phase("verifying: source checksums"):
-            integrity(src)
+                  on_report: Callable[[VerifyReport], None] | None = None,
+                  checksums: SourceCheck | None = None) -> VerifyReport:
+    """The source's checksums (``checksums``: started during the write; None: computed now), then every
+    tensor and the reference logits of ``written`` against ``src`` (``verify_plan``); ``on_report`` sees the
+    report before a failure raises (the CLI prints it)."""
+    with progress.phase("verifying: source checksums"):
+        (checksums or SourceCheck(src)).result()
     out = open_checkpoint(written, format=writer.reads_back_as)
-    rep = verify(src, out, tolerance=tolerance, n_tokens=opts.n_tokens, progress=progress)
+    tokens, mode = verify_plan(tolerance, opts)
+    rep = verify(src, out, tolerance=tolerance, n_tokens=tokens, dtype=COMPUTE[mode], progress=progress)
     rep.b = str(final)
+    if rep.passed and mode == "fast":
+        rep.proof.append(f"check: a lossless conversion, so equal tensors and configs give equal logits for "
+                         f"every input; its logits confirm it on {tokens} tokens a prompt in {rep.compute} "
+                         f"(`verify` compares {LOSSY_TOKENS} in float32)")
     if on_report is not None:
         on_report(rep)
     require(rep)
@@ -139,9 +191,12 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions, progress: Pr
         if writer.name == "hf":
             carry_tokenizer_files(job, opts.adapters)
 
+    checksums = SourceCheck(job.source or ckpt) if opts.verify else None  # while the output is written
+
     def check(tmp: Path) -> VerifyReport:
         final = out if siblings is None else out.parent / tmp.name
-        return verify_output(job.source or ckpt, tmp, final, writer, job.tolerance, opts, notes, on_report)
+        return verify_output(job.source or ckpt, tmp, final, writer, job.tolerance, opts, notes, on_report,
+                             checksums)
 
     files, report = run_job(ckpt, out, job, directory=writer.directory, force=opts.force, progress=notes,
                             check=check if opts.verify else None, siblings=siblings)
