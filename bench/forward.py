@@ -1,10 +1,12 @@
 """Forward pass: the reference model against transformers' eager ``Gemma2ForCausalLM``, tokens/s.
 
 Same synthetic HF directory, same dtype, same random prompt; ``--runs`` child processes per (tool, dtype),
-the two tools' children alternating so that both see the same load. Each child loads the model, warms up (one prefill and two decode steps; the reference casts its weights on
-first use when the dtype differs from the file's), then times ``--reps`` prefills of ``--prompt`` tokens
-and ``--reps`` decodes of ``--decode`` tokens, one token per forward with the KV cache, greedy. Both
-compute logits for every position, as each library does by default.
+the two tools' children alternating so that both see the same load. Each child loads the model, warms up
+(one prefill and two decode steps; the reference casts its weights on first use when the dtype differs from
+the file's, and in bf16 packs them into oneDNN's layout, ``reference.packing``), then times ``REPS``
+prefills of ``--prompt`` tokens and ``REPS`` decodes of ``--decode`` tokens, one token per forward with the
+KV cache, greedy, and reports the median of each. Both compute logits for every position, as each library
+does by default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bench.harness import PYTHON, Case
 MARK = "forward"
 TOOLS = {"ref": "reference (reference.Gemma2ForCausalLM)", "hf": "transformers Gemma2ForCausalLM (eager)"}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+REPS = 3  # timed prefills and decodes per child (their median): one was too noisy to rank the tools
 
 
 def _load(tool: str, src: Path, dtype):
@@ -101,8 +104,8 @@ def measure(size: str, runs: int, shared: Path, quick: bool = False, log=harness
         for tool, res in _alternating(src, dt, prompt, decode, runs).items():
             results[f"{tool}/{dt}"] = res
             log(f"  {TOOLS[tool]} {dt}: {res}")
-    return {"size": size, "params": params, "runs": runs, "prompt": prompt, "decode": decode, "results": results,
-            "skipped": skipped}
+    return {"size": size, "params": params, "runs": runs, "reps": REPS, "prompt": prompt, "decode": decode,
+            "results": results, "skipped": skipped}
 
 
 def _alternating(src: Path, dt: str, prompt: int, decode: int, runs: int) -> dict[str, dict]:
@@ -112,7 +115,7 @@ def _alternating(src: Path, dt: str, prompt: int, decode: int, runs: int) -> dic
     for r in range(runs):
         for tool in list(TOOLS)[::1 if r % 2 == 0 else -1]:
             s = harness.measure(Case([PYTHON, "-m", "bench", "forward-child", tool, str(src), "--dtype", dt,
-                                      "--prompt", str(prompt), "--decode", str(decode), "--reps", "1"]))
+                                      "--prompt", str(prompt), "--decode", str(decode), "--reps", str(REPS)]))
             got[tool].append({**s.json(), "peak_anon_gb": s.peak_anon / 1e9})
     return {tool: {**{k: statistics.median(x[k] for x in xs) for k in ("load_s", "prefill_tok_s", "decode_tok_s")},
                    "threads": xs[0]["threads"], "peak_anon_gb": max(x["peak_anon_gb"] for x in xs)}
@@ -135,10 +138,12 @@ def render(data: dict) -> str:
              "", *report.table(["model", "dtype", "prefill tok/s", "decode tok/s", "prefill × transformers",
                                 "decode × transformers", "load, s", "peak RssAnon"], rows), "",
              (f"Batch 1, a random prompt of {data['prompt']} tokens, {data['decode']} decoded tokens; median of "
-              f"{data['runs']} processes per row, each timing one prefill and one decode after a warm-up, run "
-              "alternately with the other tool's (ref, hf, hf, ref, …). Both keep bf16 weights as views of the "
-              "mapped file and cast them once for fp32 (the reference on first use, `resident=True`; "
-              "transformers when loading).")]
+              f"{data['runs']} processes per row, each the median of {data.get('reps', 1)} prefills and decodes "
+              "after a warm-up, run alternately with the other tool's (ref, hf, hf, ref, …). fp32: both cast the "
+              "bf16 weights once (the reference on first use, `resident=True`; transformers when loading). "
+              "bf16: transformers runs on views of the mapped file; the reference packs its weights once into "
+              "oneDNN's layout (`reference.packing`: a copy of the linear weights, bit-identical products), which "
+              "is its peak RssAnon.")]
     if data["skipped"]:
         lines.append(f"Skipped (would not fit in half of the available memory): {', '.join(data['skipped'])}.")
     return report.section(MARK, lines, data)

@@ -34,6 +34,7 @@ from reference.layers import (
 )
 from reference.lora import LowRank, merge_all
 from reference.outputs import BaseModelOutput, CausalLMOutput, finish
+from reference.packing import Packer
 from reference.weights import WeightStore
 
 HEAD_CHUNK_ROWS = 32768  # vocabulary rows of the output head cast at a time when streaming
@@ -83,6 +84,9 @@ class Gemma2Model:
         self.adapters: dict[str, tuple[LowRank, ...]] = {}
         """Weight name → low-rank updates run unmerged on top of it (``reference.lora``; the output head's
         updates are under ``lm_head.weight`` even when the head is the tied embedding)."""
+        self.packer = Packer(2 * sum(t.numel for t in weights.tensors.values() if len(t.shape) == 2))
+        """bf16 weights in oneDNN's layout (``reference.packing``): bit-identical products, without a copy of
+        the weight on every one."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -198,7 +202,12 @@ class Gemma2Model:
                 self.observer(name, x)
         w = self.weights.get(name)
         updates = self.adapters.get(name, ())
-        return [adapted_linear(x, w, F.linear(x, w), updates) for x in xs]
+        out = self.packer.linear(name, w, xs, self._resident(name))
+        return [adapted_linear(x, w, y, updates) for x, y in zip(xs, out)]
+
+    def _resident(self, name: str) -> bool:
+        """Whether ``weights.get(name)`` returns the same kept tensor on every call."""
+        return self.weights.resident and not self.weights.tensors[name].packed
 
     def _attention_all(self, i: int, xs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor]:
         """§4.7.6 on each stream; the projections fetch their weights once."""
@@ -276,13 +285,16 @@ class Gemma2ForCausalLM(Gemma2Model):
         """``logits`` of each h, every chunk of the head's rows fetched once for all of them."""
         w = self.weights
         chunks: list[list[torch.Tensor]] = [[] for _ in hs]
-        for _, rows in w.row_chunks(w.output_head(), HEAD_CHUNK_ROWS):
-            for out, h in zip(chunks, hs):
-                out.append(F.linear(h, rows))
+        name = w.output_head()
+        for start, rows in w.row_chunks(name, HEAD_CHUNK_ROWS):
+            whole = start == 0 and rows.shape[0] == w.tensors[name].shape[0]  # the kept head, not a chunk
+            for out, y in zip(chunks, self.packer.linear(name, rows, hs, whole and self._resident(name))):
+                out.append(y)
         whole = [c[0] if len(c) == 1 else torch.cat(c, dim=-1) for c in chunks]  # [B, T, V] each
         updates = self.adapters.get("lm_head.weight", ())  # an adapter's head update, run unmerged
-        if updates:
-            head = w.get(w.output_head())
+        if updates:  # the frozen head itself (the whole [V, H] cast) only for DoRA's norms or stacked updates
+            frozen = len(updates) > 1 or any(u.magnitude is not None for u in updates)
+            head = w.get(w.output_head()) if frozen else None
             whole = [adapted_linear(h, head, x, updates) for h, x in zip(hs, whole)]
         return [softcap_(x, self.config.final_logit_softcapping).float() for x in whole]  # x: ours to overwrite
 
@@ -297,10 +309,10 @@ class Gemma2ForCausalLM(Gemma2Model):
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
-def adapted_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+def adapted_linear(x: torch.Tensor, w: torch.Tensor | None, out: torch.Tensor,
                    updates: tuple[LowRank, ...]) -> torch.Tensor:
     """``out = x @ wᵀ`` [..., out] with each low-rank update applied in turn, unmerged (DoRA's norm is taken of the
-    weight merged so far)."""
+    weight merged so far). ``w`` may be None for one plain LoRA update, which needs only ``out``."""
     for i, u in enumerate(updates):
         out = u.linear(x, w if i == 0 else merge_all(w, updates[:i]), out)
     return out
