@@ -31,6 +31,7 @@ from gemma2_convert.pipeline.compare import TensorDiff, streamed_diff, tensor_di
 from quant.metrics import kl_sum, nll_sum
 from reference.config import Gemma2Config
 from reference.model import Gemma2ForCausalLM, Gemma2Model, Rows, Stream
+from reference.weights import CastPool
 
 ACTIVATION_BUDGET = 512 << 20
 """Bytes of activations (hidden states, MLP intermediates, logits) of one model's prompts run together."""
@@ -38,6 +39,10 @@ LOGIT_BUDGET = 256 << 20
 """Bytes of float32 logits (both models) computed at once: a long prompt's head runs a piece at a time."""
 HOLD_BUDGET = 768 << 20
 """Bytes of loaded tensors (both models) kept from the comparison for the forward passes of one layer."""
+CAST_BUDGET = 768 << 20
+"""Bytes of buffers (both models) that the layers' weights are cast into, reused layer after layer
+(``reference.weights.CastPool``): a 9B layer's float32 casts fit (756 MiB); a 27B layer's q/k/v/o do, its MLP
+weights (648 MiB each) are cast into fresh memory one at a time, so the peak stays well under 2 GB."""
 
 
 @dataclass
@@ -114,6 +119,9 @@ class Lockstep:
         whose tensors are bit-identical to A's (compared, same dtype) and whose inputs are too: the same
         deterministic computation on the same numbers, so its result is A's, without recomputing it."""
         self.a, self.b, self.compare, self.on_step, self.share = a, b, compare, on_step, share
+        pool = CastPool(CAST_BUDGET)
+        for store in (a.weights, b.weights):
+            store.pool = pool
         self.result = LockstepResult()
         self.identical: dict[int, bool] = {}
         """Layer index (``num_hidden_layers``: embedding, final norm, head) → every tensor bit-identical."""
@@ -244,12 +252,17 @@ class LogitSums:
         if pa.shape != pb.shape:
             raise ValueError(f"logit shapes differ: {list(pa.shape)} vs {list(pb.shape)}")
         self.tokens += pa.shape[0]
-        if pa.shape[0]:
+        same = pa is pb  # B reused A's head output: every difference is exactly 0, B's figures are A's
+        if pa.shape[0] and not same:
             self.max_abs = max(self.max_abs, (pa - pb).abs().max().item())
-        self.kl += kl_sum(pa, pb)
-        self.agree += int((pa.argmax(-1) == pb.argmax(-1)).sum())
+        if same:  # KL(P‖P) = 0, unless the logits are not finite (which KL would have reported as NaN)
+            self.kl += 0.0 if bool(torch.isfinite(pa).all()) else math.nan
+        else:
+            self.kl += kl_sum(pa, pb)
+        self.agree += pa.shape[0] if same else int((pa.argmax(-1) == pb.argmax(-1)).sum())
         if tgt is not None and tgt.numel():
-            self.nll_a, self.nll_b = self.nll_a + nll_sum(pa, tgt), self.nll_b + nll_sum(pb, tgt)
+            nll = nll_sum(pa, tgt)
+            self.nll_a, self.nll_b = self.nll_a + nll, self.nll_b + (nll if same else nll_sum(pb, tgt))
             self.targets += tgt.numel()
 
     def figures(self) -> dict[str, float]:
