@@ -7,7 +7,7 @@ A leaf module (torch only). Readers yield ``(name, LazyTensor)``; transforms com
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,22 @@ class LazyTensor:
                 f"lazy tensor produced {t.dtype}{list(t.shape)}, promised {self.dtype}{list(self.shape)}"
             )
         return t
+
+    def row_blocks(self, block_bytes: int) -> Iterator[torch.Tensor]:
+        """The tensor as consecutive blocks of rows, each at most ``block_bytes`` (at least one row), read
+        with ``rows``: concatenated they are ``load()``. Needs ``rows``; each block's shape and dtype are
+        checked."""
+        if self.rows is None:
+            raise AssertionError("row_blocks needs a lazy tensor with rows")
+        n = self.shape[0] if self.shape else 0
+        step = max(1, block_bytes // max(1, self.nbytes // max(1, n)))
+        for a in range(0, n, step):
+            t = self.rows(a, min(a + step, n))
+            want = (min(a + step, n) - a, *self.shape[1:])
+            if tuple(t.shape) != want or t.dtype != self.dtype:
+                raise AssertionError(f"lazy tensor rows {a}:{a + want[0]} produced {t.dtype}{list(t.shape)}, "
+                                     f"promised {self.dtype}{list(want)}")
+            yield t
 
     def map(
         self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Shape | None = None,

@@ -40,14 +40,34 @@ def cast(items: dict[str, LazyTensor], dtype: torch.dtype | None,
             out.append((name, t))
             continue
         target = t.dtype if dtype is None else dtype
-        fp16 = target == torch.float16 and t.dtype != torch.float16
-
-        def load(x: torch.Tensor, name: str = name, target: torch.dtype = target, fp16: bool = fp16) -> torch.Tensor:
-            check(name, x, to_fp16=fp16)
-            return x if x.dtype == target else x.to(target)
-
-        out.append((name, t.map(load, dtype=target)))
+        out.append((name, checked_to(name, t, target, check)))
     return out
+
+
+def checked_to(name: str, t: LazyTensor, target: torch.dtype, check: WeightCheck) -> LazyTensor:
+    """``t`` cast to ``target``, checked by ``check`` as it is loaded. A ``t`` with ``rows`` keeps them (a
+    writer may stream it by blocks of rows): each block is checked as it is read (``WeightCheck.passes``), and
+    the first block that fails has the whole tensor checked, so the error or warning counts and locates as
+    ``load`` does (the memory of a whole decode, on that path only; reported once)."""
+    fp16 = target == torch.float16 and t.dtype != torch.float16
+
+    def load() -> torch.Tensor:
+        x = t.load()
+        check(name, x, to_fp16=fp16)
+        return x if x.dtype == target else x.to(target)
+
+    if t.rows is None:
+        return LazyTensor(t.shape, target, load, t.stored_nbytes, t.prefetch)
+    source_rows, reported = t.rows, []
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        x = source_rows(a, b)
+        if not reported and not WeightCheck.passes(x, to_fp16=fp16):
+            reported.append(True)
+            check(name, t.load(), to_fp16=fp16)  # raises, or warns (--allow-nonfinite)
+        return x if x.dtype == target else x.to(target)
+
+    return LazyTensor(t.shape, target, load, t.stored_nbytes, t.prefetch, rows)
 
 
 def checked_cast(ckpt: Checkpoint, tensors: dict[str, LazyTensor], dtype: torch.dtype | None,

@@ -13,7 +13,7 @@ import math
 import mmap
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -197,6 +197,21 @@ def write_tensor_bytes(f: BinaryIO | SequentialWriter, t: torch.Tensor) -> None:
             f.write(buf[i:i + WRITE_CHUNK])
 
 
+STREAM_BYTES = 256 << 20
+"""A tensor bigger than this whose lazy form reads ``rows`` is written as blocks of rows (a quantized
+256k-row embedding written as float32 is 2.4 GB at 2B): the same bytes, without the whole tensor in memory."""
+ROW_BLOCK_BYTES = 64 << 20
+
+
+def tensor_parts(lt: LazyTensor) -> Iterator[torch.Tensor]:
+    """``lt``'s data as the writer writes it, in order: the whole tensor, or blocks of rows
+    (``STREAM_BYTES``)."""
+    if lt.rows is not None and lt.nbytes > STREAM_BYTES:
+        yield from lt.row_blocks(ROW_BLOCK_BYTES)
+    else:
+        yield lt.load()
+
+
 def write_safetensors(
     path: str | Path, items: list[tuple[str, LazyTensor]], metadata: Mapping[str, str] | None = None,
     on_tensor: Any = None, direct_io: bool = True,
@@ -211,8 +226,8 @@ def write_safetensors(
         sink = SequentialWriter(f, direct_io)
         sink.write(build_header(items, metadata))
         for name, lt in items:
-            t = lt.load()
-            write_tensor_bytes(sink, t)
+            for t in tensor_parts(lt):
+                write_tensor_bytes(sink, t)
             if on_tensor is not None:
                 on_tensor(name, lt.nbytes)
         return sink.finish()
