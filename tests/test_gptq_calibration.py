@@ -2,7 +2,8 @@
 
 Numbers asserted: the budget gives 112 sequences of 128 tokens on the trained fixture (8 before) and never
 fewer than 8; on that fixture, layer by layer through the quantized layers, the defaults (all sequences,
-act-order) lower the held-out KL of int4 g128 below the stop-24 settings' (8 sequences, natural column order).
+act-order, scales refit to the codes) give at most 0.7× the held-out KL of int4 g128 of the stop-24 settings
+(8 sequences, natural column order, GPTQ's own scales).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.pipeline.calibrate import CALIBRATION_TOKENS, SequentialGPTQ, calibration_ids
 from gemma2_convert.pipeline.quantize import QuantizeOptions, plan_specs
+from quant.gptq_scales import ROUNDS
 from quant.metrics import kl_divergence
 from quant.qparams import dequantize
 from reference.model import Gemma2ForCausalLM
@@ -36,10 +38,10 @@ def test_calibration_budget() -> None:
     assert calibration_ids(ckpt, text, 4096).shape[0] == 3  # a long sequence: what the text holds
 
 
-def held_out_kl(ckpt, ids: torch.Tensor, act_order: bool) -> float:
+def held_out_kl(ckpt, ids: torch.Tensor, act_order: bool, refine: int | None = ROUNDS) -> float:
     specs = plan_specs(ckpt, QuantizeOptions(format="hf", method="gptq"))
     layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
-    engine = SequentialGPTQ(ckpt, layers, ids, scale_dtype=torch.bfloat16, act_order=act_order)
+    engine = SequentialGPTQ(ckpt, layers, ids, scale_dtype=torch.bfloat16, act_order=act_order, refine=refine)
     tensors = dict(ckpt.tensors)
     for n in layers:
         tensors[n] = LazyTensor.of(dequantize(*engine.result(n)).float())
@@ -51,13 +53,16 @@ def held_out_kl(ckpt, ids: torch.Tensor, act_order: bool) -> float:
 
 
 @pytest.mark.slow
-def test_defaults_beat_stop24_gptq() -> None:
-    """The defaults beat the stop-24 settings on all of eval.txt (57 windows of 256). Measured: 1.730e-4 vs
-    1.902e-4 (0.91×) in the full suite of 2026-12-08; an earlier tree gave under 0.7×, and on the first 16
-    windows 111 vs 112 calibration sequences moved it 0.84e-4 ↔ 1.22e-4: the size of the gain is that sensitive
-    on this small model, so this holds the direction only (the issue's 0.7× is not met robustly)."""
+def test_defaults_beat_stop24_gptq_by_0_7() -> None:
+    """The defaults (all calibration sequences, act-order, scales refit to the codes:
+    ``quant/gptq_scales.py``) give at most 0.7× the stop-24 settings' held-out KL (8 sequences, natural column
+    order, GPTQ's own scales) on all of eval.txt (57 windows of 256): the issue's compressed-tensors goal.
+    Measured 2026-12-08: 0.907e-4 vs 1.762e-4 (0.51×); over four calibration subsets (all 112 sequences, the
+    first 111, the text from token 40 or 80) 0.49–0.53×, without the refit 0.45–0.59×; on a second model not
+    tuned on (``tools/train_fixture.py --seed 1 --steps 150``) 0.50–0.59× with the refit, 0.54–0.68×
+    without."""
     ckpt = open_checkpoint(MODEL)
     text = CAL.read_text()
-    old = held_out_kl(ckpt, calibration_ids(ckpt, text, 128, 8), act_order=False)
+    old = held_out_kl(ckpt, calibration_ids(ckpt, text, 128, 8), act_order=False, refine=None)
     new = held_out_kl(ckpt, calibration_ids(ckpt, text, 128), act_order=True)
-    assert new < old, f"gptq defaults KL {new:.3e} vs stop-24 settings {old:.3e}"
+    assert new <= 0.7 * old, f"gptq defaults KL {new:.3e} vs stop-24 settings {old:.3e}: {new / old:.2f}×"

@@ -165,7 +165,9 @@ def render_ct(ct: list[tuple]) -> str:
     lines = [f"{CT_HEAD}, scored by the reference; `ratio` = KL ÷ our gptq at stop 24 ({GPTQ_STOP24:.3e}: 8 "
              "calibration sequences, natural column order; goal ≤ 0.7). gptq now calibrates on up to "
              "16384 tokens (`calibrate.CALIBRATION_TOKENS`: all 112 sequences of 128 tokens here) and visits "
-             "columns by decreasing Hessian diagonal with static groups (no `g_idx`):", "",
+             "columns by decreasing Hessian diagonal with static groups (no `g_idx`), then refits each "
+             "group's scale to the codes in the Hessian's metric and redoes the codes once "
+             "(`quant/gptq_scales.py`):", "",
              "| output | bytes | mean KL | ratio | seconds | command |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {size:,} | {kl:.3e} | {kl / GPTQ_STOP24:.2f} | {sec:.0f} | `{cmd}` |"
               for label, cmd, size, kl, sec in ct]

@@ -23,7 +23,7 @@ def int4_options(fn: Callable) -> Callable:
         click.option("--autoround-steps", type=click.IntRange(1), default=DEFAULT.steps, show_default=True,
                      help=f"--method autoround: signed-gradient steps per decoder layer ({FAST.steps} with "
                           f"--autoround-batch {FAST.batch} --autoround-tokens {FAST.tokens}: the faster "
-                          "setting)."),
+                          "setting, for 2B and up: the default's steps take hours a layer there on 2 cores)."),
         click.option("--autoround-batch", type=click.IntRange(1), default=DEFAULT.batch, show_default=True,
                      help="--method autoround: calibration sequences per step."),
         click.option("--autoround-tokens", type=click.IntRange(1), default=DEFAULT.tokens, show_default=True,

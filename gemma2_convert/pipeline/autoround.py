@@ -20,10 +20,10 @@ import torch
 
 from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.pipeline.calibrate import LAYER_RE, QResult
+from gemma2_convert.pipeline.calibrate import LAYER_RE, InputHessians, QResult
 from quant.methods import quantize_weight
 from quant.methods.autoround import Rounding, export, fake_quant, optimize, start, start_from
-from quant.methods.gptq import accumulate_hessian
+from quant.methods.gptq import factor_hessian
 from quant.qparams import dequantize, scale_dtype_for
 from quant.spec import QuantSpec
 from reference.layers import rope_cos_sin
@@ -62,9 +62,11 @@ INITS = ("mse", "gptq")
 FAST = AutoRoundSettings(steps=4, batch=2, tokens=256, init="gptq")
 """The documented faster setting (``--autoround-steps 4 --autoround-batch 2 --autoround-tokens 256``):
 GPTQ on 8 × 256 calibration tokens, then 4 steps on 2 × 256. Sized for the 2B's ≤ 10 min on 2 cores
-(≈ 23 s a layer) from FLOPs — a 2B layer has 78 M weights: 2 forwards + Hessians ≈ 0.8 TFLOP, GPTQ's
-Cholesky factors ≈ 0.8 TFLOP, a step ≈ 0.26 TFLOP + fake quantization of 78 M weights; not yet
-measured quietly (``python -m bench autoround``)."""
+(≈ 23 s a layer): a 2B layer has 78 M weights; 3 forwards over 2048 tokens ≈ 1 TFLOP, the Hessians (one per
+input, ``InputHessians``) ≈ 0.25 TFLOP, the factorizations (once per input) ≈ 0.55 TFLOP, GPTQ's lazy updates
+≈ 0.3 TFLOP, 4 steps ≈ 1 TFLOP with the fake quantization of 78 M weights: ≈ 3 TFLOP a layer, so 23 s
+needs ≈ 130 GFLOP/s of float32 sustained. Timed by ``python -m bench autoround --size 2b``
+(docs/QUANTIZATION.md, "Quantization time at the 2B shape")."""
 
 
 class SequentialAutoRound:
@@ -125,23 +127,20 @@ class SequentialAutoRound:
 
     @torch.no_grad()
     def _gptq_starts(self, i: int, names: list[str]) -> dict[str, Rounding]:
-        """GPTQ (act-order, static groups) on this layer's inputs through the quantized layers, as starts."""
-        hessians: dict[str, tuple[torch.Tensor | None, int]] = {}
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            if name in names:
-                hessians[name] = accumulate_hessian(*hessians.get(name, (None, 0)), x)
-
-        self.model.observer = observe
+        """GPTQ (act-order, static groups) on this layer's inputs through the quantized layers, as starts;
+        weights sharing an input share its Hessian and factor."""
+        hessians = InputHessians(names)
+        self.model.observer = hessians.observe
         self._forward(i, self.hq, slice(None), self.hq.shape[1])
         self.model.observer = None
         out = {}
-        for n in names:
-            w, spec = self.model.weights.get(n), self.specs[n]
-            sd = self.scale_dtype or scale_dtype_for(self.model.weights.tensors[n].dtype)
-            q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=n, hessian=hessians[n][0],
-                                      scale_dtype=sd, act_order=True)
-            out[n] = start_from(w, q, s, z, spec.bits)
+        for owner, group in hessians.groups().items():
+            factor = factor_hessian(hessians.take(owner), act_order=True)
+            for n in group:
+                w, spec = self.model.weights.get(n), self.specs[n]
+                sd = self.scale_dtype or scale_dtype_for(self.model.weights.tensors[n].dtype)
+                q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=n, factor=factor, scale_dtype=sd)
+                out[n] = start_from(w, q, s, z, spec.bits)
         return out
 
     @torch.no_grad()

@@ -17,8 +17,9 @@ import torch
 
 from gemma2_convert.core.errors import ConversionError
 from gemma2_convert.formats.registry import Checkpoint
+from quant.gptq_scales import ROUNDS, refine
 from quant.methods import quantize_weight
-from quant.methods.gptq import accumulate_hessian
+from quant.methods.gptq import HessianFactor, add_xtx, factor_hessian, mirror_upper
 from quant.qparams import dequantize
 from quant.spec import QuantSpec
 from reference.layers import rope_cos_sin
@@ -61,17 +62,56 @@ def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int | N
     return torch.cat([torch.full((n, 1), ckpt.config.bos_token_id), rows], dim=1)
 
 
+class InputHessians:
+    """``H = 2/n · XᵀX`` of each observed weight's input ``[in, in]`` over one layer's pass. A weight fed the very
+    tensor the previous observed weight was fed (``q/k/v``: the normed hidden states; ``gate/up``) shares that
+    weight's sum: one ``XᵀX`` per input, and its Hessian is one object, so GPTQ factors it once."""
+
+    def __init__(self, names: set[str] | list[str]) -> None:
+        self.names = set(names)
+        self.sums: dict[str, tuple[torch.Tensor, int]] = {}  # owner name → (upper-block ΣxᵀX, rows)
+        self.owner: dict[str, str] = {}                      # observed name → the name whose sum it uses
+        self.last: tuple[torch.Tensor, str] | None = None
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """The model's observer hook."""
+        if name not in self.names:
+            return
+        if self.last is not None and self.last[0] is x and self.owner.get(name, self.last[1]) == self.last[1]:
+            self.owner[name] = self.last[1]
+            return
+        if self.owner.setdefault(name, name) != name:
+            raise RuntimeError(f"{name} shared {self.owner[name]}'s input once, then got another")
+        acc, n = self.sums.get(name, (None, 0))
+        self.sums[name] = (add_xtx(acc, x), n + x.reshape(-1, x.shape[-1]).shape[0])
+        self.last = (x, name)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Observed names by the input they share, in the order observed: ``{owner: [names]}``."""
+        out: dict[str, list[str]] = {}
+        for name, key in self.owner.items():
+            out.setdefault(key, []).append(name)
+        return out
+
+    def take(self, owner: str) -> torch.Tensor:
+        """The Hessian of ``owner``'s input (handed out once: its sum is released)."""
+        acc, n = self.sums.pop(owner)
+        return mirror_upper(acc).mul_(2.0 / n)
+
+
 class SequentialGPTQ:
     """``result(name)`` → GPTQ (codes, scale, zero) of a decoder weight, calibrating layers in order.
 
     ``act_order`` (default): columns by decreasing Hessian diagonal with static groups
-    (``quant/methods/gptq.py``), so the output keeps the plain group layout (no ``g_idx``)."""
+    (``quant/methods/gptq.py``), so the output keeps the plain group layout (no ``g_idx``). ``refine``
+    (default ``ROUNDS``): GPTQ's scales refit to its codes in the Hessian's metric and its codes redone on
+    them, that many rounds (``quant/gptq_scales.py``); None: GPTQ's own."""
 
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec], ids: torch.Tensor,
                  on_layer: Callable[[int], None] | None = None, scale_dtype: torch.dtype | None = None,
-                 act_order: bool = True) -> None:
+                 act_order: bool = True, refine: int | None = ROUNDS) -> None:
         cfg = ckpt.config
-        self.scale_dtype, self.act_order = scale_dtype, act_order
+        self.scale_dtype, self.act_order, self.refine = scale_dtype, act_order, refine
         self.model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, torch.float32, resident=False))
         self.specs, self.on_layer = specs, on_layer
         self.q_idx = torch.arange(ids.shape[1])
@@ -81,6 +121,7 @@ class SequentialGPTQ:
             self.h = self.model.weights.embed(ids) * normalizer  # [S, T, H]
         self.next_layer = 0
         self.results: dict[str, QResult] = {}
+        self.last_factor: tuple[torch.Tensor, HessianFactor] | None = None
 
     def result(self, name: str) -> QResult:
         m = LAYER_RE.match(name)
@@ -95,29 +136,38 @@ class SequentialGPTQ:
 
     def quantize(self, name: str, w: torch.Tensor, hessian: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """(the result ``result(name)`` hands out, what the weight decodes to) of one weight given its Hessian."""
-        q, s, z = quantize_weight(w, self.specs[name], name=name, hessian=hessian, scale_dtype=self.scale_dtype,
-                                  act_order=self.act_order)
+        spec, factor = self.specs[name], self.factor(hessian)
+        q, s, z = quantize_weight(w, spec, name=name, factor=factor, scale_dtype=self.scale_dtype)
+        if self.refine is not None:  # scales refit to the codes, codes redone (quant/gptq_scales.py)
+            q, s = refine(w, q, s, z, hessian, spec.bits, factor, self.refine)
         return (q, s, z), dequantize(q, s, z)
+
+    def factor(self, hessian: torch.Tensor) -> HessianFactor:
+        """GPTQ's factor of ``hessian``: computed once for the weights whose inputs share it (the Hessian is
+        the same object for them, see :class:`InputHessians`; the latest factor is kept)."""
+        if self.last_factor is None or self.last_factor[0] is not hessian:
+            self.last_factor = None  # free the previous factor first
+            self.last_factor = (hessian, factor_hessian(hessian, act_order=self.act_order))
+        return self.last_factor[1]
 
     @torch.inference_mode()
     def _run_layer(self, i: int) -> None:
         self.results.clear()
-        store, hessians = self.model.weights, {}
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            if name in self.specs:
-                h, n = hessians.get(name, (None, 0))
-                hessians[name] = accumulate_hessian(h, n, x)
-
-        self.model.observer = observe
+        store, hessians = self.model.weights, InputHessians(self.specs)
+        self.model.observer = hessians.observe
         self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
         self.model.observer = None
-        for name, (h, _) in hessians.items():
-            self.results[name], approx = self.quantize(name, self.model.weights.tensors[name].load(), h)
-            store.replace(name, approx)  # the next layers see this layer quantized
+        names = hessians.groups()
+        for owner, group in names.items():
+            h = hessians.take(owner)
+            for name in group:
+                self.results[name], approx = self.quantize(name, self.model.weights.tensors[name].load(), h)
+                store.replace(name, approx)  # the next layers see this layer quantized
+        self.last_factor = None
         self.h = self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
-        for name in hessians:
-            store.replace(name, None)
+        for group in names.values():
+            for name in group:
+                store.replace(name, None)
         self.next_layer = i + 1
         if self.on_layer is not None:
             self.on_layer(i)

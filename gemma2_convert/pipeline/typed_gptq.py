@@ -6,7 +6,8 @@ quantized layers) and writes each weight's blocks:
 
 * Q4_K / Q5_K / Q6_K: llama.cpp's scales (its imatrix search with our activation importance), GPTQ's codes on
   that grid (``quant/grid_gptq.py``);
-* Q4_0 / Q4_1 / Q8_0: our GPTQ's own fp16 scales and codes (``quant/methods/gptq.py``), packed as such;
+* Q4_0 / Q4_1 / Q8_0: our GPTQ's own fp16 scales and codes (``quant/methods/gptq.py``, refined by
+  ``quant/gptq_scales.py``), packed as such;
 * any other type (IQ4, Q2_K/Q3_K, Q5_0/Q5_1): llama.cpp's quantizer with the importance, as before.
 """
 
@@ -20,6 +21,7 @@ from gemma2_convert.formats.gguf.quantized import blocks
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.pipeline.calibrate import LAYER_RE, SequentialGPTQ
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
+from quant.gptq_scales import refine
 from quant.grid_gptq import GRID_TYPES, gptq_blocks
 from quant.methods import quantize_weight
 from quant.spec import QuantSpec
@@ -45,8 +47,10 @@ class TypedGPTQ(SequentialGPTQ):
         if qtype in GRID_TYPES:
             data = gptq_blocks(w, qtype, hessian, qw)
         elif qtype in OWN_CODES:
-            q, s, z = quantize_weight(w, OWN_CODES[qtype], name=name, hessian=hessian,
-                                      scale_dtype=torch.float16, act_order=self.act_order)
+            spec, factor = OWN_CODES[qtype], self.factor(hessian)
+            q, s, z = quantize_weight(w, spec, name=name, factor=factor, scale_dtype=torch.float16)
+            if self.refine is not None:  # fp16 scales refit to the codes, codes redone (quant/gptq_scales.py)
+                q, s = refine(w, q, s, z, hessian, spec.bits, factor, self.refine)
             data = blocks(q, s, z, qtype, w, keep_codes=True)
         else:
             data = quantize_tensor(w, qtype, quant_weights=qw)

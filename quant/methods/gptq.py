@@ -34,6 +34,34 @@ from quant.qparams import choose_qparams, group_len, qrange, scale_dtype_for
 from quant.spec import QuantSpec
 
 
+XTX_BLOCK = 1024
+"""Rows of ``XᵀX`` per product in :func:`add_xtx`: only blocks on or above the diagonal are multiplied."""
+
+
+def add_xtx(acc: Tensor | None, x: Tensor) -> Tensor:
+    """``acc + XᵀX`` float32 ``[in, in]`` for ``x [..., in]``, upper block triangle only (``XTX_BLOCK`` rows a
+    product; ``in = 9216``: 56 % of a full product) — call :func:`mirror_upper` once after the last ``add_xtx``.
+    The first call's blocks equal the full ``x.T @ x``'s bit for bit (same products summed in the same order)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()                                  # [m, in]
+    n = x2.shape[1]
+    first = acc is None
+    acc = torch.empty(n, n, dtype=torch.float32) if acc is None else acc
+    for r0 in range(0, n, XTX_BLOCK):
+        a, b = x2[:, r0 : r0 + XTX_BLOCK].T, x2[:, r0:]                    # [k, m], [m, in - r0]
+        if first:
+            acc[r0 : r0 + XTX_BLOCK, r0:] = a @ b
+        else:
+            acc[r0 : r0 + XTX_BLOCK, r0:].addmm_(a, b)
+    return acc
+
+
+def mirror_upper(acc: Tensor) -> Tensor:
+    """Fill the blocks below the diagonal of an :func:`add_xtx` sum from those above it (in place)."""
+    for r0 in range(XTX_BLOCK, acc.shape[0], XTX_BLOCK):
+        acc[r0 : r0 + XTX_BLOCK, :r0] = acc[:r0, r0 : r0 + XTX_BLOCK].T
+    return acc
+
+
 def accumulate_hessian(h: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
     """Running ``H = 2/n · Σ xᵀx`` over ``n`` rows; ``x [..., in]`` adds ``m`` rows. Returns ``(H, n + m)``."""
     x2 = x.reshape(-1, x.shape[-1]).float()                                  # [m, in]
@@ -46,24 +74,63 @@ def accumulate_hessian(h: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int
     return h, n + m
 
 
+def lower_inverse(lower: Tensor, block: int = 1024) -> Tensor:
+    """``L⁻¹`` of a lower-triangular ``[n, n]``, a block of ``block`` columns at a time: each solves only
+    against its nonzero rows (≈ n³/6 multiply-adds, a third of ``solve_triangular(L, I)``)."""
+    n = lower.shape[0]
+    inv = torch.zeros_like(lower)
+    for c0 in range(0, n, block):
+        c1 = min(c0 + block, n)
+        rhs = torch.zeros(n - c0, c1 - c0, dtype=lower.dtype)
+        rhs[: c1 - c0].fill_diagonal_(1.0)                                   # [n - c0, c1 - c0]
+        inv[c0:, c0:c1] = torch.linalg.solve_triangular(lower[c0:, c0:], rhs, upper=False)
+    return inv
+
+
 def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, float32 ``[in, in]``."""
-    h = h.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    lower, info = torch.linalg.cholesky_ex(h)
+    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹``, float32 ``[in, in]``.
+
+    Without forming the inverse: with ``J`` the reversal, ``L = chol(J H J)`` gives
+    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)``, and ``J L⁻¹ J`` is upper with a positive diagonal, so it is ``U``. One
+    factorization and one triangular inverse (≈ n³/3 multiply-adds) instead of factor, invert, factor
+    (≈ n³; ``torch.cholesky_inverse`` alone took 72 s of 94 at ``in = 9216`` on 2 cores)."""
+    hr = h.float().flip(0, 1)                                                # J H J, a copy
+    hr.diagonal().add_(damp * h.diagonal().float().mean())
+    lower, info = torch.linalg.cholesky_ex(hr)
     if int(info):
         raise ConversionError(
-            f"GPTQ Hessian is not positive definite (leading minor {int(info)} of {h.shape[0]}); "
+            f"GPTQ Hessian is not positive definite (its last {int(info)} of {h.shape[0]} rows and columns); "
             f"increase damp (now {damp}) or calibrate on more tokens"
         )
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    return lower_inverse(lower).flip(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ derives from a Hessian alone, so weights with the same input (q/k/v; gate/up) share it:
+    ``dead`` inputs (``diag H == 0``, bool ``[in]``), the visiting order ``perm [in]`` (act-order: by
+    decreasing ``diag H``) and ``u``, the upper inverse-Cholesky factor of the permuted, damped Hessian."""
+
+    dead: Tensor
+    perm: Tensor
+    u: Tensor
+    act_order: bool
+
+
+def factor_hessian(hessian: Tensor, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """Steps 1–3 of the module docstring for ``hessian [in, in]``."""
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0])
+    return HessianFactor(dead, perm, inverse_cholesky_upper(h[perm][:, perm], damp), act_order)
 
 
 def _quant_col(w: Tensor, s: Tensor, z: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
     """One column ``[out]`` with scale ``s [out]`` (float32), zero ``z [out]``: (codes, dequantized)."""
     qmin, qmax = qrange(bits)
     zf = 0.0 if z is None else z.float()
-    q = torch.round(torch.clamp(w / s + zf, qmin, qmax))
+    q = torch.clamp(w / s + zf, qmin, qmax).round_()  # in place: torch.round(x) ran a thread team per column
     return q, (q - zf) * s
 
 
@@ -103,24 +170,25 @@ class _Grid:
 
 @dataclasses.dataclass
 class LazyBlock:
-    """The block of columns ``[i1, i2)`` GPTQ is working on: ``w1`` (its current columns), ``err1`` (the scaled
-    errors of the columns done so far), ``w`` and ``u`` (the whole weight and inverse-Cholesky factor)."""
+    """The block of columns ``[i1, i2)`` GPTQ is working on, held transposed so that a column is a contiguous
+    row: ``w1t [i2 - i1, out]`` (its current columns), ``err1t`` (the scaled errors of the columns done so
+    far); ``w`` and ``u`` (the whole weight and inverse-Cholesky factor)."""
 
     w: Tensor
-    w1: Tensor
-    err1: Tensor
+    w1t: Tensor
+    err1t: Tensor
     u: Tensor
     i1: int
     i2: int
 
     def cols(self, i: int, g: int) -> Tensor:
-        """Current values of columns ``[i1+i, i1+i+g)``: ``w1`` inside the block, ``w`` minus pending updates
-        after it."""
+        """Current values of columns ``[i1+i, i1+i+g)`` ``[out, g]``: from ``w1t`` inside the block, ``w`` minus
+        pending updates after it."""
         c1 = self.i1 + i + g
-        inside = self.w1[:, i : min(c1, self.i2) - self.i1]                   # [out, ≤ g]
+        inside = self.w1t[i : min(c1, self.i2) - self.i1].T.contiguous()     # [out, ≤ g]
         if c1 <= self.i2:
             return inside
-        after = self.w[:, self.i2:c1] - self.err1[:, :i] @ self.u[self.i1 : self.i1 + i, self.i2:c1]
+        after = self.w[:, self.i2:c1] - self.err1t[:i].T @ self.u[self.i1 : self.i1 + i, self.i2:c1]
         return torch.cat([inside, after], dim=1)
 
 
@@ -131,42 +199,50 @@ ColumnQuantizer = Callable[[int, Tensor, LazyBlock], tuple[Tensor, Tensor]]
 def error_feedback(w: Tensor, u: Tensor, block_size: int, column: ColumnQuantizer) -> Tensor:
     """GPTQ's column loop with lazy block updates over ``w [out, in]`` (columns already in visiting order,
     updated in place), ``u`` the upper inverse-Cholesky factor of the (permuted, damped) Hessian: each column is
-    quantized by ``column`` and its error pushed onto the columns not yet done. Returns the codes (float)."""
+    quantized by ``column`` and its error pushed onto the columns not yet done. Returns the codes (float).
+
+    The block is worked on transposed (``LazyBlock.w1t``): the per-column update then sweeps contiguous rows, the
+    same products and differences as on ``[out, block]`` columns, bit for bit (3× faster at ``out = 9216``)."""
     out_f, in_f = w.shape
-    q = torch.zeros_like(w)
+    qt = torch.zeros(in_f, out_f, dtype=w.dtype)                             # codes, transposed
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        blk = LazyBlock(w, w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), u, i1, i2)
+        blk = LazyBlock(w, w[:, i1:i2].T.contiguous(), torch.zeros(i2 - i1, out_f), u, i1, i2)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q[:, i1 + i], deq = column(i1 + i, blk.w1[:, i], blk)
-            err = (blk.w1[:, i] - deq) / u1[i, i]
-            blk.w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            blk.err1[:, i] = err
-        w[:, i2:] -= blk.err1 @ u[i1:i2, i2:]
-    return q
+            qt[i1 + i], deq = column(i1 + i, blk.w1t[i], blk)
+            err = (blk.w1t[i] - deq) / u1[i, i]
+            blk.w1t[i:] -= u1[i, i:][:, None] * err[None, :]
+            blk.err1t[i] = err
+        w[:, i2:] -= blk.err1t.T @ u[i1:i2, i2:]
+    return qt.T.contiguous()
 
 
 @register_quantizer("gptq")
 def gptq(
     w: Tensor, spec: QuantSpec, *, hessian: Tensor | None = None, importance: Tensor | None = None,
     scale_dtype: torch.dtype | None = None, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-    qparams: str = "mse",
+    qparams: str = "mse", factor: HessianFactor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """GPTQ codes and qparams for ``w [out, in]`` given ``hessian [in, in]``; ``importance`` is ignored."""
+    """GPTQ codes and qparams for ``w [out, in]`` given ``hessian [in, in]``, or its ``factor`` (from
+    :func:`factor_hessian`, shared by weights with the same input: then ``damp``/``act_order`` are the
+    factor's); ``importance`` is ignored."""
     in_f = w.shape[1]
-    if hessian is None or tuple(hessian.shape) != (in_f, in_f):
-        got = None if hessian is None else list(hessian.shape)
-        raise ConversionError(f"gptq needs a Hessian of shape [{in_f}, {in_f}], got {got}; run calibration first")
+    if factor is None:
+        if hessian is None or tuple(hessian.shape) != (in_f, in_f):
+            got = None if hessian is None else list(hessian.shape)
+            raise ConversionError(f"gptq needs a Hessian of shape [{in_f}, {in_f}], got {got}; run calibration "
+                                  f"first")
+        factor = factor_hessian(hessian, damp, act_order)
+    elif tuple(factor.u.shape) != (in_f, in_f):
+        raise ConversionError(f"gptq: Hessian factor of shape {list(factor.u.shape)} for a weight with {in_f} "
+                              f"inputs; factor the Hessian of this weight's input")
     g = group_len(in_f, spec.group_size)
-    wf, h = w.float().clone(), hessian.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    wf[:, dead] = 0.0
+    wf = w.float().clone()
+    wf[:, factor.dead] = 0.0
     grid = _Grid(wf, spec, g, scale_dtype or scale_dtype_for(w.dtype), qparams)
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_f)
-    u = inverse_cholesky_upper(h[perm][:, perm], damp)
-    q = _gptq_loop(wf[:, perm], u, perm, grid, block_size, refit=not act_order)
+    perm = factor.perm
+    q = _gptq_loop(wf[:, perm], factor.u, perm, grid, block_size, refit=not factor.act_order)
     codes = torch.empty_like(q)
     codes[:, perm] = q
     return codes.to(torch.int8), grid.scale, grid.zero
