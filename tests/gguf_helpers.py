@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma2_convert.formats.hf import write_hf_dir
 from gemma2_convert.core.lazy import LazyTensor
+from gemma2_convert.formats.hf import write_hf_dir
 from gemma2_convert.formats.synthetic import random_tensors
 from gemma2_convert.formats.tokenizer.tiny import make_tiny_spm
 from reference.config import Gemma2Config
@@ -95,3 +95,16 @@ def diff_blocks(ours: np.ndarray, want: np.ndarray, block_bytes: int) -> tuple[i
         first = (f"block {i}, bytes {np.nonzero(o[i] != w[i])[0][:8].tolist()}: ours {o[i][:12].tolist()} … "
                  f"{o[i][-16:].tolist()} want {w[i][:12].tolist()} … {w[i][-16:].tolist()}")
     return len(diff), len(o), first
+
+
+def llama_logits(path: Path | str, ids: list[int]) -> torch.Tensor:
+    """[T, V] float32 logits of llama.cpp (CPU, F32 KV cache, no flash attention) for one sequence."""
+    import llama_cpp  # a real client: missing in CI is a failure, not a skip
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids),
+                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
+    try:
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    finally:
+        llm.close()

@@ -27,7 +27,7 @@ from quant import gguf_iq4 as iq
 from quant import gguf_types
 from quant.gguf_codec import dequantize_tensor, fallback_type, quantize_tensor
 from quant.gguf_types import GGML_TYPES, file_type_id, ggml_type
-from tests.gguf_helpers import diff_blocks, importance
+from tests.gguf_helpers import diff_blocks, importance, llama_logits
 
 TYPES = {"IQ4_NL": 18, "IQ4_XS": 136}
 F32 = np.float32
@@ -285,15 +285,6 @@ def wide_model(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("iq4") / "wide", cfg, seed=5), cfg
 
 
-def _llama_logits(path, ids: list[int]) -> torch.Tensor:
-    """[T, V] logits of llama.cpp (CPU, F32 KV cache) for one sequence."""
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
 
 
 def _reference_logits(path, ids: list[int]) -> torch.Tensor:
@@ -339,7 +330,7 @@ def test_to_gguf_iq4_xs_equals_llama_quantize_and_runs(wide_model, tmp_path):
 
     gen = torch.Generator().manual_seed(4)
     ids = [2] + torch.randint(3, cfg.vocab_size, (N_TOKENS - 1,), generator=gen).tolist()
-    got, want, source = _llama_logits(ours, ids), _reference_logits(ours, ids), _reference_logits(src, ids)
+    got, want, source = llama_logits(ours, ids), _reference_logits(ours, ids), _reference_logits(src, ids)
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     top1_src = (got.argmax(-1) == source.argmax(-1)).float().mean().item()
     print(f"IQ4_XS: llama.cpp vs reference on the dequantized weights: max |Δ| "

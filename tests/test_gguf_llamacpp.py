@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 
 import llama_cpp  # a real client: missing in CI is a failure, not a skip
-import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
@@ -36,7 +35,7 @@ from quant.gguf_types import file_type_id
 from reference import Gemma2ForCausalLM
 from reference.weights import WeightStore
 from tests.conftest import with_slow
-from tests.gguf_helpers import CONFIGS, write_model
+from tests.gguf_helpers import CONFIGS, llama_logits, write_model
 
 N_TOKENS = 64
 BOUNDS = {"f32": 5e-3, "f16": 5e-2, "q8_0": 0.75}
@@ -67,15 +66,6 @@ def sequence(vocab: int, seed: int = 0) -> list[int]:
     return [2] + torch.randint(3, vocab, (N_TOKENS - 1,), generator=g).tolist()
 
 
-def llama_logits(path, ids: list[int]) -> torch.Tensor:
-    """[T, V] logits of llama.cpp (CPU, F32 KV cache, no flash attention) for one sequence."""
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
 
 
 def reference_logits(path, ids: list[int]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from gemma2_convert.formats.gguf.mix import MIXES, choose_type, file_type
 from gemma2_convert.formats.gguf.reader import GGUFFile
 from quant.gguf_types import file_type_id, ggml_type
 from tests.conftest import with_slow
+from tests.gguf_helpers import llama_logits
 
 KEYS = [*MIXES, "q6_k"]
 """Every mix, and q6_k: llama-quantize's Q6_K file type is every matrix Q6_K for Gemma 2."""
@@ -141,14 +142,6 @@ def kmix(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("mixes") / "kmix", CONFIGS["kmix"], seed=11), CONFIGS["kmix"]
 
 
-def _llama_logits(path, ids: list[int]) -> torch.Tensor:
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
 
 
 def _reference_logits(path, ids: list[int]) -> torch.Tensor:
@@ -187,7 +180,7 @@ def test_file_equals_llama_quantize_and_runs(kmix, key: str, tmp_path):
 
     gen = torch.Generator().manual_seed(4)
     ids = [2] + torch.randint(3, cfg.vocab_size, (N_TOKENS - 1,), generator=gen).tolist()
-    got, want = _llama_logits(ours, ids), _reference_logits(ours, ids)
+    got, want = llama_logits(ours, ids), _reference_logits(ours, ids)
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"{key}: llama.cpp vs reference on the dequantized weights: "
           f"max |Δ| {(got - want).abs().max().item():.3g}, top-1 {top1:.2%}")

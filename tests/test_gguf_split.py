@@ -37,7 +37,7 @@ from gemma2_convert.pipeline.gguf import to_gguf
 from gemma2_convert.pipeline.inspect import inspect_path
 from gemma2_convert.pipeline.verify import verify_paths
 from tests.badinputs.runner import REPO
-from tests.gguf_helpers import CONFIGS, first_diff, tensors, write_model
+from tests.gguf_helpers import CONFIGS, first_diff, llama_logits, tensors, write_model
 
 CFG = CONFIGS["mha"]  # 35 tensors, 6 MB in F32
 MAX_SIZE = "1M"
@@ -167,18 +167,11 @@ def test_verify_and_gguf_to_hf_take_the_first_part(model, by_size, tmp_path):
 
 
 def test_llama_cpp_loads_the_set_with_the_unsplit_logits(whole, by_size, by_count):
-    import llama_cpp
     g = torch.Generator().manual_seed(0)
     ids = [2] + torch.randint(3, CFG.vocab_size, (47,), generator=g).tolist()
 
     def logits(path: Path) -> torch.Tensor:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids),
-                              type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-        try:
-            llm.eval(ids)
-            return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
-        finally:
-            llm.close()
+        return llama_logits(path, ids)
 
     want = logits(whole)
     assert want.abs().max() > 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +23,7 @@ from gemma2_convert.pipeline.quantize import QuantizeOptions, quantize_checkpoin
 from quant.qtensor import QuantTensor
 from reference import Gemma2ForCausalLM
 from tests.conftest import make_hf_model
+from tests.gguf_helpers import llama_logits
 from tests.test_mlx import CFG
 
 IDS = [2] + torch.randint(3, CFG.vocab_size, (CFG.sliding_window * 3 - 1,),
@@ -69,16 +69,8 @@ def reference_logits(path) -> torch.Tensor:
 
 
 def llama_cpp_logits(path) -> torch.Tensor:
-    """llama.cpp's float32 logits of IDS on the GGUF at ``path`` (F32 KV cache, no flash attention)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=len(IDS), n_batch=len(IDS), n_ubatch=len(IDS),
-                          type_k=0, type_v=0, flash_attn=False, swa_full=False, verbose=False)
-    try:
-        llm.eval(IDS)
-        return torch.from_numpy(np.array(llm.scores[:len(IDS)], dtype=np.float32))
-    finally:
-        llm.close()
+    """llama.cpp's float32 logits of IDS on the GGUF at ``path``."""
+    return llama_logits(path, IDS)
 
 
 def test_ct_int4_sym_g32_to_q4_0_is_bit_identical_and_llama_cpp_runs_it(ct_dir, tmp_path):
