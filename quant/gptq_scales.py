@@ -25,6 +25,9 @@ from quant.qparams import qrange
 
 ROUNDS = 1
 """Refit → new codes rounds before the last refit (measured on the trained fixture, docs/QUANTIZATION.md)."""
+ROW_CHUNK = 256
+"""Rows whose normal equations are formed and solved together: ``A`` of every row at once is out · G² floats
+(4608 · 1152² · 4 B = 24 GB for the 27B's down_proj at group 32); a chunk's products also stay in cache."""
 
 
 def _shifted(q: Tensor, zero: Tensor | None, g: int) -> Tensor:
@@ -34,13 +37,15 @@ def _shifted(q: Tensor, zero: Tensor | None, g: int) -> Tensor:
 
 def normal_equations(c: Tensor, wh: Tensor, h: Tensor, g: int) -> tuple[Tensor, Tensor]:
     """``A [out, G, G]`` and ``b [out, G]`` of the module docstring for shifted codes ``c [out, in]``,
-    ``wh = w @ H [out, in]``; one ``[out, g] @ [g, in]`` product per group (≈ out · in² multiply-adds)."""
+    ``wh = w @ H [out, in]``. ``A`` is symmetric: one ``[out, g] @ [g, in − j·g]`` product per group ``j``
+    gives its row ``j`` from the diagonal on, mirrored into column ``j`` (≈ out · in² / 2 multiply-adds)."""
     out_f, in_f = c.shape
     n_groups = in_f // g
     a = torch.empty(out_f, n_groups, n_groups)
     for j in range(n_groups):
-        t = c[:, j * g:(j + 1) * g] @ h[j * g:(j + 1) * g, :]                 # [out, in]
-        a[:, j, :] = (t * c).view(out_f, n_groups, g).sum(-1)
+        t = c[:, j * g:(j + 1) * g] @ h[j * g:(j + 1) * g, j * g:]           # [out, in − j·g]
+        a[:, j, j:] = t.mul_(c[:, j * g:]).view(out_f, n_groups - j, g).sum(-1)
+        a[:, j + 1:, j] = a[:, j, j + 1:]
     b = (c * wh).view(out_f, n_groups, g).sum(-1)                           # [out, G]
     return a, b
 
@@ -88,10 +93,27 @@ def codes_on_scales(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, fa
         q = torch.where(live[:, j], torch.round(torch.clamp(col / safe[:, j] + zj, qmin, qmax)), zj)
         return q, (q - zj) * s[:, j]
 
-    qp = error_feedback(wf[:, perm], factor.u, block, column)
+    qp = error_feedback(wf[:, perm], factor.t, block, column)
     codes = torch.empty_like(qp)
     codes[:, perm] = qp
     return codes.to(torch.int8)
+
+
+def _refit_rows(c: Tensor, wh: Tensor, h: Tensor, ww: Tensor, g: int,
+                scale: Tensor) -> tuple[float, Tensor, float]:
+    """For shifted codes ``c [out, in]`` at ``scale [out, G]`` (stored dtype): (their ``Σ_r E_r``, the refit
+    scales in the stored dtype, ``Σ_r E_r`` at those), the normal equations of ``ROW_CHUNK`` rows at a
+    time."""
+    fits, err, fit_err = [], 0.0, 0.0
+    for r0 in range(0, c.shape[0], ROW_CHUNK):
+        rows = slice(r0, r0 + ROW_CHUNK)
+        a, b = normal_equations(c[rows], wh[rows], h, g)
+        s = scale[rows].float()
+        fit = solve_scales(a, b, s).to(scale.dtype)
+        err += quadratic_error(a, b, ww[rows], s)
+        fit_err += quadratic_error(a, b, ww[rows], fit.float())
+        fits.append(fit)
+    return err, torch.cat(fits), fit_err
 
 
 def refine(w: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, hessian: Tensor, bits: int,
@@ -100,20 +122,17 @@ def refine(w: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, hessian: Te
     ``w [out, in]``, ``q`` int8 ``[out, in]``, ``scale`` (stored dtype) / ``zero`` ``[out, G]``.
 
     Each round refits the scales to the current codes and redoes the codes on them, kept when that pair beats
-    the current one; then a last refit to the codes kept."""
+    the current one; then a last refit to the codes kept. The normal equations of each codes are formed once
+    (a refit and both errors from them)."""
     g = w.shape[1] // scale.shape[1]
     h = hessian.float()
     wh = w.float() @ h                                                      # [out, in]
     ww = (w.float() * wh).sum(1).double()                                   # [out]
-    a, b = normal_equations(_shifted(q, zero, g), wh, h, g)
-    best = quadratic_error(a, b, ww, scale.float())
+    err, fit, fit_err = _refit_rows(_shifted(q, zero, g), wh, h, ww, g, scale)
     for _ in range(rounds):
-        fit = solve_scales(a, b, scale.float()).to(scale.dtype)
         q2 = codes_on_scales(w, fit, zero, bits, factor)
-        a2, b2 = normal_equations(_shifted(q2, zero, g), wh, h, g)
-        e2 = quadratic_error(a2, b2, ww, fit.float())
-        if not e2 < best:
+        err2, fit2, fit_err2 = _refit_rows(_shifted(q2, zero, g), wh, h, ww, g, fit)
+        if not err2 < err:
             break
-        q, scale, a, b, best = q2, fit, a2, b2, e2
-    fit = solve_scales(a, b, scale.float()).to(scale.dtype)
-    return (q, fit) if quadratic_error(a, b, ww, fit.float()) < best else (q, scale)
+        q, scale, err, fit, fit_err = q2, fit, err2, fit2, fit_err2
+    return (q, fit) if fit_err < err else (q, scale)

@@ -1,11 +1,13 @@
 """GPTQ into K-quant and IQ4 blocks: llama.cpp's scales kept, the codes chosen by GPTQ's error feedback.
 
 Q4_K / Q5_K / Q6_K / IQ4_XS store per super-block fp16 scales and per sub-block 6-/8-bit scale (and min)
-codes, IQ4_NL an fp16 scale per 32: the element codes lie on a grid ``x = a·level(q) + b`` per sub-block
-(``level(q) = q``, or IQ4's 16-value codebook). llama.cpp's search (with the activation
-importance, as ``llama-quantize --imatrix``) fixes the grid; GPTQ (../shared/spec/QUANT_FORMATS.md §3.1) then
-rounds each column onto its own grid, pushing the rounding error onto the columns not yet done; the blocks are
-packed with the same scales and the new codes, so they decode exactly to the grid values GPTQ chose.
+codes, Q2_K 4-bit scale and min codes per 16 elements under fp16 ``d``/``dmin``, Q3_K 6-bit signed scales
+per 16 under an fp16 ``d``, IQ4_NL an fp16 scale per 32: the element codes lie on a grid
+``x = a·level(q) + b`` per sub-block (``level(q) = q``, or IQ4's 16-value codebook). llama.cpp's search
+(with the activation importance, as ``llama-quantize --imatrix``) fixes the grid; GPTQ
+(../shared/spec/QUANT_FORMATS.md §3.1) then rounds each column onto its own grid, pushing the rounding error
+onto the columns not yet done; the blocks are packed with the same scales and the new codes, so they decode
+exactly to the grid values GPTQ chose.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from torch import Tensor
 from quant.gguf_codec import quantize_tensor
 from quant.gguf_iq4 import KVALUES, pack_iq4_nl, pack_iq4_xs
 from quant.gguf_kquants import pack_q4_k, pack_q5_k, pack_q6_k, unpack_k_scales
+from quant.gguf_kquants_low import pack_q2_k, pack_q3_k, unpack_q3_scales
 from quant.gguf_legacy import f16_from_bytes, split_bytes, unpack_nibbles
-from quant.methods.gptq import LazyBlock, error_feedback, inverse_cholesky_upper
+from quant.methods.gptq import HessianFactor, LazyBlock, error_feedback, factor_hessian
 
-GRID_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL")
+GRID_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q2_K", "Q3_K")
 """The GGUF types :func:`gptq_blocks` writes."""
 _AFFINE = {"Q4_K": (15, pack_q4_k, 144), "Q5_K": (31, pack_q5_k, 176)}  # nmax, packer, block bytes
 
@@ -61,26 +64,28 @@ def _expand(v: Tensor, rows: int, n: int) -> Tensor:
     return v.float().unsqueeze(-1).expand(*v.shape, n).reshape(rows, -1)
 
 
-def gptq_on_grid(w: Tensor, hessian: Tensor, grid: Grid, damp: float = 0.01, block: int = 128,
-                 act_order: bool = True) -> Tensor:
+def gptq_on_grid(w: Tensor, hessian: Tensor | None, grid: Grid, damp: float = 0.01, block: int = 128,
+                 act_order: bool = True, factor: HessianFactor | None = None) -> Tensor:
     """GPTQ codes ``[out, in]`` (int64 in ``[lo, hi]``) of ``w [out, in]`` on a fixed grid, Hessian
-    ``[in, in]``; ``act_order``: columns by decreasing ``diag(H)`` (the grid is per element, so any order
-    keeps the layout)."""
-    h = hessian.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w = torch.where(dead[None, :], torch.zeros((), dtype=torch.float32), w.float())
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
+    ``[in, in]`` or its ``factor`` (``quant.methods.gptq.factor_hessian``, shared by weights with the same
+    input: then ``damp``/``act_order`` are the factor's); ``act_order``: columns by decreasing ``diag(H)``
+    (the grid is per element, so any order keeps the layout)."""
+    if factor is None:
+        if hessian is None:
+            raise ValueError("gptq_on_grid needs a hessian or its factor")
+        factor = factor_hessian(hessian, damp, act_order)
+    perm = factor.perm
+    w = torch.where(factor.dead[None, :], torch.zeros((), dtype=torch.float32), w.float())
     permuted = Grid(grid.step[:, perm], grid.offset[:, perm], grid.lo, grid.hi, grid.levels)
-    q = _gptq_loop(w[:, perm].contiguous(), h[perm][:, perm], permuted, damp, block)
+    q = _gptq_loop(w[:, perm].contiguous(), factor.t, permuted, block)
     out = torch.empty_like(q)
     out[:, perm] = q
     return out
 
 
-def _gptq_loop(w: Tensor, h: Tensor, grid: Grid, damp: float, block: int) -> Tensor:
-    """GPTQ's column loop (``quant.methods.gptq.error_feedback``) on columns already in their visiting order,
-    each column rounded onto its own grid."""
+def _gptq_loop(w: Tensor, t: Tensor, grid: Grid, block: int) -> Tensor:
+    """GPTQ's column loop (``quant.methods.gptq.error_feedback``, feedback matrix ``t``) on columns already in
+    their visiting order, each column rounded onto its own grid."""
     def column(i: int, col: Tensor, _blk: LazyBlock) -> tuple[Tensor, Tensor]:
         step = grid.step[:, i]
         safe = torch.where(step != 0, step, torch.ones_like(step))
@@ -88,7 +93,25 @@ def _gptq_loop(w: Tensor, h: Tensor, grid: Grid, damp: float, block: int) -> Ten
         qi = torch.where(step != 0, qi, torch.full_like(qi, max(grid.lo, 0)))
         return qi, step * grid.level(qi) + grid.offset[:, i]
 
-    return error_feedback(w, inverse_cholesky_upper(h, damp), block, column).to(torch.int64)
+    return error_feedback(w, t, block, column).to(torch.int64)
+
+
+def _low_k_grid(raw: Tensor, qtype: str, rows: int, nsb: int) -> tuple[Grid, Callable[[Tensor], Tensor]]:
+    """Q2_K / Q3_K bytes ``[R, nsb·size]`` → their grid (sixteen 16-element sub-blocks a super-block, the
+    layouts of ``quant/gguf_kquants_low.py``) and the packer of codes with those scales."""
+    if qtype == "Q2_K":
+        scales, _, d, dmin = split_bytes(raw, 84, [16, 64, 2, 2])
+        scales, d, dmin = scales.contiguous(), f16_from_bytes(d), f16_from_bytes(dmin)  # [R,nsb,16], [R,nsb]
+        # x = (d·sc_j)·q − dmin·m_j, sc_j and m_j the low and high nibbles of scales[j]
+        step = _expand(d.unsqueeze(-1) * (scales & 0xF).to(torch.float32), rows, 16)
+        offset = -_expand(dmin.unsqueeze(-1) * (scales >> 4).to(torch.float32), rows, 16)
+        return Grid(step, offset, 0, 3), \
+            lambda q: pack_q2_k(d.half(), dmin.half(), scales, q.to(torch.uint8).reshape(rows, nsb, 256))
+    _, _, sc, d = split_bytes(raw, 110, [32, 64, 12, 2])
+    ls, d = unpack_q3_scales(sc), f16_from_bytes(d)                                   # [R, nsb, 16], [R, nsb]
+    step = _expand(d.unsqueeze(-1) * (ls.to(torch.float32) - 32), rows, 16)  # x = d·(ls_j − 32)·(q − 4)
+    return Grid(step, torch.zeros_like(step), -4, 3), \
+        lambda q: pack_q3_k(d.half(), ls, (q + 4).to(torch.uint8).reshape(rows, nsb, 256))
 
 
 def choose_grid(w: Tensor, qtype: str, importance: Tensor | None) -> tuple[Grid, Callable[[Tensor], Tensor]]:
@@ -97,6 +120,8 @@ def choose_grid(w: Tensor, qtype: str, importance: Tensor | None) -> tuple[Grid,
     range into block bytes with exactly those scales."""
     raw, rows = quantize_tensor(w, qtype, quant_weights=importance), w.shape[0]
     nsb = w.shape[1] // 256
+    if qtype in ("Q2_K", "Q3_K"):
+        return _low_k_grid(raw, qtype, rows, nsb)
     if qtype == "IQ4_NL":
         d = f16_from_bytes(split_bytes(raw, 18, [2, 16])[0])            # [R, nb]; x = d·K[q]
         step = _expand(d, rows, 32)
@@ -127,8 +152,9 @@ def choose_grid(w: Tensor, qtype: str, importance: Tensor | None) -> tuple[Grid,
         lambda q: pack(d.half(), dmin.half(), sc, m, q.to(torch.uint8).reshape(rows, nsb, 256))
 
 
-def gptq_blocks(w: Tensor, qtype: str, hessian: Tensor, importance: Tensor | None) -> Tensor:
+def gptq_blocks(w: Tensor, qtype: str, hessian: Tensor | None, importance: Tensor | None,
+                factor: HessianFactor | None = None) -> Tensor:
     """``qtype`` block bytes of ``w [out, in]``: llama.cpp's scales (searched with ``importance``), GPTQ's
-    codes."""
+    codes (act-order; on ``factor`` when given, e.g. shared by q/k/v)."""
     grid, pack = choose_grid(w, qtype, importance)
-    return pack(gptq_on_grid(w, hessian, grid))
+    return pack(gptq_on_grid(w, hessian, grid, factor=factor))

@@ -176,9 +176,18 @@ class Gemma2Model:
         self.run_layer(i, [s])
         return s.h
 
-    def run_layer(self, i: int, streams: list[Stream]) -> None:
+    def observe_layer(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      q_idx: torch.Tensor) -> None:
+        """Layer ``i`` on hidden states ``h`` [B, T, H] only as far as ``observer`` needs (calibration): every
+        decoder matmul's input is observed, and the layer stops after down_proj's; its product and the output
+        are never computed (``h`` is left as it was)."""
+        self.run_layer(i, [Stream(h, cos, sin, q_idx)], observe_only=True)
+
+    def run_layer(self, i: int, streams: list[Stream], observe_only: bool = False) -> None:
         """§4.7.3 on every stream: sandwich-normed attention block then sandwich-normed GeGLU block (§4.7.4).
-        Each weight is fetched once for all streams; each stream's arithmetic is that of a lone forward."""
+        Each weight is fetched once for all streams; each stream's arithmetic is that of a lone forward.
+        ``observe_only``: stop once down_proj's input is observed, the streams left mid-layer
+        (:meth:`observe_layer`)."""
         c, p, get, lin = self.config, f"model.layers.{i}.", self.weights.get, self._linear_all
         eps = c.rms_norm_eps
         w = get(p + "input_layernorm.weight")
@@ -190,6 +199,11 @@ class Gemma2Model:
         m = [rms_norm(s.h, w, eps) for s in streams]
         g = [F.gelu(x, approximate="tanh") for x in lin(m, p + "mlp.gate_proj.weight")]  # [B, T, I] each
         g = [x * y for x, y in zip(g, lin(m, p + "mlp.up_proj.weight"))]
+        if observe_only:
+            for x in g:
+                if self.observer is not None:
+                    self.observer(p + "mlp.down_proj.weight", x)
+            return
         out = lin(g, p + "mlp.down_proj.weight")
         w = get(p + "post_feedforward_layernorm.weight")
         for s, x in zip(streams, out):

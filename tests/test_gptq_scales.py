@@ -33,6 +33,20 @@ def layer_error(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tens
     return float(((d @ h.double()) * d).sum())
 
 
+def test_normal_equations_are_the_direct_sums() -> None:
+    """``A[r, a, b] = c_a H_ab c_bᵀ`` (from the upper triangle, mirrored) and ``b[r, a] = c_a (H w_rᵀ)_a``, vs
+    float64 sums written out."""
+    w, h = problem(out_f=6, in_f=160, seed=4)
+    c = torch.randint(-8, 8, (6, 160), generator=torch.Generator().manual_seed(5)).float()
+    a, b = normal_equations(c, w @ h, h, 32)
+    cd, hd = c.double().view(6, 5, 32), h.double().view(5, 32, 5, 32)
+    ref_a = torch.einsum("rai,aibj,rbj->rab", cd, hd, cd)
+    ref_b = torch.einsum("rai,rai->ra", cd, (w.double() @ h.double()).view(6, 5, 32))
+    torch.testing.assert_close(a.double(), ref_a, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(b.double(), ref_b, rtol=1e-5, atol=1e-4)
+    assert torch.equal(a, a.transpose(1, 2))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_refit_is_each_rows_least_squares(symmetric: bool) -> None:
     w, h = problem()

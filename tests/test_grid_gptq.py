@@ -1,8 +1,8 @@
 """GPTQ into K-quants and IQ4 (``quant/grid_gptq.py``): llama.cpp's scales, GPTQ's codes, packed exactly.
 
-Numbers asserted: the written Q4_K / Q5_K / Q6_K / IQ4_XS / IQ4_NL bytes decode (llama.cpp's dequantization, our port) to
-exactly the grid values GPTQ chose, on the grid of llama.cpp's own scales; on correlated inputs the layer's
-output error is below llama.cpp's imatrix search at the same bytes.
+Numbers asserted: the written Q2_K / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_XS / IQ4_NL bytes decode (llama.cpp's
+dequantization, our port) to exactly the grid values GPTQ chose, on the grid of llama.cpp's own scales; on
+correlated inputs the layer's output error is below llama.cpp's imatrix search at the same bytes.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ import torch
 
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
 from quant.methods import QUANTIZERS, get_quantizer, quantize_weight, register_quantizer
-from quant.methods.gptq import accumulate_hessian, gptq, inverse_cholesky_upper
+from quant.methods.gptq import accumulate_hessian, gptq
 from quant.metrics import sqnr_db
 from quant.qparams import choose_qparams, dequantize, quantize
 from quant.spec import GroupShapeError, QuantSpec
+from tests.gptq_textbook import textbook_u
 
 OUT, IN = 128, 512
 
@@ -163,8 +164,9 @@ def test_sqnr_floors_on_gaussian(key: tuple) -> None:
 
 
 def naive_gptq(w: torch.Tensor, spec: QuantSpec, h: torch.Tensor, damp: float = 0.01):
-    """Unblocked GPTQ straight from the paper: quantize column i, push its error onto all later columns."""
-    wf, u = w.float().clone(), inverse_cholesky_upper(h, damp)
+    """Unblocked GPTQ straight from the paper: quantize column i, push its error onto all later columns (``U``
+    formed the direct way, ``tests/gptq_textbook.py``; ours runs on its inverse)."""
+    wf, u = w.float().clone(), textbook_u(h, damp).float()
     n = wf.shape[1]
     g = spec.group_size or n
     q = torch.zeros(wf.shape, dtype=torch.int8)

@@ -22,7 +22,6 @@ from quant.methods import quantize_weight
 from quant.methods.gptq import HessianFactor, add_xtx, factor_hessian, mirror_upper
 from quant.qparams import dequantize
 from quant.spec import QuantSpec
-from reference.layers import rope_cos_sin
 from reference.model import Gemma2Model
 from reference.weights import WeightStore
 
@@ -60,6 +59,17 @@ def calibration_ids(ckpt: Checkpoint, text: str, seq_len: int, max_seqs: int | N
                               f"{seq_len} with <bos>); pass --calibration FILE with more text")
     rows = torch.tensor(ids[: n * body]).view(n, body)
     return torch.cat([torch.full((n, 1), ckpt.config.bos_token_id), rows], dim=1)
+
+
+def calibration_dtype() -> torch.dtype:
+    """The calibration forward's dtype: bfloat16 where the CPU has oneDNN's bf16 kernels, else float32.
+
+    One 2B-shaped layer over 8 × 2048 tokens (2 cores): the observation pass 45 → 25 s, the layer 58 → 31 s.
+    Held-out KL of gptq int4 g128 on the trained fixture (float32 → bfloat16 forward, four calibration
+    subsets: all 112 sequences, the first 111, the text from token 40, from 80): 9.00 → 9.82, 8.64 → 7.66,
+    9.42 → 8.98, 9.22 → 7.60 (× 1e-5): within the subsets' spread, no worse on average."""
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 class InputHessians:
@@ -105,20 +115,22 @@ class SequentialGPTQ:
     ``act_order`` (default): columns by decreasing Hessian diagonal with static groups
     (``quant/methods/gptq.py``), so the output keeps the plain group layout (no ``g_idx``). ``refine``
     (default ``ROUNDS``): GPTQ's scales refit to its codes in the Hessian's metric and its codes redone on
-    them, that many rounds (``quant/gptq_scales.py``); None: GPTQ's own."""
+    them, that many rounds (``quant/gptq_scales.py``); None: GPTQ's own. ``forward_dtype``: the calibration
+    forward's weights and activations (the Hessians are summed in float32 either way; the weights quantized
+    are the checkpoint's own); None: :func:`calibration_dtype`."""
 
     def __init__(self, ckpt: Checkpoint, specs: dict[str, QuantSpec], ids: torch.Tensor,
                  on_layer: Callable[[int], None] | None = None, scale_dtype: torch.dtype | None = None,
-                 act_order: bool = True, refine: int | None = ROUNDS) -> None:
+                 act_order: bool = True, refine: int | None = ROUNDS,
+                 forward_dtype: torch.dtype | None = None) -> None:
         cfg = ckpt.config
         self.scale_dtype, self.act_order, self.refine = scale_dtype, act_order, refine
-        self.model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, torch.float32, resident=False))
+        dtype = forward_dtype or calibration_dtype()
+        self.model = Gemma2Model(cfg, WeightStore(ckpt.tensors, cfg, dtype, resident=False))
         self.specs, self.on_layer = specs, on_layer
-        self.q_idx = torch.arange(ids.shape[1])
-        self.cos, self.sin = rope_cos_sin(self.q_idx[None].expand(ids.shape[0], -1), cfg, torch.float32)
         with torch.inference_mode():
-            normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32)
-            self.h = self.model.weights.embed(ids) * normalizer  # [S, T, H]
+            s = self.model.start(ids)
+        self.q_idx, self.cos, self.sin, self.h = s.q_idx, s.cos, s.sin, s.h  # h: [S, T, H]
         self.next_layer = 0
         self.results: dict[str, QResult] = {}
         self.last_factor: tuple[torch.Tensor, HessianFactor] | None = None
@@ -155,7 +167,7 @@ class SequentialGPTQ:
         self.results.clear()
         store, hessians = self.model.weights, InputHessians(self.specs)
         self.model.observer = hessians.observe
-        self.model._layer(i, self.h, self.cos, self.sin, self.q_idx, None, None, None)
+        self.model.observe_layer(i, self.h, self.cos, self.sin, self.q_idx)  # the inputs only: no output
         self.model.observer = None
         names = hessians.groups()
         for owner, group in names.items():

@@ -5,10 +5,13 @@ as a pure function of the weight ``W [out, in]`` and the Hessian ``H = 2/n · X�
 
 1. dead inputs (``H[j, j] == 0``) get ``H[j, j] = 1`` and ``W[:, j] = 0``;
 2. optional act-order: columns visited by decreasing ``diag(H)``;
-3. dampening ``H += damp · mean(diag H) · I``; ``U`` = upper Cholesky factor of ``H⁻¹``;
+3. dampening ``H += damp · mean(diag H) · I``; the paper's ``U`` = upper Cholesky factor of ``H⁻¹``;
 4. in blocks of ``block_size`` columns: quantize column ``i`` with its group's qparams,
    ``err = (w_i - ŵ_i) / U[i, i]``, ``W[:, i:] -= err ⊗ U[i, i:]`` inside the block, and one
    lazy ``W[:, end:] -= Err · U[block, end:]`` after it.
+
+Here step 4 runs on ``R = U⁻¹`` (``H = R Rᵀ``, one Cholesky factorization, no inverse) in the equivalent
+form of :func:`error_feedback`: the same codes up to float rounding (ties may flip).
 
 Group qparams (``qparams='mse'``, default: the least-squares grid search of ``quant/methods/mse.py``;
 ``'minmax'``: IST-DASLab's min/max quantizer, ``choose_qparams``): without act-order they are chosen
@@ -74,26 +77,11 @@ def accumulate_hessian(h: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int
     return h, n + m
 
 
-def lower_inverse(lower: Tensor, block: int = 1024) -> Tensor:
-    """``L⁻¹`` of a lower-triangular ``[n, n]``, a block of ``block`` columns at a time: each solves only
-    against its nonzero rows (≈ n³/6 multiply-adds, a third of ``solve_triangular(L, I)``)."""
-    n = lower.shape[0]
-    inv = torch.zeros_like(lower)
-    for c0 in range(0, n, block):
-        c1 = min(c0 + block, n)
-        rhs = torch.zeros(n - c0, c1 - c0, dtype=lower.dtype)
-        rhs[: c1 - c0].fill_diagonal_(1.0)                                   # [n - c0, c1 - c0]
-        inv[c0:, c0:c1] = torch.linalg.solve_triangular(lower[c0:, c0:], rhs, upper=False)
-    return inv
-
-
-def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)⁻¹``, float32 ``[in, in]``.
-
-    Without forming the inverse: with ``J`` the reversal, ``L = chol(J H J)`` gives
-    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)``, and ``J L⁻¹ J`` is upper with a positive diagonal, so it is ``U``. One
-    factorization and one triangular inverse (≈ n³/3 multiply-adds) instead of factor, invert, factor
-    (≈ n³; ``torch.cholesky_inverse`` alone took 72 s of 94 at ``in = 9216`` on 2 cores)."""
+def feedback_factor(h: Tensor, damp: float) -> Tensor:
+    """GPTQ's error-feedback matrix ``T`` float32 ``[in, in]``, unit upper-triangular, of the damped
+    ``H' = H + damp·mean(diag H)·I``: with ``J`` the reversal and ``L = chol(J H' J)``, ``R = J L J`` is upper
+    with ``H' = R Rᵀ``, and ``T = R · diag(R)⁻¹`` (column ``j`` over ``R_jj``). One factorization (≈ n³/6
+    multiply-adds), no inverse: see :func:`error_feedback` for why ``T`` is all GPTQ needs."""
     hr = h.float().flip(0, 1)                                                # J H J, a copy
     hr.diagonal().add_(damp * h.diagonal().float().mean())
     lower, info = torch.linalg.cholesky_ex(hr)
@@ -102,18 +90,22 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
             f"GPTQ Hessian is not positive definite (its last {int(info)} of {h.shape[0]} rows and columns); "
             f"increase damp (now {damp}) or calibrate on more tokens"
         )
-    return lower_inverse(lower).flip(0, 1)
+    del hr
+    r = lower.flip(0, 1)                                                     # R = J L J, upper
+    del lower
+    return r.div_(r.diagonal().clone())
 
 
 @dataclasses.dataclass(frozen=True)
 class HessianFactor:
     """What GPTQ derives from a Hessian alone, so weights with the same input (q/k/v; gate/up) share it:
     ``dead`` inputs (``diag H == 0``, bool ``[in]``), the visiting order ``perm [in]`` (act-order: by
-    decreasing ``diag H``) and ``u``, the upper inverse-Cholesky factor of the permuted, damped Hessian."""
+    decreasing ``diag H``) and ``t``, the error-feedback matrix of the permuted, damped Hessian
+    (:func:`feedback_factor`)."""
 
     dead: Tensor
     perm: Tensor
-    u: Tensor
+    t: Tensor
     act_order: bool
 
 
@@ -123,7 +115,7 @@ def factor_hessian(hessian: Tensor, damp: float = 0.01, act_order: bool = False)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0])
-    return HessianFactor(dead, perm, inverse_cholesky_upper(h[perm][:, perm], damp), act_order)
+    return HessianFactor(dead, perm, feedback_factor(h[perm][:, perm], damp), act_order)
 
 
 def _quant_col(w: Tensor, s: Tensor, z: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
@@ -171,50 +163,68 @@ class _Grid:
 @dataclasses.dataclass
 class LazyBlock:
     """The block of columns ``[i1, i2)`` GPTQ is working on, held transposed so that a column is a contiguous
-    row: ``w1t [i2 - i1, out]`` (its current columns), ``err1t`` (the scaled errors of the columns done so
-    far); ``w`` and ``u`` (the whole weight and inverse-Cholesky factor)."""
+    row: ``xt [i2 - i1, out]`` (each column plus the feedback of the columns done so far,
+    ``w_j + Σ_k d_k T_kj``: its value when its turn comes), ``dt`` (their original values, each replaced by
+    its ``d = w − ŵ`` once done); ``w`` (the whole weight, its columns before ``i1`` already their ``d``) and
+    ``t`` (the feedback matrix)."""
 
     w: Tensor
-    w1t: Tensor
-    err1t: Tensor
-    u: Tensor
+    t: Tensor
     i1: int
     i2: int
+    xt: Tensor
+    dt: Tensor
+
+    @classmethod
+    def start(cls, w: Tensor, t: Tensor, i1: int, i2: int) -> LazyBlock:
+        """The block with its columns at ``x_j = w_j + Σ_{k<i1} d_k T_kj``: one ``[b, i1] @ [i1, out]``
+        product."""
+        dt = w[:, i1:i2].T.contiguous()                                      # [b, out]
+        xt = dt.clone() if i1 == 0 else torch.addmm(dt, t[:i1, i1:i2].T, w[:, :i1].T)
+        return cls(w, t, i1, i2, xt, dt)
 
     def cols(self, i: int, g: int) -> Tensor:
-        """Current values of columns ``[i1+i, i1+i+g)`` ``[out, g]``: from ``w1t`` inside the block, ``w`` minus
-        pending updates after it."""
-        c1 = self.i1 + i + g
-        inside = self.w1t[i : min(c1, self.i2) - self.i1].T.contiguous()     # [out, ≤ g]
-        if c1 <= self.i2:
-            return inside
-        after = self.w[:, self.i2:c1] - self.err1t[:i].T @ self.u[self.i1 : self.i1 + i, self.i2:c1]
-        return torch.cat([inside, after], dim=1)
+        """Columns ``[c, c + g)`` (``c = i1 + i``, the next column to quantize) ``[out, g]`` as the paper's
+        loop holds them at that point (its group refit sees these): ``w + A · T_gg⁻¹`` with
+        ``A = Σ_{k<c} d_k T_k·`` the feedback they have so far and ``T_gg`` their diagonal block (``W₂ + D₁ H₁₂ H₂₂⁻¹``, GPTQ's optimal
+        update of the columns not yet done, with ``H = R Rᵀ`` and ``T = R · diag(R)⁻¹``)."""
+        c, c1 = self.i1 + i, self.i1 + i + g
+        k = min(c1, self.i2) - self.i1
+        orig = self.dt[i:k].T                                                 # [out, ≤ g], not done yet
+        acc = self.xt[i:k].T - orig
+        if c1 > self.i2:
+            done = torch.cat([self.w[:, : self.i1], self.dt[:i].T], dim=1)  # [out, c]: their d
+            orig = torch.cat([orig, self.w[:, self.i2:c1]], dim=1)
+            acc = torch.cat([acc, done @ self.t[:c, self.i2:c1]], dim=1)
+        tg = self.t[c:c1, c:c1]
+        return orig + torch.linalg.solve_triangular(tg, acc, upper=True, left=False, unitriangular=True)
 
 
 ColumnQuantizer = Callable[[int, Tensor, LazyBlock], tuple[Tensor, Tensor]]
 """(column index in visiting order, its current values ``[out]``, the block) → (codes, what they decode to)."""
 
 
-def error_feedback(w: Tensor, u: Tensor, block_size: int, column: ColumnQuantizer) -> Tensor:
-    """GPTQ's column loop with lazy block updates over ``w [out, in]`` (columns already in visiting order,
-    updated in place), ``u`` the upper inverse-Cholesky factor of the (permuted, damped) Hessian: each column is
-    quantized by ``column`` and its error pushed onto the columns not yet done. Returns the codes (float).
+def error_feedback(w: Tensor, t: Tensor, block_size: int, column: ColumnQuantizer) -> Tensor:
+    """GPTQ's column loop over ``w [out, in]`` (float32, columns already in visiting order; overwritten: each
+    column becomes its ``d = w − ŵ``), ``t`` from :func:`feedback_factor`: each column is quantized by
+    ``column`` at its current value ``x_i = w_i + Σ_{k<i} d_k T_ki``. Returns the codes (float).
 
-    The block is worked on transposed (``LazyBlock.w1t``): the per-column update then sweeps contiguous rows, the
-    same products and differences as on ``[out, block]`` columns, bit for bit (3× faster at ``out = 9216``)."""
+    Why ``T``: the paper's loop (module docstring, ``H⁻¹ = UᵀU``) sets ``x_i = w_i − Σ_{k<i} e_k U_ki`` with
+    ``e_k = (x_k − ŵ_k) / U_kk``, so ``W − Ŵ = E U``, ``E = (W − Ŵ) R`` with ``R = U⁻¹`` (``H = R Rᵀ``), and
+    ``x_i = ŵ_i + e_i U_ii`` with ``U_ii = 1 / R_ii`` gives ``x_i = w_i + Σ_{k<i} d_k R_ki / R_ii``. In a
+    block each done column feeds the rest of the block (a rank-1 update of ``LazyBlock.xt``); the columns before the
+    block feed it at its start, one product (``LazyBlock.start``)."""
     out_f, in_f = w.shape
-    qt = torch.zeros(in_f, out_f, dtype=w.dtype)                             # codes, transposed
+    qt = torch.empty(in_f, out_f, dtype=w.dtype)                             # codes, transposed
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        blk = LazyBlock(w, w[:, i1:i2].T.contiguous(), torch.zeros(i2 - i1, out_f), u, i1, i2)
-        u1 = u[i1:i2, i1:i2]
+        blk = LazyBlock.start(w, t, i1, i2)
+        t1 = t[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            qt[i1 + i], deq = column(i1 + i, blk.w1t[i], blk)
-            err = (blk.w1t[i] - deq) / u1[i, i]
-            blk.w1t[i:] -= u1[i, i:][:, None] * err[None, :]
-            blk.err1t[i] = err
-        w[:, i2:] -= blk.err1t.T @ u[i1:i2, i2:]
+            qt[i1 + i], deq = column(i1 + i, blk.xt[i], blk)
+            d = blk.dt[i].sub_(deq)
+            blk.xt[i + 1 :].addr_(t1[i, i + 1 :], d)
+        w[:, i1:i2] = blk.dt.T
     return qt.T.contiguous()
 
 
@@ -234,21 +244,21 @@ def gptq(
             raise ConversionError(f"gptq needs a Hessian of shape [{in_f}, {in_f}], got {got}; run calibration "
                                   f"first")
         factor = factor_hessian(hessian, damp, act_order)
-    elif tuple(factor.u.shape) != (in_f, in_f):
-        raise ConversionError(f"gptq: Hessian factor of shape {list(factor.u.shape)} for a weight with {in_f} "
-                              f"inputs; factor the Hessian of this weight's input")
+    elif tuple(factor.t.shape) != (in_f, in_f):
+        raise ConversionError(f"gptq: Hessian factor of shape {list(factor.t.shape)} for a weight with "
+                              f"{in_f} inputs; factor the Hessian of this weight's input")
     g = group_len(in_f, spec.group_size)
     wf = w.float().clone()
     wf[:, factor.dead] = 0.0
     grid = _Grid(wf, spec, g, scale_dtype or scale_dtype_for(w.dtype), qparams)
     perm = factor.perm
-    q = _gptq_loop(wf[:, perm], factor.u, perm, grid, block_size, refit=not factor.act_order)
+    q = _gptq_loop(wf[:, perm], factor.t, perm, grid, block_size, refit=not factor.act_order)
     codes = torch.empty_like(q)
     codes[:, perm] = q
     return codes.to(torch.int8), grid.scale, grid.zero
 
 
-def _gptq_loop(w: Tensor, u: Tensor, perm: Tensor, grid: _Grid, block_size: int, refit: bool) -> Tensor:
+def _gptq_loop(w: Tensor, t: Tensor, perm: Tensor, grid: _Grid, block_size: int, refit: bool) -> Tensor:
     """Column loop over permuted ``w [out, in]``; returns float codes in permuted order."""
     def column(c: int, col: Tensor, blk: LazyBlock) -> tuple[Tensor, Tensor]:
         j = int(perm[c]) // grid.g
@@ -256,4 +266,4 @@ def _gptq_loop(w: Tensor, u: Tensor, perm: Tensor, grid: _Grid, block_size: int,
             grid.refit(j, blk.cols(c - blk.i1, grid.g))
         return _quant_col(col, *grid.col(j), grid.spec.bits)
 
-    return error_feedback(w, u, block_size, column)
+    return error_feedback(w, t, block_size, column)
