@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from gemma2_convert.core.errors import TensorMismatchError, UnsupportedError
 
-BITS = (4, 8)
+BITS = (4, 5, 8)
+"""Code widths; 5 bits is written only as GGUF Q5_0 / Q5_1 (the ``--bpw`` allocation's GPTQ,
+``pipeline/typed_gptq.py``): the CLI's ``--bits`` offers 4 and 8."""
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "mse", "hqq", "gptq", "autoround")
 """The registered methods' names (``quant.methods.QUANTIZERS``, which imports this module, so it cannot be read
@@ -38,7 +40,7 @@ class QuantSpec:
     """
 
     bits: int
-    """Code width: 8 or 4."""
+    """Code width: 8, 5 (GGUF Q5_0 / Q5_1 only) or 4."""
     group_size: int | None
     """Input columns sharing one scale: 32, 64, 128 or 256; None = one scale per output row."""
     symmetric: bool = True

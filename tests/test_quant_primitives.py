@@ -43,7 +43,7 @@ def weights(out_f: int = 12, in_f: int = 128, seed: int = 0, dtype: torch.dtype 
 
 
 def test_spec_rejects_bad_values_with_the_choices() -> None:
-    with pytest.raises(InvalidQuantSpecError, match=r"bits=3 is not supported; choose one of \[4, 8\]"):
+    with pytest.raises(InvalidQuantSpecError, match=r"bits=3 is not supported; choose one of \[4, 5, 8\]"):
         QuantSpec(3, 32)
     with pytest.raises(InvalidQuantSpecError, match=r"group_size=48 .* \[32, 64, 128, 256\]"):
         QuantSpec(4, 48)

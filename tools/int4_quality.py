@@ -155,9 +155,9 @@ def render_gguf(gg: list[tuple], tokens: int) -> str:
               "tokenizer and norms as the writer plans them and fills the rest exactly (a multiple-choice "
               "knapsack over the measured errors of 12 GGUF types per tensor, `quant/allocate.py`). With "
               "`--method gptq` every "
-              "allocated Q4_K/Q5_K/Q6_K weight keeps llama.cpp's scales and takes GPTQ's codes "
-              "(`quant/grid_gptq.py`), Q4_0/Q4_1/Q8_0 take our GPTQ's own; the other types use llama.cpp's "
-              "quantizer with our importance.", ""]
+              "allocated Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS/IQ4_NL weight keeps llama.cpp's scales and takes GPTQ's "
+              "codes (`quant/grid_gptq.py`), Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 take our GPTQ's own scales and codes "
+              "(`pipeline/typed_gptq.py`); the tied embedding uses llama.cpp's quantizer.", ""]
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ For every matrix (the decoder's and the tied embedding, which is also the output
    unit of that tensor's error;
 3. error = sensitivity × weight error, and ``quant/allocate.py`` picks the types minimizing the summed error
    within the byte budget.
+
+The tied embedding (also the output head) gets unit importance. On the trained fixture it always gets Q8_0,
+and that choice is measured right (llama.cpp's KL, ``--method gptq`` at Q4_0's and Q4_K_M's sizes): capped at
+Q6_K, the bytes spent on the decoder instead, KL rises 2.3–2.6×, close to the estimate; weighting it by the
+head's input (mean squared final-normed state) moves its estimates by ≤ 20 % and changes no choice.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ The allocation (``pipeline/allocate.py``) picks a GGUF type per tensor; this eng
 decoder layer by layer like :class:`SequentialGPTQ` (each layer's Hessians from activations through the already
 quantized layers) and writes each weight's blocks:
 
-* Q4_K / Q5_K / Q6_K: llama.cpp's scales (its imatrix search with our activation importance), GPTQ's codes on
-  that grid (``quant/grid_gptq.py``);
-* Q4_0 / Q4_1 / Q8_0: our GPTQ's own fp16 scales and codes (``quant/methods/gptq.py``, refined by
-  ``quant/gptq_scales.py``), packed as such;
-* any other type (IQ4, Q2_K/Q3_K, Q5_0/Q5_1): llama.cpp's quantizer with the importance, as before.
+* Q2_K / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_XS / IQ4_NL: llama.cpp's scales (its imatrix search with our
+  activation importance), GPTQ's codes on that grid (``quant/grid_gptq.py``);
+* Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: our GPTQ's own fp16 scales and codes (``quant/methods/gptq.py``, refined
+  by ``quant/gptq_scales.py``), packed as such;
+* any other type: llama.cpp's quantizer with the importance.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from quant.methods import quantize_weight
 from quant.spec import QuantSpec
 
 OWN_CODES = {"Q4_0": QuantSpec(4, 32, True, "gptq"), "Q4_1": QuantSpec(4, 32, False, "gptq"),
+             "Q5_0": QuantSpec(5, 32, True, "gptq"), "Q5_1": QuantSpec(5, 32, False, "gptq"),
              "Q8_0": QuantSpec(8, 32, True, "gptq")}
 """The legacy types our GPTQ writes exactly (fp16 scale per 32, codes kept as GPTQ chose them)."""
 

@@ -26,21 +26,22 @@ from gemma2_convert.formats.options import ConvertOptions
 from gemma2_convert.formats.registry import Checkpoint, WriteJob
 from quant import jit
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
-from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q8_0
+from quant.gguf_legacy import pack_q4_0, pack_q4_1, pack_q5_0, pack_q5_1, pack_q8_0
 from quant.metrics import BLOCK_ELEMENTS, error_sums, rel_rmse_from_sums
 from quant.policy import EMBEDDING_NAMES
 from quant.spec import QuantSpec
 
 K_QUANTIZATION = "gemma2_convert.quantization"
-FILE_TYPE_KEYS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
+FILE_TYPE_KEYS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q5_0": "q5_0",
+                  "Q5_1": "q5_1", "Q5_K": "q5_k"}
 
 
 def gguf_type_for(spec: QuantSpec) -> str:
     if spec.bits == 8:
         return "Q8_0"
     if spec.group_size == 32:
-        return "Q4_0" if spec.symmetric else "Q4_1"
-    return "Q4_K"
+        return {4: ("Q4_0", "Q4_1"), 5: ("Q5_0", "Q5_1")}[spec.bits][0 if spec.symmetric else 1]
+    return "Q4_K" if spec.bits == 4 else "Q5_K"
 
 
 def keep_type(dtype: torch.dtype) -> str:
@@ -52,24 +53,31 @@ def blocks(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, qtype: str,
            keep_codes: bool = False) -> torch.Tensor:
     """Signed codes ``q [rows, cols]`` (int8), fp16 scales ``s [rows, cols/32]`` and zeros → block bytes.
 
-    Q4_1 stores ``x = d·u + m`` with u ∈ [0, 15]: ``d = s``, ``m = -s·(z + 8)``; m is rounded to fp16,
-    so the codes are re-rounded against the stored d and m (optimal per weight given them) — unless
-    ``keep_codes``: GPTQ's codes carry the error feedback of earlier columns, and re-rounding the
-    original weights would undo it, so they are kept (``u = q + 8``)."""
+    Q4_0 / Q5_0 store ``x = d·(u − h)`` with ``h = 8`` / ``16``: ``d = s``, ``u = q + h``. Q4_1 / Q5_1 store
+    ``x = d·u + m`` with u ∈ [0, 2h − 1]: ``d = s``, ``m = -s·(z + h)``; m is rounded to fp16, so the codes
+    are re-rounded against the stored d and m (optimal per weight given them) — unless ``keep_codes``: GPTQ's
+    codes carry the error feedback of earlier columns, and re-rounding the original weights would undo it, so
+    they are kept (``u = q + h``)."""
     rows, cols = q.shape
     qb = q.reshape(rows, cols // 32, 32)  # [rows, nb, 32]
     d = s.to(torch.float16)  # [rows, nb]
     if qtype == "Q8_0":
         return pack_q8_0(d, qb)
-    if qtype == "Q4_0":
-        return pack_q4_0(d, (qb.to(torch.int16) + 8).to(torch.uint8))
-    m = (-d.float() * (z.float() + 8)).to(torch.float16)  # [rows, nb]
+    h = _HALF[qtype]
+    if qtype in ("Q4_0", "Q5_0"):
+        return _PACK[qtype](d, (qb.to(torch.int16) + h).to(torch.uint8))
+    m = (-d.float() * (z.float() + h)).to(torch.float16)  # [rows, nb]
     if keep_codes:
-        return pack_q4_1(d, m, (qb.to(torch.int16) + 8).to(torch.uint8))
+        return _PACK[qtype](d, m, (qb.to(torch.int16) + h).to(torch.uint8))
     x = w.float().reshape(rows, cols // 32, 32)
-    u = torch.round((x - m.float()[..., None]) / d.float().clamp_min(1e-30)[..., None]).clamp(0, 15)
+    u = torch.round((x - m.float()[..., None]) / d.float().clamp_min(1e-30)[..., None]).clamp(0, 2 * h - 1)
     u = torch.where(d.float()[..., None] > 0, u, torch.zeros_like(u))
-    return pack_q4_1(d, m, u.to(torch.uint8))
+    return _PACK[qtype](d, m, u.to(torch.uint8))
+
+
+_HALF = {"Q4_0": 8, "Q4_1": 8, "Q5_0": 16, "Q5_1": 16}
+"""Half the code range of the 32-element types :func:`blocks` writes from signed codes."""
+_PACK = {"Q4_0": pack_q4_0, "Q4_1": pack_q4_1, "Q5_0": pack_q5_0, "Q5_1": pack_q5_1}
 
 
 def make_planner(specs: dict[str, QuantSpec | None], mq, embedding: str = "keep",
@@ -117,7 +125,7 @@ def _encoder(hf: str, spec: QuantSpec, qtype: str, mq, fold: float) -> Callable[
     ``hqq`` / ``gptq`` write their own fp16 scales and codes."""
 
     def encode(w: torch.Tensor) -> torch.Tensor:  # w: float32 [rows, cols], query fold applied
-        if qtype == "Q4_K" or spec.method in ("rtn", "mse"):
+        if qtype in ("Q4_K", "Q5_K") or spec.method in ("rtn", "mse"):
             qw = mq.importance.get(hf)
             if spec.method == "mse" and qw is None and getattr(mq, "imatrix", None) is None:
                 qw = torch.ones(w.shape[1])  # with an imatrix file, a weight it lacks gets the reference path
