@@ -25,18 +25,13 @@ MARK = "autoround"
 CALIBRATION = harness.REPO / "tests" / "fixtures" / "calibration.txt"
 
 
-def _flags(s: AutoRoundSettings) -> list[str]:
-    return ["--autoround-steps", str(s.steps), "--autoround-batch", str(s.batch), "--autoround-tokens", str(s.tokens),
-            "--autoround-init", s.init]
-
-
 def cases(src: Path, f32: Path, work: Path, threads: int, tools: Path, quick: bool,
           full_settings: bool = True) -> dict[str, Case]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     common = ["--format", "gguf", "--group-size", "32", "--calibration", str(CALIBRATION), "--no-verify", "--force",
               "--quiet", "--json"]
     methods = {"gptq": ["--method", "gptq"], f"autoround fast ({FAST.steps} steps)": ["--method", "autoround",
-                                                                                       *_flags(FAST)]}
+                                                                                       "--autoround-fast"]}
     if not quick and full_settings:
         methods[f"autoround default ({AutoRoundSettings().steps} steps)"] = ["--method", "autoround"]
         methods["autoround default + equalize"] = ["--method", "autoround", "--equalize"]

@@ -7,23 +7,21 @@ from collections.abc import Callable
 import click
 
 from gemma2_convert.core.units import parse_size
-
 from gemma2_convert.pipeline.autoround import FAST, INITS, AutoRoundSettings
 
 DEFAULT = AutoRoundSettings()
 
 
 def int4_options(fn: Callable) -> Callable:
-    """``--equalize``, ``--bpw``, ``--target-size``, ``--autoround-steps/-batch/-tokens/-lr/-init``."""
+    """``--equalize``, ``--bpw``, ``--target-size``, ``--autoround-steps/-batch/-tokens/-lr/-init/-fast``."""
     options = [
         click.option("--equalize", is_flag=True,
                      help="Fold activation-aware (AWQ) per-channel scales, measured on the calibration "
                           "text, into the pre-norms, up_proj and v_proj before quantizing: the float model is unchanged "
                           "(exact fold), the quantized one loses less. Works with every method and format."),
         click.option("--autoround-steps", type=click.IntRange(1), default=DEFAULT.steps, show_default=True,
-                     help=f"--method autoround: signed-gradient steps per decoder layer ({FAST.steps} with "
-                          f"--autoround-batch {FAST.batch} --autoround-tokens {FAST.tokens}: the faster "
-                          "setting, for 2B and up: the default's steps take hours a layer there on 2 cores)."),
+                     help="--method autoround: signed-gradient steps per decoder layer (for 2B and up see "
+                          "--autoround-fast: the default's steps take hours a layer there on 2 cores)."),
         click.option("--autoround-batch", type=click.IntRange(1), default=DEFAULT.batch, show_default=True,
                      help="--method autoround: calibration sequences per step."),
         click.option("--autoround-tokens", type=click.IntRange(1), default=DEFAULT.tokens, show_default=True,
@@ -40,6 +38,11 @@ def int4_options(fn: Callable) -> Callable:
         click.option("--autoround-init", type=click.Choice(INITS), default=DEFAULT.init, show_default=True,
                      help="--method autoround: start from GPTQ's codes and scales (then refined), or "
                           "from round-to-nearest on mse's scales (SignRound's start)."),
+        click.option("--autoround-fast", is_flag=True,
+                     help=f"--method autoround: the faster setting, for 2B and up (GPTQ's start on "
+                          f"{FAST.tokens}-token prefixes, {FAST.steps} bf16 steps of {FAST.batch} sequences "
+                          f"judged on {FAST.judge}, the target on the quantized stream); the other "
+                          "--autoround-* options are then ignored."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -47,8 +50,9 @@ def int4_options(fn: Callable) -> Callable:
 
 
 def autoround_settings(steps: int, batch: int, tokens: int, lr: float | None,
-                       init: str = DEFAULT.init) -> AutoRoundSettings:
-    return AutoRoundSettings(steps=steps, lr=lr, batch=batch, tokens=tokens, init=init)
+                       init: str = DEFAULT.init, fast: bool = False) -> AutoRoundSettings:
+    """The settings the options ask for (``FAST`` with ``--autoround-fast``)."""
+    return FAST if fast else AutoRoundSettings(steps=steps, lr=lr, batch=batch, tokens=tokens, init=init)
 
 
 def target_bytes(value: str | None) -> int | None:

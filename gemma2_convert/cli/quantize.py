@@ -9,7 +9,11 @@ import click
 from gemma2_convert import __version__
 from gemma2_convert.cli.console import RichProgress
 from gemma2_convert.cli.errors import GuardedCommand, quick_exit
-from gemma2_convert.cli.int4_options import autoround_settings, int4_options, target_bytes
+from gemma2_convert.cli.int4_options import (
+    autoround_settings,
+    int4_options,
+    target_bytes,
+)
 from gemma2_convert.cli.options import imatrix_option, split_options
 from gemma2_convert.cli.render import print_quantization
 from gemma2_convert.pipeline.quantize import (
@@ -76,7 +80,7 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
         split_max_size: str | None, split_max_tensors: int | None, adapters: tuple[Path, ...], equalize: bool,
         bpw: float | None, target_size: str | None,
         autoround_steps: int, autoround_batch: int, autoround_tokens: int, autoround_lr: float | None,
-        autoround_init: str, verify_output: bool,
+        autoround_init: str, autoround_fast: bool, verify_output: bool,
         as_json: bool,
         force: bool, quiet: bool, allow_nonfinite: bool, debug: bool) -> None:
     """Quantize the Gemma 2 checkpoint SRC (HF dir, original checkpoint, safetensors, GGUF F32/F16/BF16)
@@ -98,7 +102,7 @@ def cli(src: Path, out: Path, bits: str, group_size: str, scheme: str, method: s
                            adapters=adapters, equalize=equalize, bpw=bpw,
                            target_size=target_bytes(target_size),
                            autoround=autoround_settings(autoround_steps, autoround_batch, autoround_tokens,
-                                                        autoround_lr, autoround_init))
+                                                        autoround_lr, autoround_init, autoround_fast))
     with RichProgress(quiet or as_json) as progress:
         res = quantize_checkpoint(src, out, opts, progress)
     print_quantization(res, as_json)

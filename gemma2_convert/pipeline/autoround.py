@@ -3,10 +3,12 @@
 For layer i (``quant/methods/autoround.py`` holds the math): the target is the unquantized layer's output
 on the unquantized model's activations; the input is the activations that went through the already
 *quantized* layers 0…i-1 (so each layer also corrects the error of those before it, as AutoRound's
-``enable_quanted_input`` does). Every matrix of the layer gets rounding offsets and scale multipliers,
-trained together by signed gradient descent on the layer's mean squared output error over random
-batches of calibration sequences. Only one layer's weights, parameters and two activation streams are
-held at a time, so memory stays at one layer plus ``3 × S × T × H`` floats (a 27B fits in 24 GB).
+``enable_quanted_input`` does; ``target='q'``: the unquantized layer on the quantized activations, GPTQ's
+objective). Every matrix of the layer gets rounding offsets (and, from mse's start, scale multipliers),
+trained together by signed gradient descent on the layer's mean squared output error over random batches
+of calibration sequences, each result judged on fixed sequences (the best kept). Only one layer's weights,
+parameters and two activation streams are held at a time, so memory stays at one layer plus
+``3 × S × T × H`` floats (a 27B fits in 24 GB).
 Layers must be requested in order (the writers stream tensors layer by layer).
 """
 
@@ -21,8 +23,16 @@ import torch
 from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats.registry import Checkpoint
 from gemma2_convert.pipeline.calibrate import LAYER_RE, InputHessians, QResult
+from quant.gptq_scales import ROUNDS, refine
 from quant.methods import quantize_weight
-from quant.methods.autoround import Rounding, export, fake_quant, optimize, start, start_from
+from quant.methods.autoround import (
+    Rounding,
+    export,
+    fake_quant,
+    optimize,
+    start,
+    start_from,
+)
 from quant.methods.gptq import factor_hessian
 from quant.qparams import dequantize, scale_dtype_for
 from quant.spec import QuantSpec
@@ -40,33 +50,50 @@ class AutoRoundSettings:
     lr: float | None = None
     """Step size; None = 1 / steps (SignRound's default), decayed linearly."""
     batch: int = 8
-    """Calibration sequences per step, drawn at random from all of them (the best step is judged on its batch:
-    on the trained fixture 2 sequences a step measured worse than mse, 8 better than gptq, both from mse)."""
+    """Calibration sequences per step, drawn at random from all of them (the gradient's batch)."""
     tokens: int = 512
     """Leading tokens of each sequence a step uses (a causal prefix: its outputs are exact)."""
     init: str = "gptq"
-    """Starting point: 'gptq' (GPTQ's codes and scales, act-order, on this layer's calibration inputs,
-    then refined; the best loss seen is kept, so a layer never ends above GPTQ's calibration error) or
-    'mse' (round-to-nearest on mse's scales, SignRound's). Trained fixture, int4 g128, 111 sequences,
-    25 steps from gptq: held-out KL 8.45e-5 (= gptq's: no step beat its start; lr 0.005: 1.26e-4) vs
-    1.65e-4 from mse (100 steps, 8 sequences)."""
+    """Starting point: 'gptq' (GPTQ's codes, act-order, on this layer's calibration inputs, with its scales
+    refit to the codes as ``SequentialGPTQ`` does; the scales then stay, the rounding is refined; the best
+    judged result is kept, so a layer never ends above that start on the judged sequences) or 'mse'
+    (round-to-nearest on mse's scales, both learned: SignRound's)."""
+
+    judge: int = 8
+    """Calibration sequences, fixed for the layer, on which each step's result is scored (the best kept);
+    0 = each step's own random batch scores it."""
+    target: str = "fp"
+    """'fp': the unquantized layer's output on the unquantized model's activations (each layer also corrects
+    the error of those before it); 'q': on the quantized model's activations (GPTQ's objective; one
+    forward a layer fewer)."""
+    bf16: bool = False
+    """The steps' and the judge's forwards (and the steps' backward) in bfloat16 (autocast; oneDNN's bf16
+    kernels, ≈ 2.4× float32's products on the 2B's shapes); the streams between layers stay float32."""
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"autoround target={self.target!r}; choose one of {list(TARGETS)}")
         if self.init not in INITS:
             raise ValueError(f"autoround init={self.init!r}; choose one of {list(INITS)}")
 
 
 INITS = ("mse", "gptq")
+TARGETS = ("fp", "q")
+GPTQ_LR = 0.002
+"""The step size from GPTQ's start (``lr=None``). Measured on the trained fixture's layers (30 steps, judged
+on 8 fixed sequences): 1 / steps flips ≈ 7 % of the codes in the first step and the layer's error rises 3–11×;
+0.002 lowers it (by up to 11 %)."""
 
 
-FAST = AutoRoundSettings(steps=4, batch=2, tokens=256, init="gptq")
-"""The documented faster setting (``--autoround-steps 4 --autoround-batch 2 --autoround-tokens 256``):
-GPTQ on 8 × 256 calibration tokens, then 4 steps on 2 × 256. Sized for the 2B's ≤ 10 min on 2 cores
-(≈ 23 s a layer): a 2B layer has 78 M weights; 3 forwards over 2048 tokens ≈ 1 TFLOP, the Hessians (one per
-input, ``InputHessians``) ≈ 0.25 TFLOP, the factorizations (once per input) ≈ 0.55 TFLOP, GPTQ's lazy updates
-≈ 0.3 TFLOP, 4 steps ≈ 1 TFLOP with the fake quantization of 78 M weights: ≈ 3 TFLOP a layer, so 23 s
-needs ≈ 130 GFLOP/s of float32 sustained. Timed by ``python -m bench autoround --size 2b``
-(docs/QUANTIZATION.md, "Quantization time at the 2B shape")."""
+FAST = AutoRoundSettings(steps=4, batch=2, tokens=256, init="gptq", judge=2, target="q", bf16=True)
+"""The documented faster setting (``--autoround-fast``): GPTQ (with the scale refit) on 8 × 256 calibration
+tokens, then 4 bfloat16 steps of 2 × 256 tokens, each result judged on 2 fixed sequences, against the
+unquantized layer on the quantized stream (the observation forward's own output: no unquantized stream).
+Its quality is gptq's, not better (4 steps of 0.002 flip few codes): trained fixture (CT int4 g128, held-out
+KL, in-process) gptq 9.03e-5, this 9.14e-5 (judged on 8 sequences: 9.00e-5); a second model not tuned on
+1.528e-5 vs 1.533e-5; the default setting (100 steps) 9.27e-5. Its time at a 2B layer (int4 g32, quiet,
+2 cores): ≈ 95 s, of which the scale refit ≈ 45 s, GPTQ's factor and column loop ≈ 18 s, the steps ≈ 12 s
+(py-spy); ``python -m bench autoround --size 2b`` times it (docs/BENCHMARKS.md)."""
 
 
 class SequentialAutoRound:
@@ -83,7 +110,7 @@ class SequentialAutoRound:
         self.cos, self.sin = rope_cos_sin(self.q_idx[None].expand(ids.shape[0], -1), cfg, torch.float32)
         with torch.no_grad():
             self.hq = self.model.weights.embed(ids) * torch.tensor(cfg.hidden_size ** 0.5)  # [S, T, H]
-        self.hf = self.hq.clone()
+        self.hf = self.hq.clone() if settings.target == "fp" else None
         self.next_layer, self.results = 0, {}
         self.losses: list[tuple[float, float]] = []
         self.t0 = time.perf_counter()
@@ -108,40 +135,67 @@ class SequentialAutoRound:
         store, st = self.model.weights, self.settings
         names = [n for n in self.specs if n.startswith(f"model.layers.{i}.")]
         with torch.no_grad():
-            target = self._forward(i, self.hf, slice(None), self.hf.shape[1])   # [S, T, H], unquantized
-            rounds = self._gptq_starts(i, names) if st.init == "gptq" else {
-                n: start(store.get(n), self.specs[n], torch.float32) for n in names}
+            rounds, observed = self._starts(i, names)      # observed: the unquantized layer on hq [S, T, H]
+            target = observed if self.hf is None else self._forward(i, self.hf, slice(None), self.hf.shape[1])
         t = min(st.tokens, self.hq.shape[1])
         n_seq = self.hq.shape[0]
+        fixed = torch.randperm(n_seq, generator=self.gen)[: st.judge]
+
+        def error(rows: torch.Tensor, bf16: bool) -> torch.Tensor:
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = self._forward(i, self.hq[rows, :t], rows, t)
+            return (out.float() - target[rows, :t]).square().mean()
 
         def loss(k: int) -> torch.Tensor:
-            rows = torch.randperm(n_seq, generator=self.gen)[: st.batch]
             for n, r in rounds.items():
                 store.replace(n, fake_quant(r))
-            out = self._forward(i, self.hq[rows, :t], rows, t)
-            return (out - target[rows, :t]).square().mean()
+            return error(torch.randperm(n_seq, generator=self.gen)[: st.batch], st.bf16)
+
+        def judge(k: int) -> float:
+            if k == st.steps:
+                for n, r in rounds.items():
+                    store.replace(n, fake_quant(r))
+            return float(error(fixed, st.bf16))
 
         with torch.enable_grad():
-            self.losses.append(optimize(list(rounds.values()), loss, st.steps, st.lr))
+            lr = GPTQ_LR if st.lr is None and st.init == "gptq" else st.lr
+            self.losses.append(optimize(list(rounds.values()), loss, st.steps, lr,
+                                        judge if st.judge else None))
         self._finish_layer(i, names, rounds, target)
 
-    @torch.no_grad()
-    def _gptq_starts(self, i: int, names: list[str]) -> dict[str, Rounding]:
-        """GPTQ (act-order, static groups) on this layer's inputs through the quantized layers, as starts;
-        weights sharing an input share its Hessian and factor."""
+    def _starts(self, i: int, names: list[str]) -> tuple[dict[str, Rounding], torch.Tensor | None]:
+        """The starting roundings, and the unquantized layer's output on the quantized stream ``hq``."""
+        if self.settings.init == "gptq":
+            return self._gptq_starts(i, names)
+        store = self.model.weights
+        rounds = {n: start(store.get(n), self.specs[n], torch.float32) for n in names}
+        return rounds, self._forward(i, self.hq, slice(None), self.hq.shape[1])
+
+    def _gptq_starts(self, i: int, names: list[str]) -> tuple[dict[str, Rounding], torch.Tensor | None]:
+        """GPTQ (act-order, static groups, scales refit to the codes as ``SequentialGPTQ`` does) on this
+        layer's inputs through the quantized layers, as starts; weights sharing an input share its Hessian
+        and factor. Also returns the observation forward's output (the unquantized layer on ``hq``) when
+        the target needs it (``target='q'``), else None."""
         hessians = InputHessians(names)
         self.model.observer = hessians.observe
-        self._forward(i, self.hq, slice(None), self.hq.shape[1])
+        if self.hf is None:  # target 'q': this output is the target
+            observed = self._forward(i, self.hq, slice(None), self.hq.shape[1])
+        else:  # the inputs only (no down_proj product, no output)
+            observed = None
+            self.model.observe_layer(i, self.hq, self.cos, self.sin, self.q_idx)
         self.model.observer = None
         out = {}
         for owner, group in hessians.groups().items():
-            factor = factor_hessian(hessians.take(owner), act_order=True)
+            h = hessians.take(owner)
+            factor = factor_hessian(h, act_order=True)
             for n in group:
                 w, spec = self.model.weights.get(n), self.specs[n]
                 sd = self.scale_dtype or scale_dtype_for(self.model.weights.tensors[n].dtype)
-                q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=n, factor=factor, scale_dtype=sd)
-                out[n] = start_from(w, q, s, z, spec.bits)
-        return out
+                q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=n, factor=factor,
+                                          scale_dtype=sd)
+                q, s = refine(w, q, s, z, h, spec.bits, factor, ROUNDS)
+                out[n] = start_from(w, q, s, z, spec.bits, learn_scale=False)
+        return out, observed
 
     @torch.no_grad()
     def _finish_layer(self, i: int, names: list[str], rounds: dict[str, Rounding],
@@ -153,7 +207,7 @@ class SequentialAutoRound:
             self.results[n] = (q, s, z)
             store.replace(n, dequantize(q, s, z))  # the next layers see this layer quantized
         self.hq = self._forward(i, self.hq, slice(None), self.hq.shape[1])
-        self.hf = target
+        self.hf = None if self.hf is None else target
         for n in names:
             store.replace(n, None)
         self.next_layer = i + 1

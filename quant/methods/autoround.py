@@ -53,7 +53,8 @@ class Rounding:
     centre: Tensor | None = None  # [out, G, g] float32: v stays within centre ± 0.5 (None: 0)
 
     def params(self) -> list[Tensor]:
-        return [self.v, self.m]
+        """The learned tensors: ``v``, and ``m`` unless the scales are fixed (``start_from``)."""
+        return [self.v, self.m] if self.m.requires_grad else [self.v]
 
 
 def start(w: Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None = None) -> Rounding:
@@ -67,63 +68,114 @@ def start(w: Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None = None) ->
     return Rounding(wf, s.float()[..., None], zero, spec.bits, v, m)
 
 
-def start_from(w: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Rounding:
-    """Start at given codes ``q [out, in]`` and qparams ``scale``/``zero [out, G]`` (e.g. GPTQ's): ``v``
-    is the offset that reproduces ``q`` exactly (``round(W/s + v) = q − z``); the search moves it by
-    ± 0.5 at most."""
+def start_from(w: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
+               learn_scale: bool = True) -> Rounding:
+    """Start at given codes ``q [out, in]`` and qparams ``scale``/``zero [out, G]`` (e.g. GPTQ's): ``v`` is
+    the integer ``(q − z) − round(W/s)`` (how far the codes lie from round-to-nearest), so ``W/s + v``
+    reproduces ``q − z`` and keeps round-to-nearest's fraction: its distance to a rounding boundary, from which the
+    signed steps flip the codes nearest it first. (Centred on the codes themselves instead, every offset sits
+    half a step from its boundary and the steps flip them all at once.) The search moves ``v`` by ± 0.5 at
+    most. Where float rounding would turn ``W/s + v`` into another code, ``v`` centres on the code.
+    ``learn_scale=False`` keeps the scales as given (``m`` fixed at 1), e.g. scales already fitted to the
+    codes by least squares, which a signed step of every multiplier at once only moves off their optimum."""
     out_f, n_groups = scale.shape
     wf = w.float().reshape(out_f, n_groups, -1)                              # [out, G, g]
-    s0 = scale.float()[..., None]                                            # [out, G, 1]
     z = None if zero is None else zero.float()[..., None]
     step = q.float().reshape(out_f, n_groups, -1) - (0.0 if z is None else z)  # [out, G, g], integers
-    centre = torch.where(s0 > 0, step - wf / s0.clamp_min(1e-30), torch.zeros_like(wf))
+    s0 = scale.float()[..., None]                                            # [out, G, 1]
     s0 = torch.where(s0 > 0, s0, torch.ones_like(s0))  # an all-zero group: codes 0 at any scale
+    u = wf / s0
+    centre = step - torch.round(u)
+    centre = torch.where(torch.round(u + centre) == step, centre, step - u)
     v = centre.clone().requires_grad_(True)
-    m = torch.ones(out_f, n_groups, 1, requires_grad=True)
+    m = torch.ones(out_f, n_groups, 1, requires_grad=learn_scale)
     return Rounding(wf, s0, z, bits, v, m, centre)
 
 
+class _FakeQuant(torch.autograd.Function):
+    """``Ŵ = (clamp(round(w/s + v) + z) − z) · s`` with ``s = s0 · m``, and its straight-through gradients in
+    one pass each way (instead of autograd over eight elementwise ops on the whole weight). With ``c = q − z``
+    and ``in`` = the rounded value lies inside ``[qmin, qmax]`` (clamp's gradient):
+    ``∂Ŵ/∂v = in · s``, ``∂Ŵ/∂m = s0 · (c − in · w/s)``. Only ``c`` and ``in`` are kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, m: Tensor, r: Rounding) -> Tensor:                # type: ignore[override]
+        qmin, qmax = qrange(r.bits)
+        s = r.s0 * m                                                         # [out, G, 1]
+        c = torch.div(r.w, s).add_(v).round_()                               # [out, G, g]
+        if r.zero is not None:
+            c.add_(r.zero)
+        inside = (c >= qmin).logical_and_(c <= qmax)                         # [out, G, g] bool
+        c.clamp_(qmin, qmax)
+        if r.zero is not None:
+            c.sub_(r.zero)
+        ctx.r, ctx.s, ctx.c, ctx.inside = r, s, c, inside
+        return (c * s).flatten(1)                                            # [out, in]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:            # type: ignore[override]
+        r, s, c, inside = ctx.r, ctx.s, ctx.c, ctx.inside
+        g = grad.reshape(c.shape)                                            # [out, G, g]
+        gm = None
+        if ctx.needs_input_grad[1]:
+            gm = (g * c).sum(-1, keepdim=True)                               # [out, G, 1]
+        gv = c.copy_(g).mul_(inside)                                         # c is not needed any more
+        if gm is not None:
+            gm = (gm - (gv * r.w).sum(-1, keepdim=True) / s) * r.s0
+        ctx.c = ctx.inside = None
+        return gv.mul_(s), gm, None
+
+
 def fake_quant(r: Rounding) -> Tensor:
-    """Differentiable ``Ŵ [out, in]`` (straight-through rounding)."""
-    qmin, qmax = qrange(r.bits)
-    s = r.s0 * r.m                                                           # [out, G, 1]
-    z = 0.0 if r.zero is None else r.zero
-    x = r.w / s + r.v
-    x = x + (torch.round(x) - x).detach()
-    q = torch.clamp(x + z, qmin, qmax)
-    return ((q - z) * s).flatten(1)                                          # [out, in]
+    """Differentiable ``Ŵ [out, in]`` (straight-through rounding, :class:`_FakeQuant`)."""
+    return _FakeQuant.apply(r.v, r.m, r)
 
 
 @torch.no_grad()
 def signed_step(params: Sequence[Rounding], lr: float) -> None:
-    """``p ← p − lr · sign(grad)`` and clamp to the allowed ranges; clears the gradients."""
+    """``p ← p − lr · sign(grad)`` and clamp to the allowed ranges, in place; clears the gradients."""
     for r in params:
         for p in r.params():
             if p.grad is not None:
-                p.sub_(lr * torch.sign(p.grad))
+                p.sub_(p.grad.sign_(), alpha=lr)
                 p.grad = None
         if r.centre is None:
             r.v.clamp_(-0.5, 0.5)
-        else:
-            r.v.copy_(torch.minimum(torch.maximum(r.v, r.centre - 0.5), r.centre + 0.5))
+        else:  # v − centre within ± 0.5
+            r.v.sub_(r.centre).clamp_(-0.5, 0.5).add_(r.centre)
         r.m.clamp_(M_LO, M_HI)
 
 
 def optimize(params: Sequence[Rounding], loss_fn: Callable[[int], Tensor], steps: int = STEPS,
-             lr: float | None = LR) -> tuple[float, float]:
-    """Minimize ``loss_fn(step)`` over the roundings; the best ``(v, m)`` seen are kept in place.
-    Returns (loss at the start, best loss)."""
+             lr: float | None = LR, judge: Callable[[int], float] | None = None) -> tuple[float, float]:
+    """Minimize ``loss_fn(step)`` over the roundings; the best ``(v, m)`` seen are kept in place. ``judge(k)``
+    (called without gradients) scores each candidate: for ``k < steps`` the weights ``loss_fn(k)`` just
+    set, for ``k = steps`` the last step's result (the judge sets those itself). Without it each step's
+    own loss does (the last step's result unseen).
+    Returns (the start's score, the best score)."""
     lr0 = 1.0 / steps if lr is None else lr
     best, first = float("inf"), None
-    saved: list[tuple[Tensor, Tensor]] = []
-    for k in range(steps):
-        loss = loss_fn(k)
-        val = float(loss.detach())
+    saved = [(torch.empty_like(r.v), torch.empty_like(r.m)) for r in params]
+
+    def consider(val: float) -> None:
+        nonlocal best, first
         first = val if first is None else first
         if val < best:
-            best, saved = val, [(r.v.detach().clone(), r.m.detach().clone()) for r in params]
+            best = val
+            with torch.no_grad():
+                for r, (v, m) in zip(params, saved):
+                    v.copy_(r.v)
+                    m.copy_(r.m)
+
+    for k in range(steps):
+        loss = loss_fn(k)
+        with torch.no_grad():
+            consider(float(loss) if judge is None else judge(k))
         loss.backward()
         signed_step(params, lr0 * (1 - k / steps))
+    if judge is not None:
+        with torch.no_grad():
+            consider(judge(steps))
     with torch.no_grad():
         for r, (v, m) in zip(params, saved):
             r.v.copy_(v)
