@@ -42,7 +42,9 @@ from reference.weights import WeightStore
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
-QUICK = AutoRoundSettings()  # the defaults: from gptq, 100 steps, 8 of the calibration sequences a step
+QUICK = AutoRoundSettings(steps=25, judge=4)
+"""From gptq (with the scale refit), 25 steps judged on 4 fixed sequences: the defaults (100 steps judged on 8)
+took 210–284 s a format in the full suite; their figure is docs/QUANTIZATION.md's (tools/int4_quality.py)."""
 
 
 def test_registered_and_listed() -> None:
