@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats import open_checkpoint
 from gemma2_convert.pipeline.autoround import (
     FAST,
@@ -22,7 +21,6 @@ from gemma2_convert.pipeline.autoround import (
 from gemma2_convert.pipeline.calibrate import SequentialGPTQ, calibration_ids
 from gemma2_convert.pipeline.quantize import (
     QuantizeOptions,
-    plan_specs,
     quantize_checkpoint,
 )
 from quant.methods import QUANTIZERS, quantize_weight
@@ -34,11 +32,9 @@ from quant.methods.autoround import (
     start,
     start_from,
 )
-from quant.metrics import kl_divergence
 from quant.qparams import dequantize
 from quant.spec import METHODS, QuantSpec
-from reference.model import Gemma2ForCausalLM
-from reference.weights import WeightStore
+from tests.held_out import decoder_kl
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
@@ -51,14 +47,19 @@ def test_registered_and_listed() -> None:
     assert "autoround" in QUANTIZERS and list(QUANTIZERS) == list(METHODS)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_export_decodes_to_the_optimized_weight(symmetric: bool) -> None:
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(16, 64, generator=g)
-    r = start(w, QuantSpec(4, 32, symmetric, "autoround"))
+def random_rounding(rows: int, cols: int, symmetric: bool, seed: int, m_range: tuple[float, float]):
+    """A 4-bit g32 rounding of a random weight with random offsets and scale multipliers; and its generator."""
+    g = torch.Generator().manual_seed(seed)
+    r = start(torch.randn(rows, cols, generator=g), QuantSpec(4, 32, symmetric, "autoround"))
     with torch.no_grad():
         r.v.uniform_(-0.5, 0.5, generator=g)
-        r.m.uniform_(0.8, 1.2, generator=g)
+        r.m.uniform_(*m_range, generator=g)
+    return r, g
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_export_decodes_to_the_optimized_weight(symmetric: bool) -> None:
+    r, _ = random_rounding(16, 64, symmetric, seed=0, m_range=(0.8, 1.2))
     q, s, z = export(r, torch.float32)
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
     assert torch.equal(dequantize(q, s, z).float(), fake_quant(r).detach())
@@ -77,12 +78,7 @@ def autograd_fake_quant(r) -> torch.Tensor:
 def test_fused_fake_quant_matches_autograd(symmetric: bool) -> None:
     """The fused forward is bit-equal to the plain ops; its gradients equal autograd's (v: exactly; m: up to
     float32 summation order), clamped codes included."""
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(48, 256, generator=g)
-    r = start(w, QuantSpec(4, 32, symmetric, "autoround"))
-    with torch.no_grad():
-        r.v.uniform_(-0.5, 0.5, generator=g)
-        r.m.uniform_(0.7, 1.3, generator=g)
+    r, g = random_rounding(48, 256, symmetric, seed=3, m_range=(0.7, 1.3))
     gy = torch.randn(48, 256, generator=g)
     want = autograd_fake_quant(r)
     (want * gy).sum().backward()
@@ -192,20 +188,11 @@ def test_autoround_beats_rtn_and_mse(tmp_path: Path, fmt: str) -> None:
 
 
 def held_out_kl(method: str, engine_of) -> float:
-    """Held-out KL (all of eval.txt, 57 windows of 256) of the trained fixture with its decoder weights from
-    ``engine_of(ckpt, layers, ids)`` (CT int4 g128 specs, bf16 scales, all 112 calibration sequences)."""
+    """Held-out KL of the trained fixture with its decoder weights from ``engine_of(ckpt, layers, ids)`` (CT int4
+    g128 specs, all 112 calibration sequences)."""
     ckpt = open_checkpoint(MODEL)
-    specs = plan_specs(ckpt, QuantizeOptions(format="hf", method=method))
-    layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
-    result = engine_of(ckpt, layers, calibration_ids(ckpt, CAL.read_text(), 128))
-    tensors = dict(ckpt.tensors)
-    for n in layers:
-        tensors[n] = LazyTensor.of(dequantize(*result(n)).float())
-    ev = calibration_ids(ckpt, EVAL.read_text(), 256, 64)
-    with torch.no_grad():
-        a = Gemma2ForCausalLM(ckpt.config, WeightStore(ckpt.tensors, ckpt.config, torch.float32))(ev)
-        b = Gemma2ForCausalLM(ckpt.config, WeightStore(tensors, ckpt.config, torch.float32))(ev)
-    return kl_divergence(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    ids = calibration_ids(ckpt, CAL.read_text(), 128)
+    return decoder_kl(ckpt, method, lambda layers: engine_of(ckpt, layers, ids))
 
 
 @pytest.mark.slow

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2_convert.core.lazy import LazyTensor
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.pipeline.calibrate import CALIBRATION_TOKENS, SequentialGPTQ, calibration_ids
-from gemma2_convert.pipeline.quantize import QuantizeOptions, plan_specs
+from gemma2_convert.pipeline.calibrate import (
+    CALIBRATION_TOKENS,
+    SequentialGPTQ,
+    calibration_ids,
+)
 from quant.gptq_scales import ROUNDS
-from quant.metrics import kl_divergence
-from quant.qparams import dequantize
-from reference.model import Gemma2ForCausalLM
-from reference.weights import WeightStore
+from tests.held_out import decoder_kl
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL, CAL, EVAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt", FIX / "eval.txt"
@@ -39,17 +38,8 @@ def test_calibration_budget() -> None:
 
 
 def held_out_kl(ckpt, ids: torch.Tensor, act_order: bool, refine: int | None = ROUNDS) -> float:
-    specs = plan_specs(ckpt, QuantizeOptions(format="hf", method="gptq"))
-    layers = {n: s for n, s in specs.items() if s is not None and "layers." in n}
-    engine = SequentialGPTQ(ckpt, layers, ids, scale_dtype=torch.bfloat16, act_order=act_order, refine=refine)
-    tensors = dict(ckpt.tensors)
-    for n in layers:
-        tensors[n] = LazyTensor.of(dequantize(*engine.result(n)).float())
-    ev = calibration_ids(ckpt, EVAL.read_text(), 256, 64)  # all of eval.txt: 57 windows
-    with torch.no_grad():
-        a = Gemma2ForCausalLM(ckpt.config, WeightStore(ckpt.tensors, ckpt.config, torch.float32))(ev)
-        b = Gemma2ForCausalLM(ckpt.config, WeightStore(tensors, ckpt.config, torch.float32))(ev)
-    return kl_divergence(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    return decoder_kl(ckpt, "gptq", lambda layers: SequentialGPTQ(
+        ckpt, layers, ids, scale_dtype=torch.bfloat16, act_order=act_order, refine=refine).result)
 
 
 @pytest.mark.slow

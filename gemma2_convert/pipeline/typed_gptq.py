@@ -46,7 +46,7 @@ class TypedGPTQ(SequentialGPTQ):
     def quantize(self, name: str, w: torch.Tensor, hessian: torch.Tensor) -> tuple[Any, torch.Tensor]:
         qtype, qw, w = self.types[name], self.importance.get(name), w.float()
         if qtype in GRID_TYPES:
-            data = gptq_blocks(w, qtype, hessian, qw)
+            data = gptq_blocks(w, qtype, hessian, qw, factor=self.factor(hessian))  # shared by q/k/v, gate/up
         elif qtype in OWN_CODES:
             spec, factor = OWN_CODES[qtype], self.factor(hessian)
             q, s, z = quantize_weight(w, spec, name=name, factor=factor, scale_dtype=torch.float16)
