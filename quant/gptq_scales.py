@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quant.methods.gptq import HessianFactor, LazyBlock, error_feedback
+from quant.methods.gptq import HessianFactor, LazyBlock, feedback_in_order
 from quant.qparams import qrange
 
 ROUNDS = 1
@@ -83,8 +83,6 @@ def codes_on_scales(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, fa
     live = s > 0                                   # a group of scale 0 decodes to 0: its codes are its zero
     safe = torch.where(live, s, torch.ones_like(s))
     z = None if zero is None else zero.float()
-    wf = w.float().clone()
-    wf[:, factor.dead] = 0.0
     perm = factor.perm
 
     def column(c: int, col: Tensor, blk: LazyBlock) -> tuple[Tensor, Tensor]:
@@ -93,10 +91,7 @@ def codes_on_scales(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, fa
         q = torch.where(live[:, j], torch.round(torch.clamp(col / safe[:, j] + zj, qmin, qmax)), zj)
         return q, (q - zj) * s[:, j]
 
-    qp = error_feedback(wf[:, perm], factor.t, block, column)
-    codes = torch.empty_like(qp)
-    codes[:, perm] = qp
-    return codes.to(torch.int8)
+    return feedback_in_order(w, factor, block, column).to(torch.int8)
 
 
 def _refit_rows(c: Tensor, wh: Tensor, h: Tensor, ww: Tensor, g: int,

@@ -23,7 +23,12 @@ from quant.gguf_iq4 import KVALUES, pack_iq4_nl, pack_iq4_xs
 from quant.gguf_kquants import pack_q4_k, pack_q5_k, pack_q6_k, unpack_k_scales
 from quant.gguf_kquants_low import pack_q2_k, pack_q3_k, unpack_q3_scales
 from quant.gguf_legacy import f16_from_bytes, split_bytes, unpack_nibbles
-from quant.methods.gptq import HessianFactor, LazyBlock, error_feedback, factor_hessian
+from quant.methods.gptq import (
+    HessianFactor,
+    LazyBlock,
+    factor_hessian,
+    feedback_in_order,
+)
 
 GRID_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q2_K", "Q3_K")
 """The GGUF types :func:`gptq_blocks` writes."""
@@ -75,25 +80,17 @@ def gptq_on_grid(w: Tensor, hessian: Tensor | None, grid: Grid, damp: float = 0.
             raise ValueError("gptq_on_grid needs a hessian or its factor")
         factor = factor_hessian(hessian, damp, act_order)
     perm = factor.perm
-    w = torch.where(factor.dead[None, :], torch.zeros((), dtype=torch.float32), w.float())
-    permuted = Grid(grid.step[:, perm], grid.offset[:, perm], grid.lo, grid.hi, grid.levels)
-    q = _gptq_loop(w[:, perm].contiguous(), factor.t, permuted, block)
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out
+    grid = Grid(grid.step[:, perm], grid.offset[:, perm], grid.lo, grid.hi, grid.levels)  # in visiting order
 
-
-def _gptq_loop(w: Tensor, t: Tensor, grid: Grid, block: int) -> Tensor:
-    """GPTQ's column loop (``quant.methods.gptq.error_feedback``, feedback matrix ``t``) on columns already in
-    their visiting order, each column rounded onto its own grid."""
     def column(i: int, col: Tensor, _blk: LazyBlock) -> tuple[Tensor, Tensor]:
+        """Column ``i`` (visiting order) rounded onto its own grid."""
         step = grid.step[:, i]
         safe = torch.where(step != 0, step, torch.ones_like(step))
         qi = grid.nearest((col - grid.offset[:, i]) / safe)
         qi = torch.where(step != 0, qi, torch.full_like(qi, max(grid.lo, 0)))
         return qi, step * grid.level(qi) + grid.offset[:, i]
 
-    return error_feedback(w, t, block, column).to(torch.int64)
+    return feedback_in_order(w, factor, block, column).to(torch.int64)
 
 
 def _low_k_grid(raw: Tensor, qtype: str, rows: int, nsb: int) -> tuple[Grid, Callable[[Tensor], Tensor]]:

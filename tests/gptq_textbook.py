@@ -41,3 +41,15 @@ def layer_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float
     """``tr(ΔW H ΔWᵀ)`` in float64."""
     d = (w.double() - approx.double())
     return float(((d @ h.double()) * d).sum())
+
+
+def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running ``H = 2/n · Σ xᵀx`` over ``n`` rows; ``x [..., in]`` adds ``m`` rows. Returns ``(H, n + m)``."""
+    x2 = x.reshape(-1, x.shape[-1]).float()                                  # [m, in]
+    m = x2.shape[0]
+    if h is None:
+        h = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
+    if m == 0:
+        return h, n
+    h = h * (n / (n + m)) + (2.0 / (n + m)) * (x2.T @ x2)                   # [in, in]
+    return h, n + m

@@ -16,12 +16,15 @@ import pytest
 import torch
 
 from gemma2_convert.formats import open_checkpoint
-from gemma2_convert.pipeline.calibrate import InputHessians, SequentialGPTQ, calibration_ids
+from gemma2_convert.pipeline.calibrate import (
+    InputHessians,
+    SequentialGPTQ,
+    calibration_ids,
+)
 from gemma2_convert.pipeline.quantize import QuantizeOptions, plan_specs
 from quant.methods import quantize_weight
 from quant.methods.gptq import (
     XTX_BLOCK,
-    accumulate_hessian,
     add_xtx,
     error_feedback,
     feedback_factor,
@@ -30,7 +33,12 @@ from quant.methods.gptq import (
 from quant.qparams import dequantize
 from reference.model import Gemma2Model
 from reference.weights import WeightStore
-from tests.gptq_textbook import layer_error, textbook_gptq, textbook_u
+from tests.gptq_textbook import (
+    accumulate_hessian,
+    layer_error,
+    textbook_gptq,
+    textbook_u,
+)
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL, CAL = FIX / "gemma2-tiny-trained", FIX / "calibration.txt"

@@ -7,11 +7,11 @@ import torch
 
 from gemma2_convert.core.errors import ConversionError, UnsupportedError
 from quant.methods import QUANTIZERS, get_quantizer, quantize_weight, register_quantizer
-from quant.methods.gptq import accumulate_hessian, gptq
+from quant.methods.gptq import gptq
 from quant.metrics import sqnr_db
 from quant.qparams import choose_qparams, dequantize, quantize
 from quant.spec import GroupShapeError, QuantSpec
-from tests.gptq_textbook import textbook_u
+from tests.gptq_textbook import accumulate_hessian, textbook_u
 
 OUT, IN = 128, 512
 

@@ -36,7 +36,6 @@ from quant.methods.registry import register_quantizer
 from quant.qparams import choose_qparams, group_len, qrange, scale_dtype_for
 from quant.spec import QuantSpec
 
-
 XTX_BLOCK = 1024
 """Rows of ``XᵀX`` per product in :func:`add_xtx`: only blocks on or above the diagonal are multiplied."""
 
@@ -63,18 +62,6 @@ def mirror_upper(acc: Tensor) -> Tensor:
     for r0 in range(XTX_BLOCK, acc.shape[0], XTX_BLOCK):
         acc[r0 : r0 + XTX_BLOCK, :r0] = acc[:r0, r0 : r0 + XTX_BLOCK].T
     return acc
-
-
-def accumulate_hessian(h: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
-    """Running ``H = 2/n · Σ xᵀx`` over ``n`` rows; ``x [..., in]`` adds ``m`` rows. Returns ``(H, n + m)``."""
-    x2 = x.reshape(-1, x.shape[-1]).float()                                  # [m, in]
-    m = x2.shape[0]
-    if h is None:
-        h = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32)
-    if m == 0:
-        return h, n
-    h = h * (n / (n + m)) + (2.0 / (n + m)) * (x2.T @ x2)                   # [in, in]
-    return h, n + m
 
 
 def feedback_factor(h: Tensor, damp: float) -> Tensor:
@@ -228,6 +215,17 @@ def error_feedback(w: Tensor, t: Tensor, block_size: int, column: ColumnQuantize
     return qt.T.contiguous()
 
 
+def feedback_in_order(w: Tensor, factor: HessianFactor, block_size: int, column: ColumnQuantizer) -> Tensor:
+    """:func:`error_feedback` over ``w [out, in]`` visited in ``factor``'s order, its dead inputs zeroed (``w``
+    itself untouched); ``column`` gets the visiting index. Returns the codes (float) in ``w``'s column order."""
+    wp = w.float()[:, factor.perm]                                           # a copy, in visiting order
+    wp[:, factor.dead[factor.perm]] = 0.0
+    q = error_feedback(wp, factor.t, block_size, column)
+    codes = torch.empty_like(q)
+    codes[:, factor.perm] = q
+    return codes
+
+
 @register_quantizer("gptq")
 def gptq(
     w: Tensor, spec: QuantSpec, *, hessian: Tensor | None = None, importance: Tensor | None = None,
@@ -251,19 +249,16 @@ def gptq(
     wf = w.float().clone()
     wf[:, factor.dead] = 0.0
     grid = _Grid(wf, spec, g, scale_dtype or scale_dtype_for(w.dtype), qparams)
-    perm = factor.perm
-    q = _gptq_loop(wf[:, perm], factor.t, perm, grid, block_size, refit=not factor.act_order)
-    codes = torch.empty_like(q)
-    codes[:, perm] = q
+    codes = feedback_in_order(wf, factor, block_size, _grid_column(grid, factor.perm, not factor.act_order))
     return codes.to(torch.int8), grid.scale, grid.zero
 
 
-def _gptq_loop(w: Tensor, t: Tensor, perm: Tensor, grid: _Grid, block_size: int, refit: bool) -> Tensor:
-    """Column loop over permuted ``w [out, in]``; returns float codes in permuted order."""
+def _grid_column(grid: _Grid, perm: Tensor, refit: bool) -> ColumnQuantizer:
+    """Each column rounded with its group's qparams (``refit``: a group's fitted when the loop enters it)."""
     def column(c: int, col: Tensor, blk: LazyBlock) -> tuple[Tensor, Tensor]:
         j = int(perm[c]) // grid.g
         if refit and c % grid.g == 0:
             grid.refit(j, blk.cols(c - blk.i1, grid.g))
         return _quant_col(col, *grid.col(j), grid.spec.bits)
 
-    return error_feedback(w, t, block_size, column)
+    return column
