@@ -216,12 +216,8 @@ class Gemma2Model:
                 self.observer(name, x)
         w = self.weights.get(name)
         updates = self.adapters.get(name, ())
-        out = self.packer.linear(name, w, xs, self._resident(name))
+        out = self.packer.linear(name, w, xs, self.weights.keeps(name))
         return [adapted_linear(x, w, y, updates) for x, y in zip(xs, out)]
-
-    def _resident(self, name: str) -> bool:
-        """Whether ``weights.get(name)`` returns the same kept tensor on every call."""
-        return self.weights.resident and not self.weights.tensors[name].packed
 
     def _attention_all(self, i: int, xs: list[torch.Tensor], streams: list[Stream]) -> list[torch.Tensor]:
         """§4.7.6 on each stream; the projections fetch their weights once."""
@@ -301,8 +297,7 @@ class Gemma2ForCausalLM(Gemma2Model):
         chunks: list[list[torch.Tensor]] = [[] for _ in hs]
         name = w.output_head()
         for start, rows in w.row_chunks(name, HEAD_CHUNK_ROWS):
-            whole = start == 0 and rows.shape[0] == w.tensors[name].shape[0]  # the kept head, not a chunk
-            for out, y in zip(chunks, self.packer.linear(name, rows, hs, whole and self._resident(name))):
+            for out, y in zip(chunks, self.packer.linear(name, rows, hs, w.keeps(name))):  # kept: one chunk
                 out.append(y)
         whole = [c[0] if len(c) == 1 else torch.cat(c, dim=-1) for c in chunks]  # [B, T, V] each
         updates = self.adapters.get("lm_head.weight", ())  # an adapter's head update, run unmerged

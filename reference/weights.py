@@ -125,15 +125,18 @@ class WeightStore:
         """The whole tensor in the compute dtype."""
         if name in self._cache:
             return self._cache[name]
-        lt = self.tensors[name]
         raw = self._load(name)
         buf = self._lend(raw)
         if buf is not None:
             return buf.copy_(raw)  # contiguous: a strided view would change GEMM rounding
         t = raw.to(self.dtype).contiguous()
-        if self.resident and not lt.packed:
+        if self.keeps(name):
             self._cache[name] = t
         return t
+
+    def keeps(self, name: str) -> bool:
+        """Whether ``get(name)`` returns the same kept tensor on every call (resident, not packed)."""
+        return self.resident and not self.tensors[name].packed
 
     def _lend(self, raw: torch.Tensor) -> torch.Tensor | None:
         """A pool buffer for ``raw``'s cast while a layer is held (None: fresh memory, or no cast)."""

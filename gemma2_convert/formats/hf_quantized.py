@@ -7,6 +7,7 @@ mmap'd), so the reference runs the checkpoint without ever holding a dense copy 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from quant.compressed_tensors import (
 )
 from quant.pack import pack_int32, unpack_int32
 from quant.qtensor import QuantCodes, QuantTensor
+from quant.spec import QuantSpec
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -61,7 +63,7 @@ def _dequantizing(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, path
         spec = spec_for_module(qconfig, prefix)
     except UnsupportedError as e:
         raise UnsupportedError(str(e), path) from None
-    rows, nbytes = _row_decoder(prefix, parts, qconfig, shape, path), sum(t.nbytes for t in parts.values())
+    rows, nbytes = _row_decoder(prefix, parts, qconfig, spec, shape, path), sum(t.nbytes for t in parts.values())
     if spec is None or shape[1] % (spec.group_size or shape[1]):
         return LazyTensor(shape, scale_t.dtype, load, stored_nbytes=nbytes, rows=rows)
     return QuantTensor(shape, scale_t.dtype, load, nbytes, None, rows, codes=codes,
@@ -69,23 +71,27 @@ def _dequantizing(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, path
                        layout="compressed-tensors")
 
 
-def _row_decoder(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, shape: tuple[int, ...],
-                 path: Path) -> Callable[[int, int], torch.Tensor]:
-    """``rows(start, stop)`` of the module's weight, decoded as ``load`` decodes it, op for op:
-    ``read_compressed`` on the rows' packed words and scales (a row's own; the zero-points, packed along the
-    rows, are unpacked whole, ``out / (32 / bits)`` words a group, and sliced), so a 256k-row embedding is
-    never decoded whole."""
+def _row_decoder(prefix: str, parts: dict[str, LazyTensor], qconfig: dict, spec: QuantSpec | None,
+                 shape: tuple[int, ...], path: Path) -> Callable[[int, int], torch.Tensor]:
+    """``rows(start, stop)`` of the module's weight (``spec``: its quantization), decoded as ``load`` decodes
+    it, op for op: ``read_compressed`` on the rows' packed words and scales (a row's own; the zero-points,
+    packed along the rows, are unpacked whole once, ``out / (32 / bits)`` words a group, and sliced), so a
+    256k-row embedding is never decoded whole."""
+    zp = f"{prefix}.weight_zero_point"
+
+    @functools.cache
+    def zeros(bits: int) -> torch.Tensor:
+        """All rows' zero-points, unpacked (once, at the first call that needs them)."""
+        return unpack_int32(parts[zp].load(), bits, shape[0], packed_dim=0)
+
     def rows(start: int, stop: int) -> torch.Tensor:
         stop = min(stop, shape[0])
         t = {k: lt.load() for k, lt in parts.items()}
         packed, scale = f"{prefix}.weight_packed", f"{prefix}.weight_scale"
         sliced = {**t, packed: t[packed][start:stop], scale: t[scale][start:stop],
                   f"{prefix}.weight_shape": torch.tensor([stop - start, shape[1]])}
-        zp = f"{prefix}.weight_zero_point"
-        spec = spec_for_module(qconfig, prefix)
         if zp in t and spec is not None and not spec.symmetric:  # repacked: read_compressed checks it
-            zero = unpack_int32(t[zp], spec.bits, shape[0], packed_dim=0)[start:stop]
-            sliced[zp] = pack_int32(zero, spec.bits, packed_dim=0)
+            sliced[zp] = pack_int32(zeros(spec.bits)[start:stop], spec.bits, packed_dim=0)
         try:
             return read_compressed(sliced, qconfig, prefix)
         except FormatError as e:

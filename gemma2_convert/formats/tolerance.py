@@ -20,6 +20,11 @@ class Tolerance:
     basis: str = ""
     """Where lossy bounds come from, for the report (``"Q4_K, the loosest type stored"``)."""
 
+    @property
+    def lossless(self) -> bool:
+        """Every tensor equal and identical logits: equal weights and config compute the same function."""
+        return self.tensors_equal and self.max_abs == 0.0
+
     @staticmethod
     def cast() -> Tolerance:
         """A dtype change: tensors equal after the cast; logits close (rounding only)."""

@@ -98,9 +98,8 @@ def verify_plan(tolerance: Tolerance, opts: ConvertOptions) -> tuple[int, str]:
     on ``LOSSLESS_TOKENS`` in the fast mode (its verdict on equal weights is the exact mode's,
     ``pipeline.compute``). Otherwise the logits measure the loss: ``LOSSY_TOKENS`` in float32, as
     ``verify``."""
-    if tolerance.tensors_equal and tolerance.max_abs == 0.0:
-        return opts.n_tokens or LOSSLESS_TOKENS, "fast"
-    return opts.n_tokens or LOSSY_TOKENS, "exact"
+    lossless = tolerance.lossless
+    return opts.n_tokens or (LOSSLESS_TOKENS if lossless else LOSSY_TOKENS), "fast" if lossless else "exact"
 
 
 class SourceCheck:

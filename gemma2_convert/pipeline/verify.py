@@ -272,7 +272,7 @@ def proof_lines(rep: VerifyReport, tol: Tolerance) -> list[str]:
     if rep.reused_layers:
         lines.append(f"forward: B reused A's output at {rep.reused_layers} step(s) (decoder layers, the head "
                      "last) where its tensors and inputs were bit-identical to A's: the same computation")
-    if tol.tensors_equal and exact and not rep.config_differences:
+    if tol.lossless and not rep.config_differences:
         lines.append("so: equal weights and an equivalent config compute the same function; the logits confirm it")
     elif not tol.tensors_equal:
         lines.append(f"so: the same model up to its quantization noise: mean KL ≤ {tol.max_kl:g} and top-1 ≥ "

@@ -32,8 +32,6 @@ from quant.policy import EMBEDDING_NAMES
 from quant.spec import QuantSpec
 
 K_QUANTIZATION = "gemma2_convert.quantization"
-FILE_TYPE_KEYS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q5_0": "q5_0",
-                  "Q5_1": "q5_1", "Q5_K": "q5_k"}
 
 
 def gguf_type_for(spec: QuantSpec) -> str:
@@ -176,7 +174,7 @@ def block_error(w: torch.Tensor, data: torch.Tensor, qtype: str) -> float:
 def main_type(specs: dict[str, QuantSpec | None]) -> str:
     """The ``--type`` key for ``general.file_type``: the type most quantized tensors get."""
     types = [gguf_type_for(s) for s in specs.values() if s is not None]
-    return FILE_TYPE_KEYS[max(set(types), key=types.count)]
+    return max(set(types), key=types.count).lower()
 
 
 def prepare_gguf_quantized(ckpt: Checkpoint, specs: dict[str, QuantSpec | None], mq: Any, embedding: str,
