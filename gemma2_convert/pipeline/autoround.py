@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from gemma2_convert.core.progress import SILENT, Progress
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.pipeline.calibrate import LAYER_RE, InputHessians, QResult
-from quant.gptq_scales import ROUNDS, refine
-from quant.methods import quantize_weight
+from gemma2_convert.pipeline.calibrate import (
+    LAYER_RE,
+    InputHessians,
+    QResult,
+    gptq_refined,
+)
 from quant.methods.autoround import (
     Rounding,
     export,
@@ -191,9 +194,7 @@ class SequentialAutoRound:
             for n in group:
                 w, spec = self.model.weights.get(n), self.specs[n]
                 sd = self.scale_dtype or scale_dtype_for(self.model.weights.tensors[n].dtype)
-                q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=n, factor=factor,
-                                          scale_dtype=sd)
-                q, s = refine(w, q, s, z, h, spec.bits, factor, ROUNDS)
+                q, s, z = gptq_refined(n, w, spec, h, factor, sd)
                 out[n] = start_from(w, q, s, z, spec.bits, learn_scale=False)
         return out, observed
 

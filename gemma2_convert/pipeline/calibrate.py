@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,16 @@ class InputHessians:
         return mirror_upper(acc).mul_(2.0 / n)
 
 
+def gptq_refined(name: str, w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, factor: HessianFactor,
+                 scale_dtype: torch.dtype | None, rounds: int | None = ROUNDS) -> QResult:
+    """GPTQ's (codes, scale, zero) of weight ``name`` on its Hessian's ``factor`` in ``spec``'s layout, its scales
+    refit to the codes and the codes redone ``rounds`` times (``quant/gptq_scales.py``; None: GPTQ's own)."""
+    q, s, z = quantize_weight(w, replace(spec, method="gptq"), name=name, factor=factor, scale_dtype=scale_dtype)
+    if rounds is not None:
+        q, s = refine(w, q, s, z, hessian, spec.bits, factor, rounds)
+    return q, s, z
+
+
 class SequentialGPTQ:
     """``result(name)`` → GPTQ (codes, scale, zero) of a decoder weight, calibrating layers in order.
 
@@ -148,11 +159,8 @@ class SequentialGPTQ:
 
     def quantize(self, name: str, w: torch.Tensor, hessian: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """(the result ``result(name)`` hands out, what the weight decodes to) of one weight given its Hessian."""
-        spec, factor = self.specs[name], self.factor(hessian)
-        q, s, z = quantize_weight(w, spec, name=name, factor=factor, scale_dtype=self.scale_dtype)
-        if self.refine is not None:  # scales refit to the codes, codes redone (quant/gptq_scales.py)
-            q, s = refine(w, q, s, z, hessian, spec.bits, factor, self.refine)
-        return (q, s, z), dequantize(q, s, z)
+        res = gptq_refined(name, w, self.specs[name], hessian, self.factor(hessian), self.scale_dtype, self.refine)
+        return res, dequantize(*res)
 
     def factor(self, hessian: torch.Tensor) -> HessianFactor:
         """GPTQ's factor of ``hessian``: computed once for the weights whose inputs share it (the Hessian is

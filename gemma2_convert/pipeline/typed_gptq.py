@@ -19,11 +19,9 @@ import torch
 
 from gemma2_convert.formats.gguf.quantized import blocks
 from gemma2_convert.formats.registry import Checkpoint
-from gemma2_convert.pipeline.calibrate import LAYER_RE, SequentialGPTQ
+from gemma2_convert.pipeline.calibrate import LAYER_RE, SequentialGPTQ, gptq_refined
 from quant.gguf_codec import dequantize_tensor, quantize_tensor
-from quant.gptq_scales import refine
 from quant.grid_gptq import GRID_TYPES, gptq_blocks
-from quant.methods import quantize_weight
 from quant.spec import QuantSpec
 
 OWN_CODES = {"Q4_0": QuantSpec(4, 32, True, "gptq"), "Q4_1": QuantSpec(4, 32, False, "gptq"),
@@ -48,10 +46,8 @@ class TypedGPTQ(SequentialGPTQ):
         if qtype in GRID_TYPES:
             data = gptq_blocks(w, qtype, hessian, qw, factor=self.factor(hessian))  # shared by q/k/v, gate/up
         elif qtype in OWN_CODES:
-            spec, factor = OWN_CODES[qtype], self.factor(hessian)
-            q, s, z = quantize_weight(w, spec, name=name, factor=factor, scale_dtype=torch.float16)
-            if self.refine is not None:  # fp16 scales refit to the codes, codes redone (quant/gptq_scales.py)
-                q, s = refine(w, q, s, z, hessian, spec.bits, factor, self.refine)
+            q, s, z = gptq_refined(name, w, OWN_CODES[qtype], hessian, self.factor(hessian), torch.float16,
+                                   self.refine)  # fp16 scales refit to the codes, codes redone
             data = blocks(q, s, z, qtype, w, keep_codes=True)
         else:
             data = quantize_tensor(w, qtype, quant_weights=qw)

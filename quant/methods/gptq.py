@@ -173,8 +173,9 @@ class LazyBlock:
     def cols(self, i: int, g: int) -> Tensor:
         """Columns ``[c, c + g)`` (``c = i1 + i``, the next column to quantize) ``[out, g]`` as the paper's
         loop holds them at that point (its group refit sees these): ``w + A · T_gg⁻¹`` with
-        ``A = Σ_{k<c} d_k T_k·`` the feedback they have so far and ``T_gg`` their diagonal block (``W₂ + D₁ H₁₂ H₂₂⁻¹``, GPTQ's optimal
-        update of the columns not yet done, with ``H = R Rᵀ`` and ``T = R · diag(R)⁻¹``)."""
+        ``A = Σ_{k<c} d_k T_k·`` the feedback they have so far and ``T_gg`` their diagonal block
+        (``W₂ + D₁ H₁₂ H₂₂⁻¹``, GPTQ's optimal update of the columns not yet done, with ``H = R Rᵀ`` and
+        ``T = R · diag(R)⁻¹``)."""
         c, c1 = self.i1 + i, self.i1 + i + g
         k = min(c1, self.i2) - self.i1
         orig = self.dt[i:k].T                                                 # [out, ≤ g], not done yet
